@@ -1,0 +1,32 @@
+"""batcher: run large batches of LLM chat-completion requests reliably and cheaply."""
+
+from batcher.config import Job, load_job
+from batcher.errors import (
+    AbortError,
+    AccountError,
+    BatcherError,
+    BudgetReachedError,
+    ConfigError,
+    InterruptedRunError,
+    JournalMismatchError,
+    KeyRefusedError,
+)
+from batcher.runner import RunOptions, arun, run
+from batcher.summary import RunSummary
+
+__all__ = [
+    "AbortError",
+    "AccountError",
+    "BatcherError",
+    "BudgetReachedError",
+    "ConfigError",
+    "InterruptedRunError",
+    "Job",
+    "JournalMismatchError",
+    "KeyRefusedError",
+    "RunOptions",
+    "RunSummary",
+    "arun",
+    "load_job",
+    "run",
+]

@@ -1,0 +1,296 @@
+"""One HTTP attempt: send a body, classify what comes back into a Reply or an AttemptError."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import httpx
+import orjson
+
+from batcher.config import EndpointConfig
+from batcher.errors import AccountError, AttemptError, KeyRefusedError
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+MESSAGE_CHARS = 300
+_ACCOUNT_WORDS = re.compile(
+    r"(balance|credit|insufficient_quota|billing|payment required)", re.IGNORECASE
+)
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one successful reply says, flattened for the output row."""
+
+    choices: list[dict[str, Any]]
+    model: str | None
+    response_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    ttft_s: float | None = None
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.choices[0]
+
+
+def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def _error_message(content: bytes) -> str:
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return shorten(content.decode("utf-8", "replace")) or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return shorten(str(error["message"]))
+        if isinstance(error, str):
+            return shorten(error)
+    return shorten(content.decode("utf-8", "replace"))
+
+
+def classify_status(response: httpx.Response, content: bytes, key_env: str) -> AttemptError:
+    """Turn a non-200 reply into an AttemptError, or raise when the whole run must stop."""
+    status = response.status_code
+    message = _error_message(content)
+    if status in (401, 403):
+        raise KeyRefusedError(
+            f"the server refused the API key from ${key_env} (HTTP {status}: {message})",
+            status=status,
+        )
+    if status == 402 or _ACCOUNT_WORDS.search(message):
+        raise AccountError(
+            f"the account cannot pay for requests (HTTP {status}: {message}); "
+            "top it up and run the same command again to resume",
+            status=status,
+        )
+    return AttemptError(
+        f"http_{status}",
+        message,
+        retryable=status in RETRYABLE_STATUS,
+        status=status,
+        retry_after_s=parse_retry_after(response.headers),
+    )
+
+
+def parse_reply(content: bytes) -> Reply:
+    """A 200's body as a Reply; a body that is not JSON or has no choices is retryable."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise AttemptError(
+            "invalid_json", f"reply is not JSON: {shorten(repr(content[:80]))}", retryable=True
+        ) from None
+    if not isinstance(data, dict):
+        raise AttemptError("invalid_json", "reply is not a JSON object", retryable=True)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise AttemptError("no_choices", "reply has no choices", retryable=True)
+    return reply_from(data, choices)
+
+
+def reply_from(data: dict[str, Any], choices: list[dict[str, Any]], ttft_s: float | None = None) -> Reply:
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Reply(
+        choices=choices,
+        model=data.get("model"),
+        response_id=data.get("id"),
+        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+        completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        total_tokens=_int_or_none(usage.get("total_tokens")),
+        cached_tokens=_int_or_none(cached),
+        ttft_s=ttft_s,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class ChatClient:
+    """The run's one ``httpx.AsyncClient``, pooled to the concurrency."""
+
+    def __init__(self, endpoint: EndpointConfig, api_key: str | None, connections: int) -> None:
+        self.endpoint = endpoint
+        headers = dict(_HEADERS)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        transport: httpx.AsyncBaseTransport
+        if endpoint.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits)
+        else:
+            transport = httpx.AsyncHTTPTransport(limits=limits)
+        # The total per-attempt deadline is the caller's (anyio.fail_after); httpx's timeouts
+        # are per read, so they only catch a connection that never answers at all.
+        self._http = httpx.AsyncClient(
+            base_url=endpoint.base_url.rstrip("/") + "/",
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(endpoint.timeout_s),
+        )
+
+    async def __aenter__(self) -> Self:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._http.__aexit__(kind, exc, tb)
+
+    async def complete(self, body: dict[str, Any]) -> Reply:
+        """One attempt. Raises AttemptError, or KeyRefusedError/AccountError for the run."""
+        content = orjson.dumps(body)
+        try:
+            if body.get("stream"):
+                return await self._stream(content)
+            response = await self._http.post("chat/completions", content=content)
+            payload = response.content
+        except httpx.TimeoutException as exc:
+            raise AttemptError("timeout", _transport_message(exc), retryable=True) from None
+        except httpx.TransportError as exc:
+            raise AttemptError("connection", _transport_message(exc), retryable=True) from None
+        if response.status_code != 200:
+            raise classify_status(response, payload, self.endpoint.api_key_env)
+        return parse_reply(payload)
+
+    async def _stream(self, content: bytes) -> Reply:
+        started = time.monotonic()
+        async with self._http.stream("POST", "chat/completions", content=content) as response:
+            if response.status_code != 200:
+                payload = await response.aread()
+                raise classify_status(response, payload, self.endpoint.api_key_env)
+            assembler = StreamAssembler(started)
+            lines = response.aiter_lines()
+            async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):
+                if assembler.feed(line):
+                    return assembler.reply()
+        raise AttemptError("stream_broken", "the stream ended before [DONE]", retryable=True)
+
+
+async def _with_idle_timeout(lines: AsyncIterator[str], idle_s: float) -> AsyncIterator[str]:
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                line = await anext(lines)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise AttemptError(
+                "stream_idle", f"no data for {idle_s:g} s mid-stream", retryable=True
+            ) from None
+        yield line
+
+
+class StreamAssembler:
+    """Builds one Reply out of server-sent chat-completion chunks."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._ttft_s: float | None = None
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._last: dict[str, Any] = {}
+
+    def feed(self, line: str) -> bool:
+        """Take one SSE line; True once the stream is complete."""
+        if not line.startswith("data:"):
+            return False
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if not self._choices:
+                raise AttemptError("no_choices", "stream carried no choices", retryable=True)
+            return True
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise AttemptError("invalid_json", "a stream chunk is not JSON", retryable=True) from None
+        if not isinstance(chunk, dict):
+            raise AttemptError("invalid_json", "a stream chunk is not an object", retryable=True)
+        if "error" in chunk:
+            raise AttemptError("stream_error", _error_message(data.encode()), retryable=True)
+        self._last = {**self._last, **{k: v for k, v in chunk.items() if v is not None}}
+        for delta_choice in chunk.get("choices") or []:
+            self._apply(delta_choice)
+        return False
+
+    def _apply(self, delta_choice: dict[str, Any]) -> None:
+        index = int(delta_choice.get("index", 0))
+        choice = self._choices.setdefault(
+            index, {"index": index, "message": {"role": "assistant", "content": None}}
+        )
+        message = choice["message"]
+        delta = delta_choice.get("delta") or {}
+        for field in ("content", "reasoning_content"):
+            piece = delta.get(field)
+            if piece:
+                if self._ttft_s is None:
+                    self._ttft_s = time.monotonic() - self._started
+                message[field] = (message.get(field) or "") + piece
+        for call in delta.get("tool_calls") or []:
+            if self._ttft_s is None:
+                self._ttft_s = time.monotonic() - self._started
+            calls = message.setdefault("tool_calls", [])
+            position = int(call.get("index", len(calls)))
+            while len(calls) <= position:
+                calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            target = calls[position]
+            if call.get("id"):
+                target["id"] = call["id"]
+            function = call.get("function") or {}
+            if function.get("name"):
+                target["function"]["name"] += function["name"]
+            if function.get("arguments"):
+                target["function"]["arguments"] += function["arguments"]
+        if delta_choice.get("finish_reason"):
+            choice["finish_reason"] = delta_choice["finish_reason"]
+
+    def reply(self) -> Reply:
+        if any("finish_reason" not in c for c in self._choices.values()):
+            raise AttemptError("stream_broken", "a choice never finished", retryable=True)
+        choices = [self._choices[i] for i in sorted(self._choices)]
+        return reply_from(self._last, choices, ttft_s=self._ttft_s)
+
+
+def _transport_message(exc: httpx.HTTPError) -> str:
+    return shorten(str(exc) or type(exc).__name__)

@@ -1,0 +1,147 @@
+"""Pre-flight: check a job against its input before anything is sent, and prepare row batches.
+
+Everything a user can get wrong in the job file or the data is found here, so a run that
+starts has a template whose columns exist, a unique key, a key for the endpoint, and an
+output path it can write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import polars as pl
+
+from batcher.config import Job
+from batcher.errors import ConfigError
+from batcher.images import ImageLoader
+from batcher.request import RequestBuilder, RowRequest
+from batcher.source import Source
+
+
+@dataclass(frozen=True, slots=True)
+class RowFailure:
+    """A row that fails before any request (a missing image, a template error)."""
+
+    key: Any
+    fingerprint: bytes
+    kind: str
+    message: str
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    requests: list[RowRequest] = field(default_factory=list)
+    failures: list[RowFailure] = field(default_factory=list)
+    skipped: int = 0
+
+
+class Plan:
+    """A job checked against its input, ready to run."""
+
+    def __init__(self, job: Job, *, limit: int | None = None, api_key_required: bool = True) -> None:
+        config = job.config
+        self.job = job
+        self.limit = limit
+        self.source = Source(job.input_path, config.input.id_column)
+        columns = set(self.source.columns)
+        self.builder = RequestBuilder(config.request, config.endpoint.base_url)
+        self.images = ImageLoader(job.image_root, config.images)
+        where = str(job.source)
+        missing = [c for c in self.builder.columns if c not in columns]
+        if missing:
+            raise ConfigError(
+                f"{where}: request.prompt uses column(s) {', '.join(missing)} that the input "
+                f"{job.input_path} does not have (columns: {', '.join(self.source.columns)})"
+            )
+        for name in config.request.images:
+            if name not in columns:
+                raise ConfigError(
+                    f"{where}: request.images names column {name!r} that the input does not have"
+                )
+        kept = config.output.keep_columns
+        if kept is None:
+            kept = [c for c in self.source.columns if c != self.source.key_column]
+        unknown = [c for c in kept if c not in columns]
+        if unknown:
+            raise ConfigError(
+                f"{where}: output.keep_columns names column(s) {', '.join(unknown)} "
+                "that the input does not have"
+            )
+        self.keep_columns = [c for c in kept if c != self.source.key_column]
+        self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
+        self.source.check_keys()
+        self.total_rows = self.source.count_rows(limit)
+        self.api_key = read_api_key(job, required=api_key_required)
+        self.output_path = job.output_path
+
+    def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
+        return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
+
+    def prepare(self, batch: pl.DataFrame) -> tuple[list[Any], list[RowRequest | RowFailure]]:
+        """Keys and requests (or pre-request failures) of one batch, in order. Blocking."""
+        key_column = self.source.key_column
+        keys = normalise_keys(batch.get_column(key_column))
+        image_columns = self.job.config.request.images
+        prepared: list[RowRequest | RowFailure] = []
+        for key, row in zip(keys, batch.iter_rows(named=True), strict=True):
+            prepared.append(self._prepare_row(key, row, image_columns))
+        return keys, prepared
+
+    def _prepare_row(self, key: Any, row: dict[str, Any], image_columns: list[str]) -> RowRequest | RowFailure:
+        images = ()
+        if image_columns:
+            loaded = self.images.describe(row, image_columns)
+            if isinstance(loaded, str):
+                return _failure(key, "image_error", loaded)
+            images = loaded
+        try:
+            return self.builder.build(key, row, images)
+        except Exception as exc:  # noqa: BLE001 - a user template can raise anything; the row fails
+            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}")
+
+
+def _failure(key: Any, kind: str, message: str) -> RowFailure:
+    digest = hashlib.blake2b(f"{kind}\0{message}".encode(), digest_size=16).digest()
+    return RowFailure(key=key, fingerprint=digest, kind=kind, message=message)
+
+
+def normalise_keys(column: pl.Series) -> list[Any]:
+    """Keys as the journal stores them: integers stay integers, anything else is text."""
+    if column.dtype.is_integer():
+        return column.to_list()
+    return column.cast(pl.String).to_list()
+
+
+def key_expression(column: str, dtype: pl.DataType) -> pl.Expr:
+    """The same normalisation as ``normalise_keys``, as a polars expression."""
+    expression = pl.col(column)
+    return expression if dtype.is_integer() else expression.cast(pl.String)
+
+
+def is_loopback(base_url: str) -> bool:
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(job: Job, *, required: bool) -> str | None:
+    """The key from the named variable; never put it in a message."""
+    endpoint = job.config.endpoint
+    key = os.environ.get(endpoint.api_key_env) or None
+    if key is None and required and not is_loopback(endpoint.base_url):
+        raise ConfigError(
+            f"{job.source}: endpoint.api_key_env: environment variable "
+            f"{endpoint.api_key_env} is not set (it must hold the API key for "
+            f"{endpoint.base_url})"
+        )
+    return key

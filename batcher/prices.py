@@ -1,0 +1,78 @@
+"""Prices: the shipped list-price table, a job's overrides, and the cost of one reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from batcher.config import PriceConfig, describe_validation_error
+from batcher.errors import ConfigError
+
+_REPOSITORY_TABLE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
+
+
+class _PriceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    taken: date | str | None = None
+    models: dict[str, PriceConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cache_read: float | None = None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        cached = min(cached_tokens, prompt_tokens)
+        cache_price = self.input if self.cache_read is None else self.cache_read
+        return (
+            (prompt_tokens - cached) * self.input
+            + cached * cache_price
+            + completion_tokens * self.output
+        ) / 1_000_000
+
+
+class PriceTable:
+    """Model id → Price; unknown models cost None."""
+
+    def __init__(self, prices: dict[str, Price], taken: str | None = None) -> None:
+        self.prices = prices
+        self.taken = taken
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, PriceConfig] | None = None) -> PriceTable:
+        if path is not None:
+            text = _read(Path(path))
+            where = str(path)
+        elif _REPOSITORY_TABLE.is_file():
+            text, where = _REPOSITORY_TABLE.read_text(encoding="utf-8"), str(_REPOSITORY_TABLE)
+        else:
+            text = resources.files("batcher").joinpath("prices.yaml").read_text(encoding="utf-8")
+            where = "batcher/prices.yaml"
+        try:
+            parsed = _PriceFile.model_validate(yaml.safe_load(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+        models = {**parsed.models, **(overrides or {})}
+        prices = {name: Price(p.input, p.output, p.cache_read) for name, p in models.items()}
+        return cls(prices, str(parsed.taken) if parsed.taken else None)
+
+    def get(self, model: str | None) -> Price | None:
+        return self.prices.get(model) if model else None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--prices {path}: cannot read: {exc.strerror}") from None

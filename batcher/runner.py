@@ -1,0 +1,317 @@
+"""A run: the producer reads and prepares rows, a fixed pool of workers sends them, the journal
+keeps every outcome, and the output is rebuilt at the end, whatever the end was."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from batcher.client import ChatClient
+from batcher.config import Job, load_job
+from batcher.errors import (
+    AccountError,
+    BatcherError,
+    ConfigError,
+    BudgetReachedError,
+    InterruptedRunError,
+    KeyRefusedError,
+)
+from batcher.journal import Journal, journal_path
+from batcher.limiter import RateLimiter
+from batcher.parse import OutputParser
+from batcher.plan import Plan, RowFailure
+from batcher.prices import PriceTable
+from batcher.request import RowRequest
+from batcher.sink import OutputLayout, write_output
+from batcher.summary import RunSummary
+from batcher.tally import Progress, Tally
+from batcher.worker import BudgetStop, RowWorker, failure_outcome
+
+GRACE_S = 10.0
+SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    simulate: bool = False
+    limit: int | None = None
+    fresh: bool = False
+    skip_failed: bool = False
+    quiet: bool = False
+    prices_path: str | None = None
+    positions: frozenset[int] | None = None  # only these row positions (estimate --sample)
+    resume_command: str | None = None
+    grace_s: float = GRACE_S
+    notify: Callable[[str], None] = _stderr
+
+
+class Run:
+    """One execution of a job; ``execute`` returns its summary."""
+
+    def __init__(self, job: Job, options: RunOptions, plan: Plan) -> None:
+        self.job = job
+        self.options = options
+        self.plan = plan
+        config = job.config
+        self.parser = OutputParser(config)
+        clash = set(self.parser.columns) & set(_taken_columns(plan))
+        if clash:
+            raise ConfigError(
+                f"{job.source}: output schema properties {', '.join(sorted(clash))} clash with "
+                "existing output columns; rename them or drop them from output.keep_columns"
+            )
+        self.prices = PriceTable.load(options.prices_path, config.prices)
+        self.tally = Tally()
+        self.abort: BatcherError | None = None
+        self.stopping = False
+        self._dispatch_scope = anyio.CancelScope()
+        self._work_scope = anyio.CancelScope()
+
+    def stop_dispatch(self, reason: BatcherError) -> None:
+        if self.abort is None:
+            self.abort = reason
+        self.stopping = True
+        self._dispatch_scope.cancel()
+
+    async def execute(self, base_url: str) -> RunSummary:
+        config = self.job.config
+        plan = self.plan
+        started = time.monotonic()
+        journal_file = journal_path(self.job.checkpoint_dir)
+        identity = {
+            "input": self.job.input_path,
+            "output": str(self.job.output_path),
+            "key_column": plan.source.key_column,
+        }
+        if self.options.fresh and journal_file.exists():
+            self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
+        journal = await anyio.to_thread.run_sync(
+            lambda: Journal(journal_file, identity, fresh=self.options.fresh)
+        )
+        limiter = RateLimiter(
+            requests_per_minute=config.limits.requests_per_minute,
+            tokens_per_minute=config.limits.tokens_per_minute,
+            adaptive=config.limits.adaptive,
+        )
+        total = plan.total_rows if self.options.positions is None else len(self.options.positions)
+        progress = Progress(self.tally, total, quiet=self.options.quiet)
+        concurrency = config.limits.concurrency
+        endpoint = config.endpoint.model_copy(update={"base_url": base_url})
+        try:
+            async with ChatClient(endpoint, plan.api_key, concurrency) as client:
+                worker = RowWorker(
+                    config,
+                    client,
+                    limiter,
+                    plan.images,
+                    self.parser,
+                    self.prices,
+                    self.tally,
+                    requests_per_row=plan.builder.requests_per_row,
+                )
+                send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
+                async with anyio.create_task_group() as outer:
+                    if threading.current_thread() is threading.main_thread():
+                        outer.start_soon(self._watch_signals)
+                    with self._work_scope:
+                        async with anyio.create_task_group() as workers:
+                            workers.start_soon(self._produce, send, journal, progress)
+                            for _ in range(concurrency):
+                                workers.start_soon(self._work, receive.clone(), worker, journal, progress)
+                            receive.close()
+                    outer.cancel_scope.cancel()
+        finally:
+            progress.close()
+            await anyio.to_thread.run_sync(journal.close)
+        layout = OutputLayout(plan, self.parser.columns)
+        written = await anyio.to_thread.run_sync(
+            lambda: write_output(plan, layout, journal_file)
+        )
+        return self._summary(written.rows, written.ok, written.failed, written.cost_usd, started)
+
+    def _summary(self, rows: int, ok: int, failed: int, output_cost: float, started: float) -> RunSummary:
+        t = self.tally
+        total = self.plan.total_rows
+        resume = None
+        if self.abort is not None:
+            resume = self.options.resume_command or f"batcher run {self.job.source}"
+        return RunSummary(
+            output_path=self.plan.output_path,
+            rows_total=total,
+            rows_ok=ok,
+            rows_failed=failed,
+            rows_pending=total - rows,
+            rows_skipped=t.skipped,
+            requests=t.requests,
+            retries=t.retries,
+            rate_limited=t.rate_limited,
+            prompt_tokens=t.prompt_tokens,
+            completion_tokens=t.completion_tokens,
+            cost_usd=t.cost_usd,
+            output_cost_usd=output_cost,
+            wall_s=time.monotonic() - started,
+            errors=dict(t.errors),
+            warnings=dict(t.warnings),
+            aborted=str(self.abort) if self.abort is not None else None,
+            resume_command=resume,
+        )
+
+    async def _produce(
+        self, send: ObjectSendStream[RowRequest], journal: Journal, progress: Progress
+    ) -> None:
+        positions = self.options.positions
+        skip_failed = self.options.skip_failed
+        position = 0
+        batches = self.plan.batches()
+        with self._dispatch_scope:
+            async with send:
+                try:
+                    while True:
+                        prepared = await anyio.to_thread.run_sync(self._next_batch, batches, journal)
+                        if prepared is None:
+                            return
+                        for item, previous in prepared:
+                            position += 1
+                            if positions is not None and position - 1 not in positions:
+                                continue
+                            if (
+                                previous is not None
+                                and previous[0] == item.fingerprint
+                                and (previous[1] or skip_failed)
+                            ):
+                                self.tally.skipped += 1
+                                progress.advance()
+                                continue
+                            if isinstance(item, RowFailure):
+                                journal.record(failure_outcome(item))
+                                self.tally.failed += 1
+                                self.tally.errors[f"final:{item.kind}"] += 1
+                                progress.advance()
+                                continue
+                            await send.send(item)
+                except BatcherError as exc:
+                    self.stop_dispatch(exc)
+
+    def _next_batch(
+        self, batches: Iterator[Any], journal: Journal
+    ) -> list[tuple[RowRequest | RowFailure, tuple[bytes, bool] | None]] | None:
+        """Read, prepare and look up one batch (blocking: runs in a worker thread)."""
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        keys, prepared = self.plan.prepare(batch)
+        done = journal.done(keys)
+        return [(item, done.get(key)) for key, item in zip(keys, prepared, strict=True)]
+
+    async def _work(
+        self,
+        receive: ObjectReceiveStream[RowRequest],
+        worker: RowWorker,
+        journal: Journal,
+        progress: Progress,
+    ) -> None:
+        async with receive:
+            async for request in receive:
+                if self.stopping:
+                    continue  # dispatch stopped: leave the rest pending for the next run
+                try:
+                    outcome = await worker.process(request)
+                except BudgetStop:
+                    cap = self.job.config.limits.max_cost_usd
+                    self.stop_dispatch(
+                        BudgetReachedError(
+                            f"the budget limits.max_cost_usd={cap:g} would be crossed "
+                            f"(spent ${self.tally.cost_usd:.4f}); raise it and run again to resume"
+                        )
+                    )
+                    continue
+                except (KeyRefusedError, AccountError) as exc:
+                    self.stop_dispatch(exc)
+                    self._work_scope.cancel()
+                    return
+                try:
+                    journal.record(outcome)
+                except BatcherError as exc:
+                    self.stop_dispatch(exc)
+                    self._work_scope.cancel()
+                    return
+                progress.advance()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                if self.stopping and isinstance(self.abort, InterruptedRunError):
+                    self.options.notify("second interrupt: abandoning requests in flight")
+                    self._work_scope.cancel()
+                    return
+                name = signal.Signals(received).name
+                self.stop_dispatch(InterruptedRunError(f"interrupted by {name}"))
+                self.options.notify(
+                    f"{name}: stopping; finishing requests in flight for up to "
+                    f"{self.options.grace_s:g} s (interrupt again to skip)"
+                )
+                self._work_scope.deadline = anyio.current_time() + self.options.grace_s
+
+
+def _taken_columns(plan: Plan) -> list[str]:
+    return [
+        plan.source.key_column, *plan.keep_columns, "response", "responses", "finish_reason",
+        "model", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+        "cost_usd", "latency_s", "ttft_s", "attempts", "error", "response_id", "tool_calls",
+        "tool_calls_all", "reasoning",
+    ]
+
+
+@asynccontextmanager
+async def _endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
+    if not simulate:
+        yield job.config.endpoint.base_url
+        return
+    from batcher.sim import serve
+
+    async with serve() as (url, _):
+        yield url
+
+
+def prepare(job: Job | str | Path, options: RunOptions, overrides: list[str] | None = None) -> tuple[Job, Plan]:
+    """Load and check everything a run needs; raises ConfigError before anything is sent."""
+    if not isinstance(job, Job):
+        job = load_job(job, overrides)
+    if options.simulate:
+        config = job.config.model_copy(
+            update={"endpoint": job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})}
+        )
+        job = Job(config, job.source)
+    plan = Plan(job, limit=options.limit, api_key_required=not options.simulate)
+    if options.simulate:
+        plan.api_key = None
+    return job, plan
+
+
+async def arun(job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunSummary:
+    """Run a job on the current event loop (use this one in notebooks: ``await arun(...)``)."""
+    options = replace(options or RunOptions(), **kwargs)
+    job, plan = prepare(job, options)
+    run = Run(job, options, plan)
+    async with _endpoint(job, options.simulate) as base_url:
+        return await run.execute(base_url)
+
+
+def run(job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunSummary:
+    """Run a job to the end and return its summary (blocking)."""
+    return anyio.run(lambda: arun(job, options, **kwargs))
+

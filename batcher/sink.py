@@ -1,0 +1,171 @@
+"""The output Parquet, rebuilt from the input and the journal in batches, written atomically.
+
+A row is in the output when the journal holds an outcome for its key *and* its current
+request fingerprint, so an edited prompt never shows a stale answer. The file is written
+beside the target and renamed over it, so a reader (or a killed run) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batcher.journal import connect, fetch_outcomes
+from batcher.plan import Plan, key_expression
+
+_KEY = "__key"
+_FINGERPRINT = "__fingerprint"
+
+OUTCOME_TYPES: dict[str, pl.DataType] = {
+    "fingerprint": pl.Binary(),
+    "ok": pl.Int64(),
+    "error_kind": pl.String(),
+    "response": pl.String(),
+    "finish_reason": pl.String(),
+    "model": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "total_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
+    "cost_usd": pl.Float64(),
+    "latency_s": pl.Float64(),
+    "attempts": pl.Int64(),
+    "error": pl.String(),
+    "response_id": pl.String(),
+    "extra": pl.String(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    rows: int
+    ok: int
+    failed: int
+    cost_usd: float
+
+
+class OutputLayout:
+    """The output's columns for one job, in order, with their types."""
+
+    def __init__(self, plan: Plan, parsed: dict[str, pl.DataType]) -> None:
+        request = plan.job.config.request
+        self.plan = plan
+        self.parsed = parsed
+        self.multiple = (request.n or 1) > 1
+        self.streamed = request.stream
+        extra: dict[str, pl.DataType] = {"tool_calls": pl.String(), "reasoning": pl.String()}
+        if self.multiple:
+            extra["responses"] = pl.List(pl.String())
+            extra["all_tool_calls"] = pl.List(pl.String())
+        if self.streamed:
+            extra["ttft_s"] = pl.Float64()
+        if parsed:
+            extra["parsed"] = pl.Struct(parsed)
+        self.extra_type = pl.Struct(extra)
+
+    def result_columns(self) -> list[pl.Expr]:
+        extra = pl.col("extra").str.json_decode(self.extra_type)
+        columns = [pl.col("response")]
+        if self.multiple:
+            columns.append(extra.struct.field("responses"))
+        columns += [
+            pl.col(name)
+            for name in (
+                "finish_reason",
+                "model",
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "cached_tokens",
+                "cost_usd",
+                "latency_s",
+            )
+        ]
+        if self.streamed:
+            columns.append(extra.struct.field("ttft_s"))
+        columns += [pl.col("attempts"), pl.col("error"), pl.col("response_id")]
+        columns.append(extra.struct.field("tool_calls"))
+        if self.multiple:
+            columns.append(extra.struct.field("all_tool_calls").alias("tool_calls_all"))
+        columns.append(extra.struct.field("reasoning"))
+        columns += [
+            extra.struct.field("parsed").struct.field(name).alias(name) for name in self.parsed
+        ]
+        return columns
+
+
+def write_output(plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000) -> Written:
+    """Rebuild the output from the input and the journal (blocking: run in a thread)."""
+    source = plan.source
+    key = source.key_column
+    key_type = source.schema[key] if key in source.schema else pl.Int64()
+    target = plan.output_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a run killed mid-write
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    needed = sorted(set(plan.row_columns) | set(plan.keep_columns))
+    connection = connect(journal_file, readonly=True)
+    writer: pq.ParquetWriter | None = None
+    rows = ok = 0
+    cost = 0.0
+    try:
+        for batch in source.batches(needed, limit=plan.limit, batch_rows=batch_rows):
+            keys, prepared = plan.prepare(batch)
+            outcomes = pl.DataFrame(
+                fetch_outcomes(connection, keys),
+                schema={_KEY: key_type if key_type.is_integer() else pl.String(), **OUTCOME_TYPES},
+                orient="row",
+            )
+            fingerprints = [item.fingerprint for item in prepared]
+            frame = (
+                batch.with_columns(
+                    key_expression(key, key_type).alias(_KEY),
+                    pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
+                )
+                .join(outcomes, on=_KEY, how="inner", maintain_order="left")
+                .filter(pl.col(_FINGERPRINT) == pl.col("fingerprint"))
+            )
+            rows += frame.height
+            ok += int(frame.get_column("ok").sum() or 0)
+            cost += float(frame.get_column("cost_usd").sum() or 0.0)
+            table = frame.select(
+                pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
+            ).to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+        if writer is None:
+            empty = _empty_output(plan, layout, key_type)
+            writer = pq.ParquetWriter(temporary, empty.schema, compression="zstd")
+            writer.write_table(empty)
+        writer.close()
+        writer = None
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        connection.close()
+        if writer is not None:
+            writer.close()
+        temporary.unlink(missing_ok=True)
+    return Written(rows=rows, ok=ok, failed=rows - ok, cost_usd=cost)
+
+
+def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa.Table:
+    schema = plan.source.schema
+    key = plan.source.key_column
+    frame = pl.DataFrame(
+        schema={
+            key: key_type,
+            **{c: schema[c] for c in plan.keep_columns},
+            **OUTCOME_TYPES,
+        }
+    )
+    return frame.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()).to_arrow()
+

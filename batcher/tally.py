@@ -1,0 +1,75 @@
+"""Running counts of one run, the tqdm progress bar that shows them, and the budget."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+_POSTFIX_EVERY_S = 0.5
+
+
+@dataclass(slots=True)
+class Tally:
+    """What this run has done so far; the progress bar and the summary read it."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    inflight_cost_usd: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    def request_rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.requests / elapsed if elapsed > 0 else 0.0
+
+
+class Progress:
+    """A tqdm bar on stderr; silent when stderr is not a terminal or with --quiet."""
+
+    def __init__(self, tally: Tally, total: int, *, quiet: bool) -> None:
+        self.tally = tally
+        self._last_postfix = 0.0
+        self._bar = tqdm(
+            total=total,
+            unit="row",
+            file=sys.stderr,
+            disable=quiet or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+            mininterval=0.25,
+        )
+
+    def advance(self, rows: int = 1) -> None:
+        self._bar.update(rows)
+        now = time.monotonic()
+        if now - self._last_postfix >= _POSTFIX_EVERY_S:
+            self._last_postfix = now
+            self._refresh_postfix()
+
+    def _refresh_postfix(self) -> None:
+        t = self.tally
+        self._bar.set_postfix_str(
+            f"ok={t.ok} failed={t.failed} retries={t.retries} 429s={t.rate_limited} "
+            f"req/s={t.request_rate():.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
+            f"${t.cost_usd:.4f}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        self._refresh_postfix()
+        self._bar.close()

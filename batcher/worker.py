@@ -1,0 +1,345 @@
+"""One row's life: pace, send, retry, parse, and turn the replies into an Outcome."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import orjson
+from tenacity import RetryCallState
+
+from batcher.client import ChatClient, Reply, shorten
+from batcher.config import JobConfig
+from batcher.errors import AttemptError
+from batcher.images import ImageError, ImageLoader
+from batcher.journal import Outcome
+from batcher.limiter import RateLimiter
+from batcher.parse import OutputParser
+from batcher.plan import RowFailure
+from batcher.prices import Price, PriceTable
+from batcher.request import RowRequest
+from batcher.retry import Sleep, retrying
+from batcher.tally import Tally
+
+
+class BudgetStop(Exception):  # noqa: N818 - a signal between worker and runner, not an error
+    """Sending this request could cross limits.max_cost_usd; the row stays pending."""
+
+
+class RowWorker:
+    """Everything the workers of one run share to process rows."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        client: ChatClient,
+        limiter: RateLimiter,
+        images: ImageLoader,
+        parser: OutputParser,
+        prices: PriceTable,
+        tally: Tally,
+        *,
+        requests_per_row: int,
+        sleep: Sleep = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.limiter = limiter
+        self.images = images
+        self.parser = parser
+        self.prices = prices
+        self.tally = tally
+        self.requests_per_row = requests_per_row
+        self._sleep = sleep
+        self._clock = clock
+        self._unpriced: set[str] = set()
+        self._price = prices.get(config.request.model)
+        max_tokens = config.request.max_tokens
+        self._max_completion = max_tokens if max_tokens is not None else 1024
+
+    async def process(self, request: RowRequest) -> Outcome:
+        """Send one row (fan-out included) until it is answered or finally fails."""
+        started = self._clock()
+        replies: list[Reply] = []
+        wasted: list[Reply] = []  # paid for, but their output did not parse
+        parsed: dict[str, Any] | None = None
+        attempts = 0
+        try:
+            for _ in range(self.requests_per_row):
+                reply, parsed_one, used = await self._request(request, started, wasted)
+                attempts += used
+                replies.append(reply)
+                parsed = parsed if parsed is not None else parsed_one
+        except _RowFailed as failure:
+            attempts += failure.attempts
+            return self._failed(request, failure.error, attempts, started, replies + wasted)
+        return self._answered(request, replies, wasted, parsed, attempts, started)
+
+    async def _request(
+        self, request: RowRequest, started: float, wasted: list[Reply]
+    ) -> tuple[Reply, dict[str, Any] | None, int]:
+        retry = self.config.retry
+        deadline = started + retry.deadline_s if retry.deadline_s is not None else None
+        counts = {"transport": 0, "invalid": 0, "total": 0}
+
+        def stop(state: RetryCallState) -> bool:
+            if counts["transport"] >= retry.max_attempts:
+                return True
+            if counts["invalid"] > retry.invalid_output_attempts:
+                return True
+            return deadline is not None and self._clock() >= deadline
+
+        try:
+            async for attempt in retrying(retry, sleep=self._sleep, stop=stop):
+                with attempt:
+                    counts["total"] += 1
+                    if counts["total"] > 1:
+                        self.tally.retries += 1
+                    try:
+                        reply = await self._attempt(request, deadline)
+                    except AttemptError:
+                        counts["transport"] += 1
+                        raise
+                    try:
+                        parsed = self._parse(reply)
+                    except AttemptError:
+                        counts["invalid"] += 1
+                        wasted.append(reply)
+                        raise
+                    return reply, parsed, counts["total"]
+        except AttemptError as exc:
+            error = exc
+            if deadline is not None and self._clock() >= deadline and exc.retryable:
+                error = AttemptError(
+                    "deadline",
+                    f"no answer within retry.deadline_s={retry.deadline_s:g} s (last: {exc})",
+                    retryable=False,
+                )
+            raise _RowFailed(error, counts["total"]) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _parse(self, reply: Reply) -> dict[str, Any] | None:
+        if not self.parser.enabled:
+            return None
+        return self.parser.parse(reply.first.get("message") or {})
+
+    async def _attempt(self, request: RowRequest, deadline: float | None) -> Reply:
+        estimated_cost = self._estimated_cost(request)
+        self._reserve_budget(estimated_cost)
+        try:
+            await self.limiter.acquire(request.estimated_tokens)
+            body = request.body
+            if request.images:
+                body = await anyio.to_thread.run_sync(self._with_images, request)
+            timeout = self.config.endpoint.timeout_s
+            if deadline is not None:
+                timeout = max(min(timeout, deadline - self._clock()), 0.001)
+            self.tally.requests += 1
+            try:
+                with anyio.fail_after(timeout):
+                    reply = await self.client.complete(body)
+            except TimeoutError:
+                raise AttemptError("timeout", f"no reply in {timeout:g} s", retryable=True) from None
+            except AttemptError as exc:
+                self.tally.errors[exc.kind] += 1
+                if exc.status == 429:
+                    self.tally.rate_limited += 1
+                    self.limiter.on_rate_limited()
+                    if exc.retry_after_s:
+                        self.limiter.pause(exc.retry_after_s)
+                raise
+        finally:
+            self.tally.inflight_cost_usd -= estimated_cost
+        actual = (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)
+        self.limiter.settle(request.estimated_tokens, actual or request.estimated_tokens)
+        self.limiter.on_success(actual)
+        self.tally.prompt_tokens += reply.prompt_tokens or 0
+        self.tally.completion_tokens += reply.completion_tokens or 0
+        self.tally.cost_usd += self._cost_of([reply]) or 0.0
+        return reply
+
+    def _with_images(self, request: RowRequest) -> dict[str, Any]:
+        """The body with each local image's data URL in place of its digest (blocking)."""
+        try:
+            urls = {part.digest: self.images.encode(part) for part in request.images}
+        except ImageError as exc:
+            raise AttemptError("image_error", str(exc), retryable=False) from None
+        messages = [dict(m) for m in request.body["messages"]]
+        content = [
+            {"type": "image_url", "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])}}
+            if p.get("type") == "image_url"
+            else p
+            for p in messages[-1]["content"]
+        ]
+        messages[-1]["content"] = content
+        return {**request.body, "messages": messages}
+
+    # -- budget -------------------------------------------------------------------------------
+
+    def _estimated_cost(self, request: RowRequest) -> float:
+        if self.config.limits.max_cost_usd is None or self._price is None:
+            return 0.0
+        prompt = request.estimated_tokens - self._max_completion * (self.config.request.n or 1)
+        return self._price.cost(max(prompt, 0), self._max_completion * self._choices_per_request)
+
+    @property
+    def _choices_per_request(self) -> int:
+        request = self.config.request
+        return (request.n or 1) if request.n_mode == "native" else 1
+
+    def _reserve_budget(self, estimated_cost: float) -> None:
+        cap = self.config.limits.max_cost_usd
+        if cap is not None and self.tally.cost_usd + self.tally.inflight_cost_usd + estimated_cost > cap:
+            raise BudgetStop
+        self.tally.inflight_cost_usd += estimated_cost
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def _price_for(self, model: str | None) -> Price | None:
+        price = self.prices.get(model) or self._price
+        if price is None:
+            name = model or self.config.request.model
+            if name not in self._unpriced:
+                self._unpriced.add(name)
+                self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
+        return price
+
+    def _cost_of(self, replies: list[Reply]) -> float | None:
+        total = 0.0
+        for reply in replies:
+            price = self._price_for(reply.model)
+            if price is None:
+                return None
+            total += price.cost(
+                reply.prompt_tokens or 0, reply.completion_tokens or 0, reply.cached_tokens or 0
+            )
+        return total
+
+    def _answered(
+        self,
+        request: RowRequest,
+        replies: list[Reply],
+        wasted: list[Reply],
+        parsed: dict[str, Any] | None,
+        attempts: int,
+        started: float,
+    ) -> Outcome:
+        first = replies[0]
+        paid = replies + wasted
+        choices = [choice for reply in replies for choice in reply.choices]
+        wanted = self.config.request.n or 1
+        if len(choices) < wanted:
+            self.tally.warnings[f"asked for n={wanted} choices, a reply carried fewer"] += 1
+        message = choices[0].get("message") or {}
+        extra: dict[str, Any] = {}
+        if message.get("tool_calls"):
+            extra["tool_calls"] = orjson.dumps(message["tool_calls"]).decode()
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if reasoning:
+            extra["reasoning"] = reasoning
+        if wanted > 1:
+            extra["responses"] = [(c.get("message") or {}).get("content") for c in choices]
+            extra["all_tool_calls"] = [
+                orjson.dumps(calls).decode() if (calls := (c.get("message") or {}).get("tool_calls")) else None
+                for c in choices
+            ]
+        if first.ttft_s is not None:
+            extra["ttft_s"] = first.ttft_s
+        if parsed is not None:
+            extra["parsed"] = parsed
+        self.tally.ok += 1
+        return Outcome(
+            key=request.key,
+            fingerprint=request.fingerprint,
+            ok=True,
+            error_kind=None,
+            response=message.get("content"),
+            finish_reason=choices[0].get("finish_reason"),
+            model=first.model,
+            prompt_tokens=_sum(r.prompt_tokens for r in paid),
+            completion_tokens=_sum(r.completion_tokens for r in paid),
+            total_tokens=_sum(r.total_tokens for r in paid),
+            cached_tokens=_sum(r.cached_tokens for r in paid),
+            cost_usd=self._cost_of(paid),
+            latency_s=self._clock() - started,
+            attempts=attempts,
+            error=None,
+            response_id=first.response_id,
+            extra=extra or None,
+        )
+
+    def _failed(
+        self,
+        request: RowRequest,
+        error: AttemptError,
+        attempts: int,
+        started: float,
+        paid: list[Reply],
+    ) -> Outcome:
+        self.tally.failed += 1
+        self.tally.errors[f"final:{error.kind}"] += 1
+        raw = None
+        if error.kind == "invalid_output" and paid:
+            # The raw reply stays in `response` so the user can see what did not parse.
+            message = paid[-1].first.get("message") or {}
+            raw = message.get("content")
+            if raw is None and message.get("tool_calls"):
+                raw = orjson.dumps(message["tool_calls"]).decode()
+        return Outcome(
+            key=request.key,
+            fingerprint=request.fingerprint,
+            ok=False,
+            error_kind=error.kind,
+            response=raw,
+            finish_reason=None,
+            model=paid[-1].model if paid else None,
+            prompt_tokens=_sum(r.prompt_tokens for r in paid) if paid else None,
+            completion_tokens=_sum(r.completion_tokens for r in paid) if paid else None,
+            total_tokens=_sum(r.total_tokens for r in paid) if paid else None,
+            cached_tokens=_sum(r.cached_tokens for r in paid) if paid else None,
+            cost_usd=self._cost_of(paid) if paid else None,
+            latency_s=self._clock() - started,
+            attempts=attempts,
+            error=f"{error.kind}: {shorten(error.message)}",
+            response_id=None,
+            extra=None,
+        )
+
+
+def failure_outcome(failure: RowFailure) -> Outcome:
+    """A row that failed before any request (bad image, template error)."""
+    return Outcome(
+        key=failure.key,
+        fingerprint=failure.fingerprint,
+        ok=False,
+        error_kind=failure.kind,
+        response=None,
+        finish_reason=None,
+        model=None,
+        prompt_tokens=None,
+        completion_tokens=None,
+        total_tokens=None,
+        cached_tokens=None,
+        cost_usd=None,
+        latency_s=0.0,
+        attempts=0,
+        error=f"{failure.kind}: {shorten(failure.message)}",
+        response_id=None,
+        extra=None,
+    )
+
+
+class _RowFailed(Exception):  # noqa: N818 - internal control flow
+    def __init__(self, error: AttemptError, attempts: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+
+
+def _sum(values: Any) -> int | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
