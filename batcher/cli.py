@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     _job_arguments(run)
     run.add_argument("--simulate", action="store_true", help="run against the built-in simulator")
     run.add_argument("--fresh", action="store_true", help="replace the job's checkpoint")
-    run.add_argument("--skip-failed", action="store_true", help="do not retry rows that failed before")
+    run.add_argument(
+        "--skip-failed", action="store_true", help="do not retry rows that failed before"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
 
@@ -47,19 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("sim", help="serve the simulator on 127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--latency-s", type=float, default=0.0, help="fixed latency per request")
-    sim.add_argument("--latency-jitter-s", type=float, default=0.0, help="plus uniform random up to this")
+    sim.add_argument(
+        "--latency-jitter-s", type=float, default=0.0, help="plus uniform random up to this"
+    )
     sim.add_argument("--requests-per-minute", type=float, help="enforce with 429 + Retry-After")
     sim.add_argument("--tokens-per-minute", type=float, help="enforce with 429 + Retry-After")
     sim.add_argument("--burst-s", type=float, default=1.0, help="seconds of rate the buckets hold")
-    sim.add_argument("--fail-share", type=float, default=0.0, help="share of rows that fail at first")
-    sim.add_argument("--fail-attempts", default="1-3", help="how many first attempts they fail: N or MIN-MAX")
+    sim.add_argument(
+        "--fail-share", type=float, default=0.0, help="share of rows that fail at first"
+    )
+    sim.add_argument(
+        "--fail-attempts", default="1-3", help="how many first attempts they fail: N or MIN-MAX"
+    )
     sim.add_argument(
         "--faults",
         default="429,500,503,drop,stall,malformed",
         help=f"comma-separated fault kinds, of: {', '.join(FAULT_KINDS)}",
     )
     sim.add_argument("--stall-s", type=float, default=600.0, help="how long a stall hangs")
-    sim.add_argument("--retry-after-s", type=float, default=0.1, help="Retry-After of injected 429/503")
+    sim.add_argument(
+        "--retry-after-s", type=float, default=0.1, help="Retry-After of injected 429/503"
+    )
     sim.add_argument("--seed", type=int, default=0)
     return parser
 

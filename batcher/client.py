@@ -124,7 +124,9 @@ def parse_reply(content: bytes) -> Reply:
     return reply_from(data, choices)
 
 
-def reply_from(data: dict[str, Any], choices: list[dict[str, Any]], ttft_s: float | None = None) -> Reply:
+def reply_from(
+    data: dict[str, Any], choices: list[dict[str, Any]], ttft_s: float | None = None
+) -> Reply:
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     usage = usage or {}
     details = usage.get("prompt_tokens_details")
@@ -244,7 +246,9 @@ class StreamAssembler:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise AttemptError("invalid_json", "a stream chunk is not JSON", retryable=True) from None
+            raise AttemptError(
+                "invalid_json", "a stream chunk is not JSON", retryable=True
+            ) from None
         if not isinstance(chunk, dict):
             raise AttemptError("invalid_json", "a stream chunk is not an object", retryable=True)
         if "error" in chunk:
@@ -273,7 +277,9 @@ class StreamAssembler:
             calls = message.setdefault("tool_calls", [])
             position = int(call.get("index", len(calls)))
             while len(calls) <= position:
-                calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                calls.append(
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
             target = calls[position]
             if call.get("id"):
                 target["id"] = call["id"]

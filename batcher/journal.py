@@ -42,7 +42,7 @@ OUTCOME_COLUMNS = (
     "response_id",
     "extra",
 )
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outcomes (
     key PRIMARY KEY NOT NULL,
@@ -132,7 +132,11 @@ class Journal:
         self.replaced = False
         path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and path.exists():
-            for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            for stale in (
+                path,
+                path.with_name(path.name + "-wal"),
+                path.with_name(path.name + "-shm"),
+            ):
                 stale.unlink(missing_ok=True)
             self.replaced = True
         try:
@@ -144,7 +148,9 @@ class Journal:
             raise ConfigError(f"{path}: checkpoint journal is unreadable: {exc}") from None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._write_loop, name="batcher-journal", daemon=True)
+        self._thread = threading.Thread(
+            target=self._write_loop, name="batcher-journal", daemon=True
+        )
         self._thread.start()
 
     def _check_identity(self, identity: dict[str, str]) -> None:
@@ -174,7 +180,7 @@ class Journal:
             item = self._queue.get()
             if item is _STOP:
                 return
-            batch = [item]
+            batch: list[Any] = [item]
             deadline = time.monotonic() + COMMIT_INTERVAL_S
             stop = False
             while len(batch) < COMMIT_ROWS:

@@ -57,7 +57,9 @@ class OutputParser:
             try:
                 jsonschema.validators.validator_for(self.schema).check_schema(self.schema)
             except jsonschema.SchemaError as exc:
-                raise ConfigError(f"output schema is not a valid JSON Schema: {exc.message}") from None
+                raise ConfigError(
+                    f"output schema is not a valid JSON Schema: {exc.message}"
+                ) from None
             self._validator: Any = jsonschema.validators.validator_for(self.schema)(self.schema)
         properties = self.schema.get("properties") if self.mode != "none" else None
         self.columns: dict[str, pl.DataType] = (
@@ -75,7 +77,8 @@ class OutputParser:
         if self.mode == "tool_arguments":
             calls = message.get("tool_calls") or []
             chosen = [
-                c for c in calls
+                c
+                for c in calls
                 if self.tool_name is None or (c.get("function") or {}).get("name") == self.tool_name
             ]
             if not chosen:
@@ -118,6 +121,8 @@ def _tool_schema(config: JobConfig) -> tuple[str | None, dict[str, Any]]:
         if name is None or function.get("name") == name:
             parameters = function.get("parameters")
             if not isinstance(parameters, dict):
-                raise ConfigError(f"request.tools: tool {function.get('name')!r} has no parameters schema")
+                raise ConfigError(
+                    f"request.tools: tool {function.get('name')!r} has no parameters schema"
+                )
             return function.get("name"), parameters
     raise ConfigError(f"request.tool_choice names tool {name!r}, which request.tools lacks")

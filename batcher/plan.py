@@ -20,7 +20,7 @@ import polars as pl
 from batcher.config import Job
 from batcher.errors import ConfigError
 from batcher.images import ImageLoader
-from batcher.request import RequestBuilder, RowRequest
+from batcher.request import ImagePart, RequestBuilder, RowRequest
 from batcher.source import Source
 
 
@@ -44,13 +44,18 @@ class PreparedBatch:
 class Plan:
     """A job checked against its input, ready to run."""
 
-    def __init__(self, job: Job, *, limit: int | None = None, api_key_required: bool = True) -> None:
+    def __init__(
+        self, job: Job, *, limit: int | None = None, api_key_required: bool = True
+    ) -> None:
         config = job.config
         self.job = job
         self.limit = limit
         self.source = Source(job.input_path, config.input.id_column)
         columns = set(self.source.columns)
-        self.builder = RequestBuilder(config.request, config.endpoint.base_url)
+        try:
+            self.builder = RequestBuilder(config.request, config.endpoint.base_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
         self.images = ImageLoader(job.image_root, config.images)
         where = str(job.source)
         missing = [c for c in self.builder.columns if c not in columns]
@@ -93,8 +98,10 @@ class Plan:
             prepared.append(self._prepare_row(key, row, image_columns))
         return keys, prepared
 
-    def _prepare_row(self, key: Any, row: dict[str, Any], image_columns: list[str]) -> RowRequest | RowFailure:
-        images = ()
+    def _prepare_row(
+        self, key: Any, row: dict[str, Any], image_columns: list[str]
+    ) -> RowRequest | RowFailure:
+        images: tuple[ImagePart, ...] = ()
         if image_columns:
             loaded = self.images.describe(row, image_columns)
             if isinstance(loaded, str):
@@ -102,7 +109,7 @@ class Plan:
             images = loaded
         try:
             return self.builder.build(key, row, images)
-        except Exception as exc:  # noqa: BLE001 - a user template can raise anything; the row fails
+        except Exception as exc:
             return _failure(key, "template_error", f"{type(exc).__name__}: {exc}")
 
 

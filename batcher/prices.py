@@ -48,7 +48,9 @@ class PriceTable:
         self.taken = taken
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: dict[str, PriceConfig] | None = None) -> PriceTable:
+    def load(
+        cls, path: str | Path | None = None, overrides: dict[str, PriceConfig] | None = None
+    ) -> PriceTable:
         if path is not None:
             text = _read(Path(path))
             where = str(path)

@@ -21,8 +21,8 @@ from batcher.config import Job, load_job
 from batcher.errors import (
     AccountError,
     BatcherError,
-    ConfigError,
     BudgetReachedError,
+    ConfigError,
     InterruptedRunError,
     KeyRefusedError,
 )
@@ -67,7 +67,10 @@ class Run:
         self.options = options
         self.plan = plan
         config = job.config
-        self.parser = OutputParser(config)
+        try:
+            self.parser = OutputParser(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
         clash = set(self.parser.columns) & set(_taken_columns(plan))
         if clash:
             raise ConfigError(
@@ -131,19 +134,21 @@ class Run:
                         async with anyio.create_task_group() as workers:
                             workers.start_soon(self._produce, send, journal, progress)
                             for _ in range(concurrency):
-                                workers.start_soon(self._work, receive.clone(), worker, journal, progress)
+                                workers.start_soon(
+                                    self._work, receive.clone(), worker, journal, progress
+                                )
                             receive.close()
                     outer.cancel_scope.cancel()
         finally:
             progress.close()
             await anyio.to_thread.run_sync(journal.close)
         layout = OutputLayout(plan, self.parser.columns)
-        written = await anyio.to_thread.run_sync(
-            lambda: write_output(plan, layout, journal_file)
-        )
+        written = await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
         return self._summary(written.rows, written.ok, written.failed, written.cost_usd, started)
 
-    def _summary(self, rows: int, ok: int, failed: int, output_cost: float, started: float) -> RunSummary:
+    def _summary(
+        self, rows: int, ok: int, failed: int, output_cost: float, started: float
+    ) -> RunSummary:
         t = self.tally
         total = self.plan.total_rows
         resume = None
@@ -181,7 +186,9 @@ class Run:
             async with send:
                 try:
                     while True:
-                        prepared = await anyio.to_thread.run_sync(self._next_batch, batches, journal)
+                        prepared = await anyio.to_thread.run_sync(
+                            self._next_batch, batches, journal
+                        )
                         if prepared is None:
                             return
                         for item, previous in prepared:
@@ -269,10 +276,25 @@ class Run:
 
 def _taken_columns(plan: Plan) -> list[str]:
     return [
-        plan.source.key_column, *plan.keep_columns, "response", "responses", "finish_reason",
-        "model", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
-        "cost_usd", "latency_s", "ttft_s", "attempts", "error", "response_id", "tool_calls",
-        "tool_calls_all", "reasoning",
+        plan.source.key_column,
+        *plan.keep_columns,
+        "response",
+        "responses",
+        "finish_reason",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "cost_usd",
+        "latency_s",
+        "ttft_s",
+        "attempts",
+        "error",
+        "response_id",
+        "tool_calls",
+        "tool_calls_all",
+        "reasoning",
     ]
 
 
@@ -287,7 +309,9 @@ async def _endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
         yield url
 
 
-def prepare(job: Job | str | Path, options: RunOptions, overrides: list[str] | None = None) -> tuple[Job, Plan]:
+def prepare(
+    job: Job | str | Path, options: RunOptions, overrides: list[str] | None = None
+) -> tuple[Job, Plan]:
     """Load and check everything a run needs; raises ConfigError before anything is sent."""
     if not isinstance(job, Job):
         job = load_job(job, overrides)
@@ -302,7 +326,9 @@ def prepare(job: Job | str | Path, options: RunOptions, overrides: list[str] | N
     return job, plan
 
 
-async def arun(job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunSummary:
+async def arun(
+    job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any
+) -> RunSummary:
     """Run a job on the current event loop (use this one in notebooks: ``await arun(...)``)."""
     options = replace(options or RunOptions(), **kwargs)
     job, plan = prepare(job, options)
@@ -314,4 +340,3 @@ async def arun(job: Job | str | Path, options: RunOptions | None = None, **kwarg
 def run(job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunSummary:
     """Run a job to the end and return its summary (blocking)."""
     return anyio.run(lambda: arun(job, options, **kwargs))
-

@@ -32,7 +32,19 @@ from aiohttp import web
 
 from batcher.images import sniff_mime
 
-FAULT_KINDS = ("429", "500", "502", "503", "504", "529", "drop", "stall", "malformed", "nochoices", "cut")
+FAULT_KINDS = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "529",
+    "drop",
+    "stall",
+    "malformed",
+    "nochoices",
+    "cut",
+)
 _OPTIONS = re.compile(r"one word:\s*([\w\- ,]+?)\s+or\s+([\w\-]+)", re.IGNORECASE)
 _MAX_IMAGE_LOG = 10_000
 
@@ -119,6 +131,8 @@ class Simulator:
         self.statuses: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
         self.answered_by_prompt: Counter[str] = Counter()
+        self.usage_by_prompt: dict[str, dict[str, int]] = {}
+        self.answered_at: list[float] = []  # monotonic times of answers, for achieved rates
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
         self._request_bucket = (
@@ -140,6 +154,7 @@ class Simulator:
             "statuses": dict(self.statuses),
             "attempts": dict(self.attempts),
             "answered_by_prompt": dict(self.answered_by_prompt),
+            "usage_by_prompt": dict(self.usage_by_prompt),
             "images": self.images,
             "authorization": dict(self.authorization),
         }
@@ -205,10 +220,15 @@ class Simulator:
             self._token_bucket.give_back(max(max_tokens - completion, 0), time.monotonic())
         if body.get("stream"):
             return await self._stream(request, body, reply, cut=fault == "cut")
+        self._count_answer(prompt, reply)
+        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+
+    def _count_answer(self, prompt: str, reply: dict[str, Any]) -> None:
         self.statuses["200"] += 1
         self.answered += 1
         self.answered_by_prompt[prompt] += 1
-        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+        self.usage_by_prompt[prompt] = reply["usage"]
+        self.answered_at.append(time.monotonic())
 
     def _fault_for(self, raw: bytes, attempt: int) -> str | None:
         s = self.settings
@@ -228,7 +248,9 @@ class Simulator:
         self.statuses[fault] += 1
         s = self.settings
         if fault == "429":
-            return _error(429, "rate_limit_error", "simulated rate limit", retry_after_s=s.retry_after_s)
+            return _error(
+                429, "rate_limit_error", "simulated rate limit", retry_after_s=s.retry_after_s
+            )
         if fault.isdigit():
             retry_after = s.retry_after_s if fault == "503" else None
             return _error(int(fault), "api_error", f"simulated {fault}", retry_after_s=retry_after)
@@ -236,9 +258,13 @@ class Simulator:
             await asyncio.sleep(s.stall_s)
             return _error(504, "api_error", "stalled")
         if fault == "malformed":
-            return web.Response(body=b'{"id": "broken", "choices": [{"mess', content_type="application/json")
+            return web.Response(
+                body=b'{"id": "broken", "choices": [{"mess', content_type="application/json"
+            )
         if fault == "nochoices":
-            return web.Response(body=b'{"id": "empty", "choices": []}', content_type="application/json")
+            return web.Response(
+                body=b'{"id": "empty", "choices": []}', content_type="application/json"
+            )
         # drop (and cut for a non-streaming request): close the socket without a reply.
         if request.transport is not None:
             request.transport.close()
@@ -292,7 +318,7 @@ class Simulator:
 
                 with Image.open(io.BytesIO(data)) as image:
                     width, height = image.size
-            except Exception:  # noqa: BLE001 - a HEIC stub or junk: log it with no size
+            except Exception:
                 width = height = 0
             entry.update(width=width, height=height)
         if len(self.images) < _MAX_IMAGE_LOG:
@@ -359,7 +385,9 @@ class Simulator:
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        base = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+        base = {k: reply[k] for k in ("id", "created", "model")} | {
+            "object": "chat.completion.chunk"
+        }
 
         async def send(chunk: dict[str, Any] | str) -> None:
             data = chunk if isinstance(chunk, str) else orjson.dumps(base | chunk).decode()
@@ -370,12 +398,25 @@ class Simulator:
             message = choice["message"]
             await send({"choices": [{"index": index, "delta": {"role": "assistant"}}]})
             if message.get("reasoning_content"):
-                await send({"choices": [{"index": index, "delta": {"reasoning_content": message["reasoning_content"]}}]})
+                await send(
+                    {
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {"reasoning_content": message["reasoning_content"]},
+                            }
+                        ]
+                    }
+                )
             for call_index, call in enumerate(message.get("tool_calls") or []):
                 arguments = call["function"]["arguments"]
                 half = len(arguments) // 2
-                head = {"index": call_index, "id": call["id"], "type": "function",
-                        "function": {"name": call["function"]["name"], "arguments": arguments[:half]}}
+                head = {
+                    "index": call_index,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": arguments[:half]},
+                }
                 await send({"choices": [{"index": index, "delta": {"tool_calls": [head]}}]})
                 tail = {"index": call_index, "function": {"arguments": arguments[half:]}}
                 await send({"choices": [{"index": index, "delta": {"tool_calls": [tail]}}]})
@@ -388,24 +429,32 @@ class Simulator:
                         request.transport.close()
                     return response
                 await send({"choices": [{"index": index, "delta": {"content": piece}}]})
-            await send({"choices": [{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+            await send(
+                {
+                    "choices": [
+                        {"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}
+                    ]
+                }
+            )
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"choices": [], "usage": reply["usage"]})
         await send("[DONE]")
-        self.statuses["200"] += 1
-        self.answered += 1
-        self.answered_by_prompt[_user_text(body["messages"])] += 1
+        self._count_answer(_user_text(body["messages"]), reply)
         await response.write_eof()
         return response
 
 
-def _error(status: int, kind: str, message: str, retry_after_s: float | None = None) -> web.Response:
+def _error(
+    status: int, kind: str, message: str, retry_after_s: float | None = None
+) -> web.Response:
     headers = {}
     if retry_after_s is not None:
         headers["retry-after-ms"] = str(round(retry_after_s * 1000, 3))
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     payload = {"error": {"message": message, "type": kind, "code": status}}
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
 
 
 def _content(prompt: str, h: int) -> str:
@@ -415,7 +464,9 @@ def _content(prompt: str, h: int) -> str:
         return words[h % len(words)]
     if "json" in prompt.lower():
         words = prompt.split()
-        return orjson.dumps({"answer": words[h % len(words)] if words else "", "length": len(prompt)}).decode()
+        return orjson.dumps(
+            {"answer": words[h % len(words)] if words else "", "length": len(prompt)}
+        ).decode()
     head = " ".join(prompt.split()[:8])
     return f"Simulated reply {h % 100_000:05d} to: {head}. The end."
 
@@ -438,7 +489,9 @@ def _arguments(schema: dict[str, Any], h: int) -> Any:
         kind = next((k for k in kind if k != "null"), "string")
     if kind == "object":
         properties = schema.get("properties") or {}
-        return {name: _arguments(sub, h // (i + 2)) for i, (name, sub) in enumerate(properties.items())}
+        return {
+            name: _arguments(sub, h // (i + 2)) for i, (name, sub) in enumerate(properties.items())
+        }
     if kind == "array":
         return [_arguments(schema.get("items") or {}, h)]
     if kind == "number":
@@ -451,10 +504,14 @@ def _arguments(schema: dict[str, Any], h: int) -> Any:
 
 
 @asynccontextmanager
-async def serve(settings: SimSettings | None = None, *, port: int = 0) -> AsyncIterator[tuple[str, Simulator]]:
+async def serve(
+    settings: SimSettings | None = None, *, port: int = 0
+) -> AsyncIterator[tuple[str, Simulator]]:
     """Run the simulator on 127.0.0.1 for the duration; yields its base URL and state."""
     simulator = Simulator(settings)
-    runner = web.AppRunner(simulator.app(), handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    runner = web.AppRunner(
+        simulator.app(), handle_signals=False, access_log=None, shutdown_timeout=0.5
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()

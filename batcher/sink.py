@@ -99,7 +99,9 @@ class OutputLayout:
         return columns
 
 
-def write_output(plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000) -> Written:
+def write_output(
+    plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000
+) -> Written:
     """Rebuild the output from the input and the journal (blocking: run in a thread)."""
     source = plan.source
     key = source.key_column
@@ -167,5 +169,6 @@ def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa
             **OUTCOME_TYPES,
         }
     )
-    return frame.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()).to_arrow()
-
+    return frame.select(
+        pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
+    ).to_arrow()

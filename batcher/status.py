@@ -29,13 +29,15 @@ class JobStatus:
             return [f"no checkpoint yet: {self.rows_total} rows pending"]
         lines = [
             f"checkpoint: {self.journal}",
-            f"rows: {self.rows_total} in the input; {self.rows_ok} done, {self.rows_failed} failed, "
-            f"{self.rows_pending} pending",
+            f"rows: {self.rows_total} in the input; {self.rows_ok} done, "
+            f"{self.rows_failed} failed, {self.rows_pending} pending",
             f"tokens so far: {self.prompt_tokens} in, {self.completion_tokens} out; "
             f"cost ${self.cost_usd:.4f}",
         ]
         if self.failed_by_kind:
-            kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.failed_by_kind.items()))
+            kinds = ", ".join(
+                f"{kind} {count}" for kind, count in sorted(self.failed_by_kind.items())
+            )
             lines.append(f"failed by error: {kinds}")
         return lines
 

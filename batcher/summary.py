@@ -36,22 +36,34 @@ class RunSummary:
         return 1 if self.rows_failed else 0
 
     def lines(self) -> list[str]:
-        rate = (self.rows_ok + self.rows_failed - self.rows_skipped) / self.wall_s if self.wall_s else 0
+        rate = (
+            (self.rows_ok + self.rows_failed - self.rows_skipped) / self.wall_s
+            if self.wall_s
+            else 0
+        )
         lines = [
             f"rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_pending} pending "
             f"of {self.rows_total} ({self.rows_skipped} already done before this run)",
-            f"requests: {self.requests} sent, {self.retries} retries, {self.rate_limited} rate-limited (429)",
+            f"requests: {self.requests} sent, {self.retries} retries, "
+            f"{self.rate_limited} rate-limited (429)",
             f"tokens: {self.prompt_tokens} in, {self.completion_tokens} out; "
             f"cost this run ${self.cost_usd:.4f}, whole output ${self.output_cost_usd:.4f}",
             f"time: {self.wall_s:.1f} s ({rate:.1f} rows/s)",
             f"output: {self.output_path}",
         ]
-        final = {k.removeprefix("final:"): v for k, v in self.errors.items() if k.startswith("final:")}
+        final = {
+            k.removeprefix("final:"): v for k, v in self.errors.items() if k.startswith("final:")
+        }
         if final:
-            lines.append("failed rows by error: " + ", ".join(f"{k} {v}" for k, v in sorted(final.items())))
+            lines.append(
+                "failed rows by error: " + ", ".join(f"{k} {v}" for k, v in sorted(final.items()))
+            )
         attempts = {k: v for k, v in self.errors.items() if not k.startswith("final:")}
         if attempts:
-            lines.append("failed attempts by error: " + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items())))
+            lines.append(
+                "failed attempts by error: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items()))
+            )
         lines += [f"warning: {w}" + (f" ({n}×)" if n > 1 else "") for w, n in self.warnings.items()]
         if self.aborted:
             lines.append(f"stopped: {self.aborted}")

@@ -142,7 +142,9 @@ class RowWorker:
                 with anyio.fail_after(timeout):
                     reply = await self.client.complete(body)
             except TimeoutError:
-                raise AttemptError("timeout", f"no reply in {timeout:g} s", retryable=True) from None
+                raise AttemptError(
+                    "timeout", f"no reply in {timeout:g} s", retryable=True
+                ) from None
             except AttemptError as exc:
                 self.tally.errors[exc.kind] += 1
                 if exc.status == 429:
@@ -169,7 +171,10 @@ class RowWorker:
             raise AttemptError("image_error", str(exc), retryable=False) from None
         messages = [dict(m) for m in request.body["messages"]]
         content = [
-            {"type": "image_url", "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])}}
+            {
+                "type": "image_url",
+                "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])},
+            }
             if p.get("type") == "image_url"
             else p
             for p in messages[-1]["content"]
@@ -192,7 +197,10 @@ class RowWorker:
 
     def _reserve_budget(self, estimated_cost: float) -> None:
         cap = self.config.limits.max_cost_usd
-        if cap is not None and self.tally.cost_usd + self.tally.inflight_cost_usd + estimated_cost > cap:
+        if (
+            cap is not None
+            and self.tally.cost_usd + self.tally.inflight_cost_usd + estimated_cost > cap
+        ):
             raise BudgetStop
         self.tally.inflight_cost_usd += estimated_cost
 
@@ -243,7 +251,9 @@ class RowWorker:
         if wanted > 1:
             extra["responses"] = [(c.get("message") or {}).get("content") for c in choices]
             extra["all_tool_calls"] = [
-                orjson.dumps(calls).decode() if (calls := (c.get("message") or {}).get("tool_calls")) else None
+                orjson.dumps(calls).decode()
+                if (calls := (c.get("message") or {}).get("tool_calls"))
+                else None
                 for c in choices
             ]
         if first.ttft_s is not None:
@@ -342,4 +352,3 @@ class _RowFailed(Exception):  # noqa: N818 - internal control flow
 def _sum(values: Any) -> int | None:
     present = [v for v in values if v is not None]
     return sum(present) if present else None
-

@@ -1,0 +1,119 @@
+"""Every mistake in a job file or its input: exit 2, one clear message, zero requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batcher.cli import main
+from batcher.sim import SimulatorThread
+from tests.conftest import reviews, write_job
+
+
+def fails_before_sending(
+    job: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], *extra: str
+) -> str:
+    code = main(["run", str(job), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    assert sim.simulator is not None
+    assert sim.simulator.requests == 0
+    return err
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"limits": {"concurency": 4}}, "limits.concurency: unknown key"),
+        ({"limits": {"concurrency": "many"}}, "limits.concurrency"),
+        ({"request": {"temperature": 3}}, "request.temperature"),
+        ({"request": {"top_p": -0.1}}, "request.top_p"),
+        ({"request": {"stop": ["a", "b", "c", "d", "e"]}}, "request.stop"),
+        ({"request": {"reasoning_effort": "extreme"}}, "request.reasoning_effort"),
+        ({"request": {"prompt": "{{ missing_column }}"}}, "missing_column"),
+        ({"request": {"prompt": "{{ text "}}, "request.prompt: template error"),
+        ({"input": {"id_column": "nope"}}, "input.id_column 'nope'"),
+        ({"input": {"path": "absent.csv"}}, "input file not found"),
+        ({"output": {"keep_columns": ["ghost"]}}, "ghost"),
+        ({"request": {"images": ["photo"]}}, "request.images names column 'photo'"),
+        ({"surprise": 1}, "surprise: unknown key"),
+    ],
+)
+def test_configuration_errors(
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    sections: dict[str, Any],
+    expected: str,
+) -> None:
+    job = write_job(tmp_path, sim.url, **sections)
+    err = fails_before_sending(job, sim, capsys)
+    assert expected in err
+    assert str(job) in err or "input" in err
+
+
+def test_missing_required_key(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\ninput: {path: data.csv}\n")
+    err = fails_before_sending(job, sim, capsys)
+    assert "request: required key is missing" in err
+
+
+def test_duplicate_id_column(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    data = reviews(10).with_columns(pl.lit("same").alias("id"))
+    job = write_job(tmp_path, sim.url, data=data)
+    assert "is not unique" in fails_before_sending(job, sim, capsys)
+
+
+def test_empty_id(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    data = reviews(10).with_columns(pl.when(pl.col("stars") == 1).then(None).otherwise(pl.col("id")).alias("id"))
+    job = write_job(tmp_path, sim.url, data=data)
+    assert "is empty on" in fails_before_sending(job, sim, capsys)
+
+
+def test_unreadable_csv(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data.csv").write_bytes(b'id,text\n"unterminated,\x00\xff\n1,2,3,4,5\n')
+    job = write_job(tmp_path, sim.url)
+    err = fails_before_sending(job, sim, capsys)
+    assert "data.csv" in err
+
+
+def test_not_yaml(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: [unclosed\n")
+    assert "not valid YAML" in fails_before_sending(job, sim, capsys)
+
+
+def test_missing_job_file(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "job file not found" in fails_before_sending(tmp_path / "nope.yaml", sim, capsys)
+
+
+def test_unset_environment_variable(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    job = write_job(tmp_path, sim.url, request={"model": "${NOT_SET_ANYWHERE}"})
+    err = fails_before_sending(job, sim, capsys)
+    assert "request.model: environment variable NOT_SET_ANYWHERE is not set" in err
+
+
+def test_bad_override(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, sim.url)
+    err = fails_before_sending(job, sim, capsys, "--set", "limits.concurrency=0")
+    assert "limits.concurrency" in err
+    err = fails_before_sending(job, sim, capsys, "--set", "no-equals-sign")
+    assert "expected dotted.key=value" in err
+
+
+def test_missing_key_for_remote_endpoint(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHER_API_KEY", raising=False)
+    job = write_job(tmp_path, "https://gateway.theturbo.ai/v1")
+    err = fails_before_sending(job, sim, capsys)
+    assert "BATCHER_API_KEY is not set" in err
