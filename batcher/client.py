@@ -190,7 +190,9 @@ class ChatClient:
             response = await self._http.post("chat/completions", content=content)
             payload = response.content
         except httpx.TimeoutException as exc:
-            raise AttemptError("timeout", _transport_message(exc), retryable=True) from None
+            # httpx-aiohttp maps a dropped connection to ConnectTimeout; the cause tells.
+            kind = "timeout" if _is_timeout(exc) else "connection"
+            raise AttemptError(kind, _transport_message(exc), retryable=True) from None
         except httpx.TransportError as exc:
             raise AttemptError("connection", _transport_message(exc), retryable=True) from None
         if response.status_code != 200:
@@ -296,6 +298,11 @@ class StreamAssembler:
             raise AttemptError("stream_broken", "a choice never finished", retryable=True)
         choices = [self._choices[i] for i in sorted(self._choices)]
         return reply_from(self._last, choices, ttft_s=self._ttft_s)
+
+
+def _is_timeout(exc: httpx.TimeoutException) -> bool:
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
 
 
 def _transport_message(exc: httpx.HTTPError) -> str:

@@ -5,10 +5,11 @@ clock (one slot per request, and its estimated tokens on a second clock) and sle
 Nothing accumulates while idle, so there is never a burst of a minute's budget. All state
 changes happen between awaits, so on one event loop no lock is needed.
 
-Adaptive mode is AIMD on the rate: a 429 cuts it (to what the server was seen to answer in the
-last seconds, at most to ``DECREASE`` of the current rate), and quiet time raises it back by a
-small step each second, up to the configured ceiling. With no rate configured, the first 429
-gives the limiter one, learned from what the server was answering.
+Adaptive mode is AIMD on the configured rates: congestion (429s that are a real share of the
+answers) cuts them to what the server was seen to serve, at most to ``DECREASE`` of the current
+rate, and time without congestion raises them back by a small step each second, up to the
+configured ceiling. With no rate configured there is nothing to adapt: concurrency bounds the
+load, and each 429's Retry-After pauses every worker.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ Sleep = Callable[[float], Awaitable[None]]
 
 DECREASE = 0.7  # multiplicative decrease bound on a 429
 FLOOR = 0.25  # never cut below this share of the current rate in one step
-INCREASE_PER_S = 0.01  # additive increase, as a share of the rate set at the last cut
-COOLDOWN_S = 1.0  # 429s closer together than this are one congestion event
+INCREASE_PER_S = 0.005  # additive increase, as a share of the rate set at the last cut
+CONGESTED_SHARE = 0.05  # 429s above this share of recent answers mean the rate is too high
 _WINDOW_S = 10.0
+_MIN_SAMPLES = 10  # fewer answers than this since the last cut say nothing about a rate
 
 
 class RateLimiter:
@@ -46,24 +48,21 @@ class RateLimiter:
         self.adaptive = adaptive
         self.ceiling_rps = requests_per_minute / 60 if requests_per_minute else None
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
-        # `scale` multiplies both configured rates; an unconfigured request rate learns one.
+        # `scale` multiplies both configured rates; adaptive mode moves it in (0, 1].
         self.scale = 1.0
-        self.learned_rps: float | None = None
         self._next_request = 0.0
         self._next_token = 0.0
         self._paused_until = 0.0
-        self._last_cut = -COOLDOWN_S
         self._last_raise = 0.0
         self._cut_scale = 0.0
         self._served: deque[tuple[float, int]] = deque()
         self._served_tokens = 0
+        self._limited: deque[float] = deque()
 
     @property
     def requests_per_s(self) -> float | None:
         """The request rate in force now (None: unpaced)."""
-        if self.ceiling_rps is not None:
-            return self.ceiling_rps * self.scale
-        return self.learned_rps
+        return self.ceiling_rps * self.scale if self.ceiling_rps is not None else None
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for this request's slot; ``tokens`` is its estimated token cost."""
@@ -100,48 +99,56 @@ class RateLimiter:
 
     def on_success(self, tokens: int = 0) -> None:
         """A reply arrived; ``tokens`` is what the server counted for it."""
-        if not self.adaptive:
+        if not self._adapting:
             return
         now = self._clock()
         self._served.append((now, tokens))
         self._served_tokens += tokens
-        while self._served and self._served[0][0] < now - _WINDOW_S:
-            self._served_tokens -= self._served.popleft()[1]
-        if self._cut_scale <= 0:
-            return
-        elapsed, self._last_raise = now - self._last_raise, now
-        if self._paced:
+        self._forget(now)
+        if self._cut_scale > 0:
+            elapsed, self._last_raise = now - self._last_raise, now
             self.scale = min(1.0, self.scale + self._cut_scale * INCREASE_PER_S * elapsed)
-        elif self.learned_rps is not None:
-            self.learned_rps += self._cut_scale * INCREASE_PER_S * elapsed
 
     def on_rate_limited(self) -> None:
-        """A 429 arrived: in adaptive mode, lower the rate once per congestion event."""
+        """A 429 arrived: in adaptive mode, lower the rate if the rate is what is wrong.
+
+        A few 429s among many answers are incidental (a gateway hiccup): the Retry-After pause
+        covers them. Only when they are at least ``CONGESTED_SHARE`` of the answers since the
+        last cut is the rate itself too high; the window restarts after each cut, so one
+        congestion event cuts once.
+        """
+        if not self._adapting:
+            return
         now = self._clock()
-        if not self.adaptive or now - self._last_cut < COOLDOWN_S:
+        self._limited.append(now)
+        self._forget(now)
+        answers = len(self._limited) + len(self._served)
+        if (
+            answers < _MIN_SAMPLES
+            or len(self._limited) < 3
+            or len(self._limited) / answers < CONGESTED_SHARE
+        ):
             return
-        self._last_cut = self._last_raise = now
-        served_rps, served_tps = self._served_rates(now)
-        if not self._paced:
-            # Nothing configured: start from what the server was answering.
-            self.learned_rps = max(served_rps * DECREASE, 0.1) if served_rps else 1.0
-            self._cut_scale = self.learned_rps
-            return
+        span = max(now - min(self._limited[0], self._served[0][0] if self._served else now), 1.0)
         # Cut to what the server was seen to serve, bounded between FLOOR and DECREASE.
         target = DECREASE * self.scale
-        if self.ceiling_rps is not None and served_rps:
-            target = min(target, 0.95 * served_rps / self.ceiling_rps)
-        if self.tokens_per_s is not None and served_tps:
-            target = min(target, 0.95 * served_tps / self.tokens_per_s)
-        self.scale = max(target, FLOOR * self.scale, 1e-4)
+        if self.ceiling_rps is not None and self._served:
+            target = min(target, 0.95 * len(self._served) / span / self.ceiling_rps)
+        if self.tokens_per_s is not None and self._served_tokens:
+            target = min(target, 0.95 * self._served_tokens / span / self.tokens_per_s)
+        self.scale = max(target, FLOOR * self.scale, 1e-3)
         self._cut_scale = self.scale
+        self._last_raise = now
+        self._limited.clear()
+        self._served.clear()
+        self._served_tokens = 0
 
     @property
-    def _paced(self) -> bool:
-        return self.ceiling_rps is not None or self.tokens_per_s is not None
+    def _adapting(self) -> bool:
+        return self.adaptive and (self.ceiling_rps is not None or self.tokens_per_s is not None)
 
-    def _served_rates(self, now: float) -> tuple[float, float]:
-        if len(self._served) < 2:
-            return 0.0, 0.0
-        span = max(now - self._served[0][0], 1.0)
-        return len(self._served) / span, self._served_tokens / span
+    def _forget(self, now: float) -> None:
+        while self._limited and self._limited[0] < now - _WINDOW_S:
+            self._limited.popleft()
+        while self._served and self._served[0][0] < now - _WINDOW_S:
+            self._served_tokens -= self._served.popleft()[1]

@@ -45,7 +45,9 @@ def reviews(count: int) -> pl.DataFrame:
         {
             "id": [f"k{i:05d}" for i in range(count)],
             "title": [f"Title {i}" for i in range(count)],
-            "text": [f"review number {i} says {'good' if i % 3 else 'bad'} things" for i in range(count)],
+            "text": [
+                f"review number {i} says {'good' if i % 3 else 'bad'} things" for i in range(count)
+            ],
             "stars": [i % 5 + 1 for i in range(count)],
         }
     )

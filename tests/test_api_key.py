@@ -18,7 +18,10 @@ def all_written_bytes(folder: Path) -> bytes:
 
 
 def test_key_only_in_authorization_header(
-    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MY_KEY", SECRET)
     data = reviews(20)
@@ -40,7 +43,11 @@ def test_refused_key_stops_the_job(
     monkeypatch.setenv("MY_KEY", SECRET)
     data = reviews(500).with_columns(("[[sim:401]] " + reviews(500)["text"]).alias("text"))
     job = write_job(
-        tmp_path, server.url, data=data, endpoint={"api_key_env": "MY_KEY"}, limits={"concurrency": 4}
+        tmp_path,
+        server.url,
+        data=data,
+        endpoint={"api_key_env": "MY_KEY"},
+        limits={"concurrency": 4},
     )
     assert main(["run", str(job), "--quiet"]) == 3
     err = capsys.readouterr().err

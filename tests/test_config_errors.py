@@ -57,26 +57,34 @@ def test_configuration_errors(
     assert str(job) in err or "input" in err
 
 
-def test_missing_required_key(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_required_key(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: x\ninput: {path: data.csv}\n")
     err = fails_before_sending(job, sim, capsys)
     assert "request: required key is missing" in err
 
 
-def test_duplicate_id_column(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicate_id_column(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = reviews(10).with_columns(pl.lit("same").alias("id"))
     job = write_job(tmp_path, sim.url, data=data)
     assert "is not unique" in fails_before_sending(job, sim, capsys)
 
 
 def test_empty_id(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    data = reviews(10).with_columns(pl.when(pl.col("stars") == 1).then(None).otherwise(pl.col("id")).alias("id"))
+    data = reviews(10).with_columns(
+        pl.when(pl.col("stars") == 1).then(None).otherwise(pl.col("id")).alias("id")
+    )
     job = write_job(tmp_path, sim.url, data=data)
     assert "is empty on" in fails_before_sending(job, sim, capsys)
 
 
-def test_unreadable_csv(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_csv(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "data.csv").write_bytes(b'id,text\n"unterminated,\x00\xff\n1,2,3,4,5\n')
     job = write_job(tmp_path, sim.url)
     err = fails_before_sending(job, sim, capsys)
@@ -89,12 +97,17 @@ def test_not_yaml(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFi
     assert "not valid YAML" in fails_before_sending(job, sim, capsys)
 
 
-def test_missing_job_file(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_job_file(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert "job file not found" in fails_before_sending(tmp_path / "nope.yaml", sim, capsys)
 
 
 def test_unset_environment_variable(
-    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     job = write_job(tmp_path, sim.url, request={"model": "${NOT_SET_ANYWHERE}"})
@@ -102,7 +115,9 @@ def test_unset_environment_variable(
     assert "request.model: environment variable NOT_SET_ANYWHERE is not set" in err
 
 
-def test_bad_override(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_override(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = write_job(tmp_path, sim.url)
     err = fails_before_sending(job, sim, capsys, "--set", "limits.concurrency=0")
     assert "limits.concurrency" in err
@@ -111,7 +126,10 @@ def test_bad_override(tmp_path: Path, sim: SimulatorThread, capsys: pytest.Captu
 
 
 def test_missing_key_for_remote_endpoint(
-    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("BATCHER_API_KEY", raising=False)
     job = write_job(tmp_path, "https://gateway.theturbo.ai/v1")

@@ -12,8 +12,19 @@ from batcher.sim import SimulatorThread
 from tests.conftest import prompt_of, reviews, write_job
 
 OUTPUT_COLUMNS = [
-    "response", "finish_reason", "model", "prompt_tokens", "completion_tokens", "total_tokens",
-    "cached_tokens", "cost_usd", "latency_s", "attempts", "error", "response_id", "tool_calls",
+    "response",
+    "finish_reason",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cost_usd",
+    "latency_s",
+    "attempts",
+    "error",
+    "response_id",
+    "tool_calls",
     "reasoning",
 ]
 
@@ -23,7 +34,9 @@ def run(job: Path, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_job_writes_every_row_in_order_with_usage(tmp_path: Path, sim: SimulatorThread, fmt: str) -> None:
+def test_job_writes_every_row_in_order_with_usage(
+    tmp_path: Path, sim: SimulatorThread, fmt: str
+) -> None:
     data = reviews(50)
     job = write_job(tmp_path, sim.url, data=data, fmt=fmt)
     assert run(job) == 0
