@@ -133,6 +133,7 @@ class Simulator:
         self.answered_by_prompt: Counter[str] = Counter()
         self.usage_by_prompt: dict[str, dict[str, int]] = {}
         self.answered_at: list[float] = []  # monotonic times of answers, for achieved rates
+        self.answered_tokens: list[int] = []
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
         self._request_bucket = (
@@ -146,11 +147,26 @@ class Simulator:
             else None
         )
 
+    def achieved_rps(self) -> float:
+        """Answers per second between the first and the last answer."""
+        times = self.answered_at
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def achieved_tps(self) -> float:
+        """Tokens (prompt + completion) per second between the first and the last answer."""
+        times = self.answered_at
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return sum(self.answered_tokens[1:]) / (times[-1] - times[0])
+
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "answered": self.answered,
             "max_in_flight": self.max_in_flight,
+            "achieved_rps": self.achieved_rps(),
             "statuses": dict(self.statuses),
             "attempts": dict(self.attempts),
             "answered_by_prompt": dict(self.answered_by_prompt),
@@ -229,6 +245,7 @@ class Simulator:
         self.answered_by_prompt[prompt] += 1
         self.usage_by_prompt[prompt] = reply["usage"]
         self.answered_at.append(time.monotonic())
+        self.answered_tokens.append(reply["usage"]["total_tokens"])
 
     def _fault_for(self, raw: bytes, attempt: int) -> str | None:
         s = self.settings

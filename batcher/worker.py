@@ -130,7 +130,7 @@ class RowWorker:
         estimated_cost = self._estimated_cost(request)
         self._reserve_budget(estimated_cost)
         try:
-            await self.limiter.acquire(request.estimated_tokens)
+            sent_at = await self.limiter.acquire(request.estimated_tokens)
             body = request.body
             if request.images:
                 body = await anyio.to_thread.run_sync(self._with_images, request)
@@ -149,7 +149,7 @@ class RowWorker:
                 self.tally.errors[exc.kind] += 1
                 if exc.status == 429:
                     self.tally.rate_limited += 1
-                    self.limiter.on_rate_limited()
+                    self.limiter.on_rate_limited(sent_at)
                     if exc.retry_after_s:
                         self.limiter.pause(exc.retry_after_s)
                 raise
@@ -157,7 +157,7 @@ class RowWorker:
             self.tally.inflight_cost_usd -= estimated_cost
         actual = (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)
         self.limiter.settle(request.estimated_tokens, actual or request.estimated_tokens)
-        self.limiter.on_success(actual)
+        self.limiter.on_success(actual, sent_at)
         self.tally.prompt_tokens += reply.prompt_tokens or 0
         self.tally.completion_tokens += reply.completion_tokens or 0
         self.tally.cost_usd += self._cost_of([reply]) or 0.0

@@ -1,0 +1,213 @@
+"""Checkpoints: kill a real subprocess at random moments, resume, get every row exactly once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batcher.cli import main
+from batcher.journal import COMMIT_ROWS
+from tests.conftest import reviews, write_job
+
+COMPARED = [
+    "id",
+    "response",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "error",
+]
+CONCURRENCY = 32
+
+
+def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
+    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
+    stream = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
+        stdout=stream,
+        stderr=stream,
+    )
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def uninterrupted(tmp_path: Path, sim_factory, data: pl.DataFrame) -> pl.DataFrame:
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    server = sim_factory()
+    job = write_job(folder, server.url, data=data, limits={"concurrency": CONCURRENCY})
+    assert main(["run", str(job), "--quiet"]) == 0
+    return pl.read_parquet(folder / "out/result.parquet").select(COMPARED)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> None:
+    data = reviews(5000)
+    expected = uninterrupted(tmp_path, sim_factory, data)
+    server = sim_factory(latency_s=0.01, latency_jitter_s=0.03, seed=5)
+    job = write_job(tmp_path, server.url, data=data, limits={"concurrency": CONCURRENCY})
+    chance = random.Random(2024)
+    kills = 0
+    allowance = 0
+    while kills < 5:
+        before = server.simulator.answered
+        process = start(job, capture=False)
+        # Wait until this run has answered something, then kill it at a random moment.
+        wait_for(lambda b=before: server.simulator.answered > b or process.poll() is not None)
+        time.sleep(chance.uniform(0.05, 0.8))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        allowance += CONCURRENCY + COMMIT_ROWS
+    assert kills == 5, "the job finished before it could be killed five times"
+    final = start(job)
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err.decode()
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.height == 5000
+    assert out["id"].n_unique() == 5000
+    assert out.select(COMPARED).equals(expected)
+    assert 5000 <= server.simulator.answered <= 5000 + allowance
+
+
+@pytest.mark.slow
+def test_sigint_finishes_in_flight_and_resumes_without_duplicates(
+    tmp_path: Path, sim_factory
+) -> None:
+    data = reviews(3000)
+    expected = uninterrupted(tmp_path, sim_factory, data)
+    server = sim_factory(latency_s=0.02, latency_jitter_s=0.02, seed=9)
+    job = write_job(tmp_path, server.url, data=data, limits={"concurrency": CONCURRENCY})
+    process = start(job)
+    wait_for(lambda: server.simulator.answered > 500)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    text = err.decode()
+    assert process.returncode == 3, text
+    assert "stopped: interrupted by SIGINT" in text
+    assert "resume with: batcher run" in text
+    partial = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert 500 < partial.height < 3000
+    assert partial["error"].null_count() == partial.height
+    assert main(["status", str(job)]) == 0
+    process = start(job)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err.decode()
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.select(COMPARED).equals(expected)
+    assert server.simulator.answered == 3000  # nothing paid twice
+    assert max(server.simulator.answered_by_prompt.values()) == 1
+
+
+def test_edit_template_resends_only_changed_rows(tmp_path: Path, sim_factory) -> None:
+    server = sim_factory()
+    data = reviews(60)
+    job = write_job(tmp_path, server.url, data=data)
+    assert main(["run", str(job), "--quiet"]) == 0
+    first = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert server.simulator.answered == 60
+
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert server.simulator.answered == 60  # identical run: nothing sent
+    assert (
+        pl.read_parquet(tmp_path / "out/result.parquet")
+        .drop("latency_s")
+        .equals(first.drop("latency_s"))
+    )
+
+    changed = "Review {{ id }}: {{ text }}{% if stars == 5 %} (five stars){% endif %}"
+    job = write_job(tmp_path, server.url, data=data, request={"prompt": changed})
+    assert main(["run", str(job), "--quiet"]) == 0
+    five = data.filter(pl.col("stars") == 5).height
+    assert server.simulator.answered == 60 + five
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.height == 60
+    moved = out.filter(pl.col("response") != first["response"])
+    assert set(moved["id"]) <= set(data.filter(pl.col("stars") == 5)["id"])
+
+
+def test_failed_rows_are_retried_unless_skip_failed(tmp_path: Path, sim_factory) -> None:
+    server = sim_factory()
+    data = reviews(30)
+    data = data.with_columns(
+        pl.when(pl.col("stars") == 1)
+        .then("[[sim:400]] " + pl.col("text"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    bad = data.filter(pl.col("stars") == 1).height
+    job = write_job(tmp_path, server.url, data=data)
+    assert main(["run", str(job), "--quiet"]) == 1
+    assert server.simulator.requests == 30
+    assert main(["run", str(job), "--quiet"]) == 1
+    assert server.simulator.requests == 30 + bad
+    assert main(["run", str(job), "--quiet", "--skip-failed"]) == 1
+    assert server.simulator.requests == 30 + bad
+    assert pl.read_parquet(tmp_path / "out/result.parquet")["error"].drop_nulls().len() == bad
+
+
+def test_foreign_journal_is_refused_and_fresh_replaces_it(
+    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = sim_factory()
+    job = write_job(tmp_path, server.url)
+    assert main(["run", str(job), "--quiet"]) == 0
+    other = tmp_path / "other.csv"
+    reviews(5).write_csv(other)
+    job = write_job(tmp_path, server.url, input={"path": "other.csv"})
+    capsys.readouterr()
+    assert main(["run", str(job), "--quiet"]) == 2
+    assert "belongs to another job" in capsys.readouterr().err
+    assert main(["run", str(job), "--quiet", "--fresh"]) == 0
+    assert "--fresh: replacing the checkpoint" in capsys.readouterr().err
+    assert pl.read_parquet(tmp_path / "out/result.parquet").height == 5
+
+
+def test_status_reads_the_journal(
+    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = sim_factory()
+    data = reviews(40)
+    data = data.with_columns(
+        pl.when(pl.col("stars") == 2)
+        .then("[[sim:400]] " + pl.col("text"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    job = write_job(tmp_path, server.url, data=data)
+    assert main(["status", str(job)]) == 0
+    assert "no checkpoint yet: 40 rows pending" in capsys.readouterr().out
+    assert main(["run", str(job), "--quiet", "--limit", "25"]) == 1
+    bad = data[:25].filter(pl.col("stars") == 2).height
+    assert main(["status", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert f"{25 - bad} done, {bad} failed, 15 pending" in out
+    assert f"failed by error: http_400 {bad}" in out
+
+
+def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory) -> None:
+    server = sim_factory()
+    job = write_job(tmp_path, server.url)
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out/.result.parquet.999.tmp"
+    stale.write_bytes(b"half a parquet file")
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert not stale.exists()
+    assert pl.read_parquet(tmp_path / "out/result.parquet").height == 20
