@@ -93,7 +93,8 @@ def main() -> None:
         print(
             f"{name:18} {result['rows_ok']:>6} {result['requests']:>8} {result['share_429']:>9.2%} "
             f"{result['achieved_per_min']:>12.0f} "
-            f"{result['achieved_per_min'] / result['limit_per_min']:>8.1%} {result['wall_s']:>7.1f}",
+            f"{result['achieved_per_min'] / result['limit_per_min']:>8.1%} "
+            f"{result['wall_s']:>7.1f}",
             flush=True,
         )
 

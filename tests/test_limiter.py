@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import anyio
 import httpx
 import pytest
@@ -36,7 +38,7 @@ async def test_requests_are_spread_evenly_without_an_initial_burst() -> None:
     for _ in range(50):
         await pacer.acquire()
         starts.append(time.now)
-    gaps = {round(b - a, 9) for a, b in zip(starts, starts[1:], strict=False)}
+    gaps = {round(b - a, 9) for a, b in itertools.pairwise(starts)}
     assert gaps == {0.1}
 
 

@@ -68,7 +68,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> N
         before = server.simulator.answered
         process = start(job, capture=False)
         # Wait until this run has answered something, then kill it at a random moment.
-        wait_for(lambda b=before: server.simulator.answered > b or process.poll() is not None)
+        wait_for(lambda b=before, p=process: server.simulator.answered > b or p.poll() is not None)
         time.sleep(chance.uniform(0.05, 0.8))
         if process.poll() is not None:
             break
