@@ -8,8 +8,8 @@ changes happen between awaits, so on one event loop no lock is needed.
 Adaptive mode is AIMD on the configured rates: congestion (429s that are a real share of the
 answers) cuts them to just under what the server was seen to serve (by ``DECREASE`` while that
 is not measurable yet), and time without congestion raises them back by a small step each
-second, up to the configured ceiling. With no rate configured there is nothing to adapt: concurrency bounds the
-load, and each 429's Retry-After pauses every worker.
+second, up to the configured ceiling. With no rate configured there is nothing to adapt:
+concurrency bounds the load, and each 429's Retry-After pauses every worker.
 """
 
 from __future__ import annotations
