@@ -26,8 +26,8 @@ Sleep = Callable[[float], Awaitable[None]]
 DECREASE = 0.7  # multiplicative decrease when the served rate is not yet measurable
 SERVED_SHARE = 0.95  # a cut aims just under the rate the server was seen to serve
 FLOOR = 0.25  # never cut below this share of the current rate in one step
-INCREASE_PER_S = 0.005  # additive increase, as a share of the rate set at the last cut
-CONGESTED_SHARE = 0.05  # 429s above this share of recent answers mean the rate is too high
+INCREASE_PER_S = 0.003  # additive increase, as a share of the rate set at the last cut
+CONGESTED_SHARE = 0.02  # 429s above this share of recent answers mean the rate is too high
 _WINDOW_S = 10.0
 _MIN_SAMPLES = 10  # fewer answers than this since the last cut say nothing about a rate
 
@@ -88,9 +88,10 @@ class RateLimiter:
                 self._next_token = start + tokens / (self.tokens_per_s * self.scale)
             if start > now:
                 await self._sleep(start - now)
-            if self._clock() >= self._paused_until:
+            if self._clock() >= self._paused_until and reserved_at >= self._last_cut:
                 return reserved_at
-            # A 429 paused everyone while this request slept: queue again after the pause.
+            # A 429 paused everyone, or the rate was cut, while this request slept on a slot of
+            # the old schedule: queue again.
 
     def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
         """Correct the token clock with the server's usage once the reply is in."""
@@ -164,6 +165,9 @@ class RateLimiter:
         self.scale = max(min(target, SERVED_SHARE * self.scale), FLOOR * self.scale, 1e-3)
         self._cut_scale = self.scale
         self._last_cut = self._last_raise = now
+        # Slots reserved at the old rate are given up (their holders queue again), so the
+        # new rate starts now instead of after a backlog paced too fast.
+        self._next_request = self._next_token = now
         self._limited = self._answers = 0
         self._served_since_cut = (0, 0)
 
