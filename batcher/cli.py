@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+import orjson
 
 from batcher.config import load_job
 from batcher.errors import BatcherError
+from batcher.estimate import estimate, estimate_with_sample
+from batcher.ledger import read_ledger
 from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.status import job_status
@@ -46,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="how far a job is, from its checkpoint")
     _job_arguments(status)
 
+    cost = commands.add_parser("cost", help="rows, tokens and dollars of an output file")
+    cost.add_argument("output", help="a batcher output Parquet file (or a glob)")
+    cost.add_argument("--by", default="model", metavar="COLUMN", help="group by this column")
+    cost.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    estimate = commands.add_parser("estimate", help="what a job will cost, before running it")
+    _job_arguments(estimate)
+    estimate.add_argument("--sample", type=int, metavar="K", help="run K random rows for real")
+    estimate.add_argument("--simulate", action="store_true", help="sample against the simulator")
+    estimate.add_argument(
+        "--prices", metavar="FILE", help="a price table instead of the shipped one"
+    )
+    estimate.add_argument("--json", action="store_true", help="print JSON for machines")
+
     sim = commands.add_parser("sim", help="serve the simulator on 127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--latency-s", type=float, default=0.0, help="fixed latency per request")
@@ -70,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--retry-after-s", type=float, default=0.1, help="Retry-After of injected 429/503"
     )
+    sim.add_argument(
+        "--cached-share", type=float, default=0.0, help="share of prompt tokens reported cached"
+    )
     sim.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -86,6 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "sim":
             return _sim(arguments)
+        if arguments.command == "cost":
+            ledger = read_ledger(arguments.output, arguments.by)
+            if arguments.json:
+                print(orjson.dumps(ledger.as_json()).decode())
+            else:
+                print("\n".join(ledger.lines()))
+            return 0
+        if arguments.command == "estimate":
+            return _estimate(arguments)
     except BatcherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -111,6 +140,24 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return summary.exit_code
 
 
+def _estimate(arguments: argparse.Namespace) -> int:
+    job = load_job(arguments.job, arguments.overrides)
+    if arguments.sample:
+        options = RunOptions(simulate=arguments.simulate, quiet=True, prices_path=arguments.prices)
+        result = anyio.run(
+            lambda: estimate_with_sample(
+                job, arguments.sample, limit=arguments.limit, options=options
+            )
+        )
+    else:
+        result = estimate(job, limit=arguments.limit, prices_path=arguments.prices)
+    if arguments.json:
+        print(orjson.dumps(result.as_json()).decode())
+    else:
+        print("\n".join(result.lines()))
+    return 0
+
+
 def _sim(arguments: argparse.Namespace) -> int:
     low, _, high = arguments.fail_attempts.partition("-")
     settings = SimSettings(
@@ -125,6 +172,7 @@ def _sim(arguments: argparse.Namespace) -> int:
         faults=tuple(f for f in arguments.faults.split(",") if f),
         stall_s=arguments.stall_s,
         retry_after_s=arguments.retry_after_s,
+        cached_share=arguments.cached_share,
         seed=arguments.seed,
     )
     unknown = set(settings.faults) - set(FAULT_KINDS)

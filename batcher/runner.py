@@ -299,7 +299,8 @@ def _taken_columns(plan: Plan) -> list[str]:
 
 
 @asynccontextmanager
-async def _endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
+async def endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
+    """The base URL to send to: the job's, or a simulator started for the duration."""
     if not simulate:
         yield job.config.endpoint.base_url
         return
@@ -310,17 +311,19 @@ async def _endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
 
 
 def prepare(
-    job: Job | str | Path, options: RunOptions, overrides: list[str] | None = None
+    job: Job | str | Path, options: RunOptions, *, api_key_required: bool = True
 ) -> tuple[Job, Plan]:
     """Load and check everything a run needs; raises ConfigError before anything is sent."""
     if not isinstance(job, Job):
-        job = load_job(job, overrides)
+        job = load_job(job)
     if options.simulate:
         config = job.config.model_copy(
             update={"endpoint": job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})}
         )
         job = Job(config, job.source)
-    plan = Plan(job, limit=options.limit, api_key_required=not options.simulate)
+    plan = Plan(
+        job, limit=options.limit, api_key_required=api_key_required and not options.simulate
+    )
     if options.simulate:
         plan.api_key = None
     return job, plan
@@ -333,7 +336,7 @@ async def arun(
     options = replace(options or RunOptions(), **kwargs)
     job, plan = prepare(job, options)
     run = Run(job, options, plan)
-    async with _endpoint(job, options.simulate) as base_url:
+    async with endpoint(job, options.simulate) as base_url:
         return await run.execute(base_url)
 
 

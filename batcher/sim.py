@@ -62,6 +62,7 @@ class SimSettings:
     faults: tuple[str, ...] = ("429", "500", "503", "drop", "stall", "malformed")
     stall_s: float = 600.0
     retry_after_s: float = 0.1
+    cached_share: float = 0.0  # share of prompt tokens reported as cached
     seed: int = 0
 
 
@@ -390,12 +391,19 @@ class Simulator:
             "created": 1_700_000_000,
             "model": body.get("model", "sim"),
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            },
+            "usage": self._usage(prompt_tokens, completion),
         }
+
+    def _usage(self, prompt_tokens: int, completion: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        if self.settings.cached_share:
+            cached = int(prompt_tokens * self.settings.cached_share)
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     async def _stream(
         self, request: web.Request, body: dict[str, Any], reply: dict[str, Any], *, cut: bool

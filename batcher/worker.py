@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from batcher.limiter import RateLimiter
 from batcher.parse import OutputParser
 from batcher.plan import RowFailure
 from batcher.prices import Price, PriceTable
-from batcher.request import RowRequest
+from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.retry import Sleep, retrying
 from batcher.tally import Tally
 
@@ -187,8 +188,12 @@ class RowWorker:
     def _estimated_cost(self, request: RowRequest) -> float:
         if self.config.limits.max_cost_usd is None or self._price is None:
             return 0.0
+        # An upper bound: the prompt with the heuristic's margin, every choice at max_tokens.
         prompt = request.estimated_tokens - self._max_completion * (self.config.request.n or 1)
-        return self._price.cost(max(prompt, 0), self._max_completion * self._choices_per_request)
+        return self._price.cost(
+            math.ceil(max(prompt, 0) * PROMPT_MARGIN),
+            self._max_completion * self._choices_per_request,
+        )
 
     @property
     def _choices_per_request(self) -> int:

@@ -1,0 +1,177 @@
+"""`batcher estimate`: rows, tokens, dollars and duration of a job before it is paid for.
+
+Without a sample, prompt tokens come from the request heuristic (characters / 4, images by
+width x height / 750 after resizing) and completion tokens are bounded by ``max_tokens``:
+low assumes no completion at all, expected half of ``max_tokens``, high all of it plus
+``PROMPT_MARGIN`` on prompt tokens (the heuristic undercounts some text). With a sample, K
+random rows are really run (and checkpointed, so the job does not pay for them again) and
+the total is extrapolated from their real cost with a 95 % interval.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+
+from batcher.config import Job
+from batcher.journal import connect, journal_path
+from batcher.plan import Plan, RowFailure
+from batcher.prices import PriceTable
+from batcher.request import PROMPT_MARGIN
+from batcher.runner import Run, RunOptions, endpoint, prepare
+
+ASSUMED_LATENCY_S = 2.0  # per request, when no sample has measured it
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    rows: int
+    prompt_tokens: int
+    completion_tokens_high: int
+    low_usd: float | None
+    expected_usd: float | None
+    high_usd: float | None
+    duration_s: float
+    sampled_rows: int = 0
+    note: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens_high": self.completion_tokens_high,
+            "low_usd": self.low_usd,
+            "expected_usd": self.expected_usd,
+            "high_usd": self.high_usd,
+            "duration_s": self.duration_s,
+        }
+
+    def lines(self) -> list[str]:
+        def usd(value: float | None) -> str:
+            return "unknown" if value is None else f"${value:,.4f}"
+
+        lines = [
+            f"rows: {self.rows}",
+            f"prompt tokens (estimated): {self.prompt_tokens:,}",
+            f"completion tokens (at most): {self.completion_tokens_high:,}",
+            f"cost: low {usd(self.low_usd)}, expected {usd(self.expected_usd)}, "
+            f"high {usd(self.high_usd)}",
+            f"duration: about {_duration(self.duration_s)} at the job's limits",
+        ]
+        if self.sampled_rows:
+            lines.append(f"from {self.sampled_rows} rows run for real (checkpointed)")
+        if self.note:
+            lines.append(f"note: {self.note}")
+        return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def count_tokens(plan: Plan) -> tuple[int, int]:
+    """Estimated prompt tokens of every row, and rows (blocking: reads the whole input)."""
+    prompt = rows = 0
+    completion_per_row = plan.builder.completion_tokens
+    for batch in plan.batches():
+        _, prepared = plan.prepare(batch)
+        for item in prepared:
+            rows += 1
+            if not isinstance(item, RowFailure):
+                prompt += item.estimated_tokens - completion_per_row
+    return prompt, rows
+
+
+def duration_s(
+    job: Job, rows: int, tokens_per_row: float, latency_s: float, requests_per_row: int
+) -> float:
+    limits = job.config.limits
+    requests = rows * requests_per_row
+    bounds = [requests * latency_s / limits.concurrency]
+    if limits.requests_per_minute:
+        bounds.append(requests / (limits.requests_per_minute / 60))
+    if limits.tokens_per_minute:
+        bounds.append(rows * tokens_per_row / (limits.tokens_per_minute / 60))
+    return max(bounds)
+
+
+def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = None) -> Estimate:
+    """The estimate from the heuristic alone; sends nothing."""
+    job, plan = prepare(job, RunOptions(limit=limit), api_key_required=False)
+    prices = PriceTable.load(prices_path, job.config.prices)
+    prompt, rows = count_tokens(plan)
+    completion_high = rows * plan.builder.completion_tokens
+    price = prices.get(job.config.request.model)
+    note = None
+    low = expected = high = None
+    if price is None:
+        note = f"no price for model {job.config.request.model}: dollars unknown"
+    else:
+        low = price.cost(prompt, 0)
+        expected = price.cost(prompt, completion_high // 2)
+        high = price.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
+    per_row = (prompt + completion_high) / rows if rows else 0.0
+    duration = duration_s(job, rows, per_row, ASSUMED_LATENCY_S, plan.builder.requests_per_row)
+    return Estimate(rows, prompt, completion_high, low, expected, high, duration, note=note)
+
+
+async def estimate_with_sample(
+    job: Job,
+    sample: int,
+    *,
+    limit: int | None = None,
+    options: RunOptions | None = None,
+    seed: int | None = None,
+) -> Estimate:
+    """Run ``sample`` random rows for real and extrapolate from their cost."""
+    base = estimate(job, limit=limit, prices_path=options.prices_path if options else None)
+    chosen = frozenset(random.Random(seed).sample(range(base.rows), min(sample, base.rows)))
+    run_options = replace(options or RunOptions(), limit=limit, positions=chosen)
+    job, plan = prepare(job, run_options)
+    run = Run(job, run_options, plan)
+    async with endpoint(job, run_options.simulate) as base_url:
+        await run.execute(base_url)
+    costs, latencies, tokens = await anyio.to_thread.run_sync(lambda: _sampled(job))
+    if not costs:
+        return replace(base, note="no sampled row succeeded; the estimate is the heuristic's")
+    mean = sum(costs) / len(costs)
+    spread = (
+        math.sqrt(sum((c - mean) ** 2 for c in costs) / (len(costs) - 1))
+        if len(costs) > 1
+        else mean
+    )
+    # 95 % interval of the mean, with the finite-population correction.
+    correction = math.sqrt(max(base.rows - len(costs), 0) / max(base.rows - 1, 1))
+    margin = 1.96 * spread / math.sqrt(len(costs)) * correction
+    latency = sum(latencies) / len(latencies)
+    per_row_tokens = sum(tokens) / len(tokens)
+    return replace(
+        base,
+        low_usd=max(mean - margin, 0.0) * base.rows,
+        expected_usd=mean * base.rows,
+        high_usd=(mean + margin) * base.rows,
+        duration_s=duration_s(
+            job, base.rows, per_row_tokens, latency, plan.builder.requests_per_row
+        ),
+        sampled_rows=len(costs),
+    )
+
+
+def _sampled(job: Job) -> tuple[list[float], list[float], list[int]]:
+    connection = connect(journal_path(job.checkpoint_dir), readonly=True)
+    try:
+        rows = connection.execute(
+            "SELECT cost_usd, latency_s, total_tokens FROM outcomes "
+            "WHERE ok = 1 AND cost_usd IS NOT NULL"
+        ).fetchall()
+    finally:
+        connection.close()
+    return [r[0] for r in rows], [r[1] or 0.0 for r in rows], [r[2] or 0 for r in rows]
