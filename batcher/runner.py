@@ -31,7 +31,7 @@ from batcher.limiter import RateLimiter
 from batcher.parse import OutputParser
 from batcher.plan import Plan, RowFailure
 from batcher.prices import PriceTable
-from batcher.request import RowRequest
+from batcher.request import REASONING_MODELS, RowRequest
 from batcher.sink import OutputLayout, write_output
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
@@ -79,6 +79,11 @@ class Run:
             )
         self.prices = PriceTable.load(options.prices_path, config.prices)
         self.tally = Tally()
+        request = config.request
+        if request.reasoning_effort not in (None, "none") and request.model not in REASONING_MODELS:
+            warning = f"model {request.model} is not listed as supporting reasoning_effort"
+            self.tally.warnings[warning] += 1
+            options.notify(f"warning: {warning}")
         self.abort: BatcherError | None = None
         self.stopping = False
         self._dispatch_scope = anyio.CancelScope()

@@ -43,7 +43,8 @@ FAULT_KINDS = (
     "stall",
     "malformed",
     "nochoices",
-    "cut",
+    "cut",  # a stream that breaks midway (a dropped connection when not streaming)
+    "silence",  # a stream that goes quiet midway for stall_s (a stall when not streaming)
 )
 _OPTIONS = re.compile(r"one word:\s*([\w\- ,]+?)\s+or\s+([\w\-]+)", re.IGNORECASE)
 _MAX_IMAGE_LOG = 10_000
@@ -224,8 +225,9 @@ class Simulator:
         if s.latency_s or s.latency_jitter_s:
             await asyncio.sleep(s.latency_s + self._random.uniform(0, s.latency_jitter_s))
         fault = self._fault_for(raw, attempt)
-        if fault is not None and fault not in ("cut",):
-            return await self._fault(request, fault)
+        streaming_fault = fault in ("cut", "silence") and body.get("stream")
+        if fault is not None and not streaming_fault:
+            return await self._fault(request, "stall" if fault == "silence" else fault)
         prompt_tokens = self._count_prompt(messages)
         max_tokens = int(body.get("max_tokens") or 1024)
         limited = self._admit(prompt_tokens + max_tokens)
@@ -236,7 +238,7 @@ class Simulator:
         if self._token_bucket is not None:
             self._token_bucket.give_back(max(max_tokens - completion, 0), time.monotonic())
         if body.get("stream"):
-            return await self._stream(request, body, reply, cut=fault == "cut")
+            return await self._stream(request, body, reply, fault=fault)
         self._count_answer(prompt, reply)
         return web.Response(body=orjson.dumps(reply), content_type="application/json")
 
@@ -406,7 +408,12 @@ class Simulator:
         return usage
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], reply: dict[str, Any], *, cut: bool
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        reply: dict[str, Any],
+        *,
+        fault: str | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -448,8 +455,10 @@ class Simulator:
             content = message.get("content") or ""
             pieces = [content[i : i + 12] for i in range(0, len(content), 12)]
             for number, piece in enumerate(pieces):
-                if cut and number == len(pieces) // 2:
-                    self.statuses["cut"] += 1
+                if fault and number == len(pieces) // 2:
+                    self.statuses[fault] += 1
+                    if fault == "silence":
+                        await asyncio.sleep(self.settings.stall_s)
                     if request.transport is not None:
                         request.transport.close()
                     return response
