@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import polars as pl
 
 from batcher.config import Job
@@ -105,16 +106,20 @@ class Plan:
         if image_columns:
             loaded = self.images.describe(row, image_columns)
             if isinstance(loaded, str):
-                return _failure(key, "image_error", loaded)
+                return _failure(key, "image_error", loaded, row)
             images = loaded
         try:
             return self.builder.build(key, row, images)
         except Exception as exc:
-            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}")
+            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row)
 
 
-def _failure(key: Any, kind: str, message: str) -> RowFailure:
-    digest = hashlib.blake2b(f"{kind}\0{message}".encode(), digest_size=16).digest()
+def _failure(key: Any, kind: str, message: str, row: dict[str, Any]) -> RowFailure:
+    # Fingerprinted by what the row asked for, not by the message, which may vary by run.
+    basis = orjson.dumps(
+        [kind, row], option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
+    )
+    digest = hashlib.blake2b(basis, digest_size=16).digest()
     return RowFailure(key=key, fingerprint=digest, kind=kind, message=message)
 
 

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import polars as pl
+from PIL import Image, ImageDraw
 
 HERE = Path(__file__).parent
 OPENINGS = [
@@ -70,10 +71,53 @@ def reviews(count: int = 200) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def picture(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A smooth synthetic photo: gradients and a few discs, cheap to compress."""
+    rng = random.Random(seed)
+    image = Image.linear_gradient("L").resize((width, height)).convert(mode)
+    tint = Image.new(mode, (width, height), tuple(rng.randrange(256) for _ in mode))
+    image = Image.blend(image, tint, 0.5)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, r = (
+            rng.randrange(width),
+            rng.randrange(height),
+            rng.randrange(10, max(11, width // 5)),
+        )
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in mode))
+    return image
+
+
+def images(folder: Path) -> pl.DataFrame:
+    folder.mkdir(exist_ok=True)
+    picture(640, 480, 1).save(folder / "harbour.jpg", quality=85)
+    picture(400, 400, 2, "RGBA").save(folder / "logo.png")
+    picture(512, 384, 3).save(folder / "meadow.webp", quality=80)
+    picture(2400, 1800, 4).save(folder / "panorama.jpg", quality=80)  # resized to 1568
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    picture(600, 400, 5).save(folder / "sideways.jpg", quality=85, exif=exif)
+    picture(200, 150, 6).convert("P").save(folder / "sketch.gif")  # converted to PNG
+    return pl.DataFrame(
+        {
+            "photo_id": ["p1", "p2", "p3", "p4", "p5", "p6"],
+            "photo": [
+                "harbour.jpg",
+                "logo.png",
+                "meadow.webp",
+                "panorama.jpg",
+                "sideways.jpg",
+                "sketch.gif",
+            ],
+        }
+    )
+
+
 def main() -> None:
     frame = reviews()
     frame.write_csv(HERE / "reviews.csv")
     frame.write_parquet(HERE / "reviews.parquet")
+    images(HERE / "images").write_csv(HERE / "images.csv")
 
 
 if __name__ == "__main__":
