@@ -47,25 +47,41 @@ def main() -> None:
             photo(folder / "photos" / f"{i}.jpg", i)
         # Distinct prompts per row, so every row is its own request.
         pl.DataFrame(
-            {"n": list(range(arguments.rows)), "photo": [f"{i % arguments.files}.jpg" for i in range(arguments.rows)]}
+            {
+                "n": list(range(arguments.rows)),
+                "photo": [f"{i % arguments.files}.jpg" for i in range(arguments.rows)],
+            }
         ).write_parquet(folder / "rows.parquet")
         job = {
             "name": "images",
             "input": {"path": "rows.parquet", "image_root": "photos"},
             "endpoint": {"base_url": sim.url},
-            "request": {"model": "claude-sonnet-4-20250514", "prompt": "Caption photo {{ n }}.", "images": ["photo"], "max_tokens": 50},
+            "request": {
+                "model": "claude-sonnet-4-20250514",
+                "prompt": "Caption photo {{ n }}.",
+                "images": ["photo"],
+                "max_tokens": 50,
+            },
             "limits": {"concurrency": arguments.concurrency},
             "output": {"path": "out.parquet"},
         }
         (folder / "job.yaml").write_text(yaml.safe_dump(job))
         started = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", "batcher.cli", "run", str(folder / "job.yaml"), "--quiet"])
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batcher.cli", "run", str(folder / "job.yaml"), "--quiet"]
+        )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.monotonic() - started
         assert sim.simulator is not None
         sizes = {(i["width"], i["height"]) for i in sim.simulator.images}
-        print(f"rows {arguments.rows:,} of 3000x2000 JPEG, concurrency {arguments.concurrency}, exit {os.waitstatus_to_exitcode(status)}")
-        print(f"wall {wall:.1f} s, {arguments.rows / wall:.1f} rows/s, peak RSS {usage.ru_maxrss / 1024:.0f} MB")
+        print(
+            f"rows {arguments.rows:,} of 3000x2000 JPEG, concurrency {arguments.concurrency}, "
+            f"exit {os.waitstatus_to_exitcode(status)}"
+        )
+        print(
+            f"wall {wall:.1f} s, {arguments.rows / wall:.1f} rows/s, "
+            f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"
+        )
         print(f"sizes that arrived: {sorted(sizes)}")
 
 

@@ -29,7 +29,11 @@ from batcher.sim import SimulatorThread
 def fill_checkpoint(job_path: Path, done: int) -> None:
     job = load_job(job_path)
     plan = Plan(job, limit=done)
-    identity = {"input": job.input_path, "output": str(job.output_path), "key_column": plan.source.key_column}
+    identity = {
+        "input": job.input_path,
+        "output": str(job.output_path),
+        "key_column": plan.source.key_column,
+    }
     journal = Journal(journal_path(job.checkpoint_dir), identity, fresh=True)
     for batch in plan.batches(batch_rows=50_000):
         _, prepared = plan.prepare(batch)
@@ -37,10 +41,23 @@ def fill_checkpoint(job_path: Path, done: int) -> None:
             assert not isinstance(item, RowFailure)
             journal.record(
                 Outcome(
-                    key=item.key, fingerprint=item.fingerprint, ok=True, error_kind=None,
-                    response="done before", finish_reason="stop", model="claude-3-5-haiku-20241022",
-                    prompt_tokens=10, completion_tokens=3, total_tokens=13, cached_tokens=None,
-                    cost_usd=0.00002, latency_s=0.01, attempts=1, error=None, response_id="x", extra=None,
+                    key=item.key,
+                    fingerprint=item.fingerprint,
+                    ok=True,
+                    error_kind=None,
+                    response="done before",
+                    finish_reason="stop",
+                    model="claude-3-5-haiku-20241022",
+                    prompt_tokens=10,
+                    completion_tokens=3,
+                    total_tokens=13,
+                    cached_tokens=None,
+                    cost_usd=0.00002,
+                    latency_s=0.01,
+                    attempts=1,
+                    error=None,
+                    response_id="x",
+                    extra=None,
                 )
             )
     journal.close()
@@ -53,14 +70,18 @@ def main() -> None:
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as name, SimulatorThread() as sim:
         folder = Path(name)
-        pl.DataFrame({"text": [f"Say hello to row {i}." for i in range(arguments.rows)]}).write_parquet(
-            folder / "rows.parquet"
-        )
+        pl.DataFrame(
+            {"text": [f"Say hello to row {i}." for i in range(arguments.rows)]}
+        ).write_parquet(folder / "rows.parquet")
         job = {
             "name": "resume",
             "input": {"path": "rows.parquet"},
             "endpoint": {"base_url": sim.url},
-            "request": {"model": "claude-3-5-haiku-20241022", "prompt": "{{ text }}", "max_tokens": 16},
+            "request": {
+                "model": "claude-3-5-haiku-20241022",
+                "prompt": "{{ text }}",
+                "max_tokens": 16,
+            },
             "limits": {"concurrency": 256},
             "output": {"path": "out.parquet"},
         }
@@ -68,11 +89,14 @@ def main() -> None:
         job_path.write_text(yaml.safe_dump(job))
         started = time.monotonic()
         fill_checkpoint(job_path, arguments.done)
-        print(f"checkpoint filled with {arguments.done:,} rows in {time.monotonic() - started:.1f} s")
+        print(
+            f"checkpoint filled with {arguments.done:,} rows in {time.monotonic() - started:.1f} s"
+        )
         assert sim.simulator is not None
         started = time.monotonic()
         process = subprocess.Popen(
-            [sys.executable, "-m", "batcher.cli", "run", str(job_path), "--quiet"], stderr=subprocess.PIPE
+            [sys.executable, "-m", "batcher.cli", "run", str(job_path), "--quiet"],
+            stderr=subprocess.PIPE,
         )
         while sim.simulator.requests == 0 and process.poll() is None:
             time.sleep(0.01)
@@ -82,10 +106,15 @@ def main() -> None:
         assert process.stderr is not None
         print(process.stderr.read().decode().strip())
         rows = pl.scan_parquet(folder / "out.parquet").select(pl.len()).collect().item()
-        print(f"\nrows {arguments.rows:,}, already done {arguments.done:,}, exit {os.waitstatus_to_exitcode(status)}")
+        print(
+            f"\nrows {arguments.rows:,}, already done {arguments.done:,}, "
+            f"exit {os.waitstatus_to_exitcode(status)}"
+        )
         print(f"seconds to first new request: {first:.2f}")
         print(f"resumed run wall time: {wall:.1f} s; requests sent: {sim.simulator.requests:,}")
-        print(f"peak RSS of the resumed run: {usage.ru_maxrss / 1024:.0f} MB; output rows: {rows:,}")
+        print(
+            f"peak RSS of the resumed run: {usage.ru_maxrss / 1024:.0f} MB; output rows: {rows:,}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ def body(i: int) -> bytes:
     import orjson
 
     return orjson.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": f"Say hello to row {i}."}], "max_tokens": 16}
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"Say hello to row {i}."}],
+            "max_tokens": 16,
+        }
     )
 
 
@@ -50,7 +54,9 @@ async def floor_aiohttp(url: str, rows: int, concurrency: int) -> None:
         async def worker() -> None:
             for i in queue:
                 async with session.post(
-                    url + "/chat/completions", data=body(i), headers={"Content-Type": "application/json"}
+                    url + "/chat/completions",
+                    data=body(i),
+                    headers={"Content-Type": "application/json"},
                 ) as response:
                     orjson.loads(await response.read())
 
@@ -64,12 +70,16 @@ async def floor_httpx(url: str, rows: int, concurrency: int) -> None:
 
     queue = iter(range(rows))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(transport=AiohttpTransport(limits=limits), base_url=url + "/") as client:
+    async with httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits), base_url=url + "/"
+    ) as client:
 
         async def worker() -> None:
             for i in queue:
                 response = await client.post(
-                    "chat/completions", content=body(i), headers={"Content-Type": "application/json"}
+                    "chat/completions",
+                    content=body(i),
+                    headers={"Content-Type": "application/json"},
                 )
                 orjson.loads(response.content)
 
@@ -94,14 +104,28 @@ def measure(argv: list[str], rows: int) -> dict[str, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv[:4]} failed:\n{err}")
     cpu = usage.ru_utime + usage.ru_stime
-    return {"rps": rows / wall, "cpu_ms": cpu / rows * 1000, "rss_mb": usage.ru_maxrss / 1024, "wall_s": wall}
+    return {
+        "rps": rows / wall,
+        "cpu_ms": cpu / rows * 1000,
+        "rss_mb": usage.ru_maxrss / 1024,
+        "wall_s": wall,
+    }
 
 
 def start_server(latency_s: float) -> tuple[subprocess.Popen[bytes], str]:
     port = 18_000 + os.getpid() % 1000
     process = pinned(
         SERVER_CORE,
-        [sys.executable, "-m", "batcher.cli", "sim", "--port", str(port), "--latency-s", str(latency_s)],
+        [
+            sys.executable,
+            "-m",
+            "batcher.cli",
+            "sim",
+            "--port",
+            str(port),
+            "--latency-s",
+            str(latency_s),
+        ],
     )
     assert process.stdout is not None
     line = process.stdout.readline().decode()
@@ -130,10 +154,20 @@ def batcher_job(folder: Path, url: str, rows: int, concurrency: int) -> Path:
 def client_argv(kind: str, url: str, rows: int, concurrency: int, job: Path) -> list[str]:
     if kind == "batcher":
         return [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
-    return [sys.executable, str(HERE / "throughput.py"), "--client", kind, url, str(rows), str(concurrency)]
+    return [
+        sys.executable,
+        str(HERE / "throughput.py"),
+        "--client",
+        kind,
+        url,
+        str(rows),
+        str(concurrency),
+    ]
 
 
-def run_case(name: str, latency_s: float, rows: int, concurrency: int, runs: int, kinds: list[str]) -> None:
+def run_case(
+    name: str, latency_s: float, rows: int, concurrency: int, runs: int, kinds: list[str]
+) -> None:
     server, url = start_server(latency_s)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -141,13 +175,17 @@ def run_case(name: str, latency_s: float, rows: int, concurrency: int, runs: int
             results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
             for _ in range(runs):  # interleaved, so drift hits every client alike
                 for kind in kinds:
-                    results[kind].append(measure(client_argv(kind, url, rows, concurrency, job), rows))
+                    results[kind].append(
+                        measure(client_argv(kind, url, rows, concurrency, job), rows)
+                    )
     finally:
         server.terminate()
         server.wait()
     medians = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in results.items()}
-    print(f"\ncase {name}: latency {latency_s * 1000:.0f} ms, concurrency {concurrency}, {rows:,} rows, "
-          f"medians of {runs}, {CORES} cores")
+    print(
+        f"\ncase {name}: latency {latency_s * 1000:.0f} ms, concurrency {concurrency}, "
+        f"{rows:,} rows, medians of {runs}, {CORES} cores"
+    )
     print(f"{'client':14} {'req/s':>8} {'CPU ms/req':>10} {'peak RSS MB':>11}")
     for kind, m in medians.items():
         print(f"{kind:14} {m['rps']:>8.0f} {m['cpu_ms']:>10.3f} {m['rss_mb']:>11.0f}")
@@ -158,15 +196,21 @@ def run_case(name: str, latency_s: float, rows: int, concurrency: int, runs: int
     if latency_s:
         ceiling = concurrency / latency_s
         for kind, m in medians.items():
-            print(f"{kind} share of Little's-law ceiling {ceiling:,.0f}/s: {m['rps'] / ceiling:.0%}")
+            print(
+                f"{kind} share of Little's-law ceiling {ceiling:,.0f}/s: {m['rps'] / ceiling:.0%}"
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", choices=["A", "B", "C"], action="append")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--client", nargs=4, metavar=("KIND", "URL", "ROWS", "CONCURRENCY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--client", nargs=4, metavar=("KIND", "URL", "ROWS", "CONCURRENCY"), help=argparse.SUPPRESS
+    )
     arguments = parser.parse_args()
     if arguments.client:
         kind, url, rows, concurrency = arguments.client
