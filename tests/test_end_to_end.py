@@ -141,3 +141,14 @@ def test_output_is_replaced_atomically(tmp_path: Path, sim: SimulatorThread) -> 
     assert run(job) == 0
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_httpx_transport_is_selectable(tmp_path: Path, sim_factory) -> None:
+    server = sim_factory(
+        fail_share=0.3, faults=("503", "drop"), fail_attempts_max=1, retry_after_s=0.01
+    )
+    job = write_job(tmp_path, server.url, endpoint={"transport": "httpx"}, data=reviews(60))
+    assert run(job) == 0
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out["error"].null_count() == 60
+    assert out["attempts"].max() == 2
