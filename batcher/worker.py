@@ -93,24 +93,38 @@ class RowWorker:
                 return True
             return deadline is not None and self._clock() >= deadline
 
+        async def once() -> tuple[Reply, dict[str, Any] | None, int]:
+            counts["total"] += 1
+            if counts["total"] > 1:
+                self.tally.retries += 1
+            try:
+                reply = await self._attempt(request, deadline)
+            except AttemptError:
+                counts["transport"] += 1
+                raise
+            try:
+                parsed = self._parse(reply)
+            except AttemptError:
+                counts["invalid"] += 1
+                wasted.append(reply)
+                raise
+            return reply, parsed, counts["total"]
+
         try:
+            # Most rows succeed at once: only a failure pays for tenacity's machinery, which
+            # then sees that first failure replayed, so its waits and stops count it.
+            try:
+                return await once()
+            except AttemptError as exc:
+                if not exc.retryable:
+                    raise
+                first: AttemptError | None = exc
             async for attempt in retrying(retry, sleep=self._sleep, stop=stop):
                 with attempt:
-                    counts["total"] += 1
-                    if counts["total"] > 1:
-                        self.tally.retries += 1
-                    try:
-                        reply = await self._attempt(request, deadline)
-                    except AttemptError:
-                        counts["transport"] += 1
-                        raise
-                    try:
-                        parsed = self._parse(reply)
-                    except AttemptError:
-                        counts["invalid"] += 1
-                        wasted.append(reply)
-                        raise
-                    return reply, parsed, counts["total"]
+                    if first is not None:
+                        replay, first = first, None
+                        raise replay
+                    return await once()
         except AttemptError as exc:
             error = exc
             if deadline is not None and self._clock() >= deadline and exc.retryable:
