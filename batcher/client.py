@@ -84,10 +84,18 @@ def _error_message(content: bytes) -> str:
     return shorten(content.decode("utf-8", "replace"))
 
 
-def classify_status(response: httpx.Response, content: bytes, key_env: str) -> AttemptError:
-    """Turn a non-200 reply into an AttemptError, or raise when the whole run must stop."""
+def classify_status(
+    response: httpx.Response, content: bytes, key_env: str, secret: str | None = None
+) -> AttemptError:
+    """Turn a non-200 reply into an AttemptError, or raise when the whole run must stop.
+
+    ``secret`` (the API key) is blanked out of the server's message: some servers echo the
+    key they refused, and messages end up in the output and on the terminal.
+    """
     status = response.status_code
     message = _error_message(content)
+    if secret:
+        message = message.replace(secret, "***")
     if status in (401, 403):
         raise KeyRefusedError(
             f"the server refused the API key from ${key_env} (HTTP {status}: {message})",
@@ -170,6 +178,7 @@ class ChatClient:
         else:
             transport = httpx.AsyncHTTPTransport(limits=limits)
         self._transport = transport
+        self._secret = api_key
         self._url = httpx.URL(endpoint.base_url.rstrip("/") + "/chat/completions")
         self._headers = httpx.Headers(headers)
         # The total per-attempt deadline is the caller's (anyio.fail_after); httpx's timeouts
@@ -209,7 +218,7 @@ class ChatClient:
         except httpx.TransportError as exc:
             raise AttemptError("connection", _transport_message(exc), retryable=True) from None
         if response.status_code != 200:
-            raise classify_status(response, payload, self.endpoint.api_key_env)
+            raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
         return parse_reply(payload)
 
     async def _stream(self, content: bytes) -> Reply:
@@ -218,7 +227,7 @@ class ChatClient:
         try:
             if response.status_code != 200:
                 payload = await response.aread()
-                raise classify_status(response, payload, self.endpoint.api_key_env)
+                raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
             assembler = StreamAssembler(started)
             lines = response.aiter_lines()
             async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):

@@ -19,9 +19,9 @@ import anyio
 
 from batcher.config import Job
 from batcher.journal import connect, journal_path
-from batcher.plan import Plan, RowFailure
+from batcher.plan import Plan
 from batcher.prices import PriceTable
-from batcher.request import PROMPT_MARGIN
+from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.runner import Run, RunOptions, endpoint, prepare
 
 ASSUMED_LATENCY_S = 2.0  # per request, when no sample has measured it
@@ -82,10 +82,9 @@ def count_tokens(plan: Plan) -> tuple[int, int]:
     prompt = rows = 0
     completion_per_row = plan.builder.completion_tokens
     for batch in plan.batches():
-        _, prepared = plan.prepare(batch)
-        for item in prepared:
+        for _, item, _ in plan.prepare(batch):
             rows += 1
-            if not isinstance(item, RowFailure):
+            if isinstance(item, RowRequest):
                 prompt += item.estimated_tokens - completion_per_row
     return prompt, rows
 

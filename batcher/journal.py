@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,6 +41,7 @@ OUTCOME_COLUMNS = (
     "error",
     "response_id",
     "extra",
+    "input_digest",
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     response TEXT, finish_reason TEXT, model TEXT,
     prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
     cached_tokens INTEGER, cost_usd REAL, latency_s REAL, attempts INTEGER,
-    error TEXT, response_id TEXT, extra TEXT
+    error TEXT, response_id TEXT, extra TEXT, input_digest BLOB
 );
 """
 _INSERT = (
@@ -60,6 +61,14 @@ _INSERT = (
     f"VALUES ({', '.join('?' * (len(OUTCOME_COLUMNS) + 1))})"
 )
 _STOP = object()
+
+
+class Previous(NamedTuple):
+    """A row's last outcome as the journal knows it."""
+
+    fingerprint: bytes
+    ok: bool
+    input_digest: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,7 @@ class Outcome:
     error: str | None
     response_id: str | None
     extra: dict[str, Any] | None
+    input_digest: bytes | None = None
 
     def as_row(self) -> tuple[Any, ...]:
         extra = orjson.dumps(self.extra).decode() if self.extra else None
@@ -104,6 +114,7 @@ class Outcome:
             self.error,
             self.response_id,
             extra,
+            self.input_digest,
         )
 
 
@@ -216,14 +227,14 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def done(self, keys: Sequence[Any]) -> dict[Any, tuple[bytes, bool]]:
-        """Fingerprint and success of the journal's outcome for each of ``keys`` it has."""
+    def done(self, keys: Sequence[Any]) -> dict[Any, Previous]:
+        """What the journal holds for each of ``keys`` it has."""
         rows = self._reader.execute(
-            "SELECT key, fingerprint, ok FROM outcomes "
+            "SELECT key, fingerprint, ok, input_digest FROM outcomes "
             "WHERE key IN (SELECT value FROM json_each(?))",
             (orjson.dumps(list(keys)).decode(),),
         ).fetchall()
-        return {key: (fingerprint, bool(ok)) for key, fingerprint, ok in rows}
+        return {key: Previous(print_, bool(ok), digest) for key, print_, ok, digest in rows}
 
 
 def fetch_outcomes(connection: sqlite3.Connection, keys: Iterable[Any]) -> list[tuple[Any, ...]]:

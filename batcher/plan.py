@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +21,7 @@ import polars as pl
 from batcher.config import Job
 from batcher.errors import ConfigError
 from batcher.images import ImageLoader
+from batcher.journal import Previous
 from batcher.request import ImagePart, RequestBuilder, RowRequest
 from batcher.source import Source
 
@@ -33,13 +34,19 @@ class RowFailure:
     fingerprint: bytes
     kind: str
     message: str
+    input_digest: bytes | None = None
 
 
-@dataclass(slots=True)
-class PreparedBatch:
-    requests: list[RowRequest] = field(default_factory=list)
-    failures: list[RowFailure] = field(default_factory=list)
-    skipped: int = 0
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """A row whose inputs are those of its journal outcome: its request would be the same."""
+
+    key: Any
+    fingerprint: bytes
+
+
+Prepared = RowRequest | RowFailure | Unchanged
+Lookup = Callable[[list[Any]], dict[Any, Previous]]
 
 
 class Plan:
@@ -89,18 +96,38 @@ class Plan:
     def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
         return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
 
-    def prepare(self, batch: pl.DataFrame) -> tuple[list[Any], list[RowRequest | RowFailure]]:
-        """Keys and requests (or pre-request failures) of one batch, in order. Blocking."""
-        key_column = self.source.key_column
-        keys = normalise_keys(batch.get_column(key_column))
+    def prepare(
+        self,
+        batch: pl.DataFrame,
+        lookup: Lookup | None = None,
+        reuse: Callable[[Previous], bool] = lambda previous: True,
+    ) -> list[tuple[Any, Prepared, Previous | None]]:
+        """Each row of a batch, in order: key, what to do with it, its journal outcome.
+
+        A row whose journal outcome has the same input digest (and passes ``reuse``) is
+        ``Unchanged`` and is not rendered again; image rows are always prepared in full,
+        since their files may have changed. Blocking: run in a worker thread.
+        """
+        keys = normalise_keys(batch.get_column(self.source.key_column))
+        known = lookup(keys) if lookup is not None else {}
         image_columns = self.job.config.request.images
-        prepared: list[RowRequest | RowFailure] = []
+        prepared: list[tuple[Any, Prepared, Previous | None]] = []
         for key, row in zip(keys, batch.iter_rows(named=True), strict=True):
-            prepared.append(self._prepare_row(key, row, image_columns))
-        return keys, prepared
+            previous = known.get(key)
+            digest = None if image_columns else self.builder.input_digest(row)
+            if (
+                previous is not None
+                and digest is not None
+                and previous.input_digest == digest
+                and reuse(previous)
+            ):
+                prepared.append((key, Unchanged(key, previous.fingerprint), previous))
+                continue
+            prepared.append((key, self._prepare_row(key, row, image_columns, digest), previous))
+        return prepared
 
     def _prepare_row(
-        self, key: Any, row: dict[str, Any], image_columns: list[str]
+        self, key: Any, row: dict[str, Any], image_columns: list[str], digest: bytes | None
     ) -> RowRequest | RowFailure:
         images: tuple[ImagePart, ...] = ()
         if image_columns:
@@ -109,18 +136,22 @@ class Plan:
                 return _failure(key, "image_error", loaded, row)
             images = loaded
         try:
-            return self.builder.build(key, row, images)
-        except Exception as exc:
-            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row)
+            return self.builder.build(key, row, images, digest)
+        except Exception as exc:  # a user's template can raise anything: that row fails
+            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row, digest)
 
 
-def _failure(key: Any, kind: str, message: str, row: dict[str, Any]) -> RowFailure:
+def _failure(
+    key: Any, kind: str, message: str, row: dict[str, Any], digest: bytes | None = None
+) -> RowFailure:
     # Fingerprinted by what the row asked for, not by the message, which may vary by run.
     basis = orjson.dumps(
         [kind, row], option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
     )
-    digest = hashlib.blake2b(basis, digest_size=16).digest()
-    return RowFailure(key=key, fingerprint=digest, kind=kind, message=message)
+    fingerprint = hashlib.blake2b(basis, digest_size=16).digest()
+    return RowFailure(
+        key=key, fingerprint=fingerprint, kind=kind, message=message, input_digest=digest
+    )
 
 
 def normalise_keys(column: pl.Series) -> list[Any]:

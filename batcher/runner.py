@@ -26,16 +26,16 @@ from batcher.errors import (
     InterruptedRunError,
     KeyRefusedError,
 )
-from batcher.journal import Journal, journal_path
+from batcher.journal import Journal, Previous, journal_path
 from batcher.limiter import RateLimiter
 from batcher.parse import OutputParser
-from batcher.plan import Plan, RowFailure
+from batcher.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.prices import PriceTable
 from batcher.request import REASONING_MODELS, RowRequest
 from batcher.sink import OutputLayout, write_output
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
-from batcher.worker import BudgetStop, RowWorker, failure_outcome
+from batcher.worker import BudgetStop, Halted, RowWorker, failure_outcome
 
 GRACE_S = 10.0
 SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
@@ -131,6 +131,7 @@ class Run:
                     self.tally,
                     requests_per_row=plan.builder.requests_per_row,
                 )
+                worker.halted = lambda: self.stopping
                 send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
                 async with anyio.create_task_group() as outer:
                     if threading.current_thread() is threading.main_thread():
@@ -196,14 +197,14 @@ class Run:
                         )
                         if prepared is None:
                             return
-                        for item, previous in prepared:
+                        for _, item, previous in prepared:
                             position += 1
                             if positions is not None and position - 1 not in positions:
                                 continue
-                            if (
+                            if isinstance(item, Unchanged) or (
                                 previous is not None
-                                and previous[0] == item.fingerprint
-                                and (previous[1] or skip_failed)
+                                and previous.fingerprint == item.fingerprint
+                                and (previous.ok or skip_failed)
                             ):
                                 self.tally.skipped += 1
                                 progress.advance()
@@ -220,14 +221,13 @@ class Run:
 
     def _next_batch(
         self, batches: Iterator[Any], journal: Journal
-    ) -> list[tuple[RowRequest | RowFailure, tuple[bytes, bool] | None]] | None:
-        """Read, prepare and look up one batch (blocking: runs in a worker thread)."""
+    ) -> list[tuple[Any, Prepared, Previous | None]] | None:
+        """Read, look up and prepare one batch (blocking: runs in a worker thread)."""
         batch = next(batches, None)
         if batch is None:
             return None
-        keys, prepared = self.plan.prepare(batch)
-        done = journal.done(keys)
-        return [(item, done.get(key)) for key, item in zip(keys, prepared, strict=True)]
+        skip_failed = self.options.skip_failed
+        return self.plan.prepare(batch, journal.done, lambda p: p.ok or skip_failed)
 
     async def _work(
         self,
@@ -242,6 +242,8 @@ class Run:
                     continue  # dispatch stopped: leave the rest pending for the next run
                 try:
                     outcome = await worker.process(request)
+                except Halted:
+                    continue  # stopped while it waited to retry: pending for the next run
                 except BudgetStop:
                     cap = self.job.config.limits.max_cost_usd
                     self.stop_dispatch(

@@ -215,7 +215,7 @@ class Simulator:
         self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
         for marker, status, message in (
-            ("[[sim:401]]", 401, "invalid x-api-key"),
+            ("[[sim:401]]", 401, f"invalid x-api-key {auth.removeprefix('Bearer ')}"),
             ("[[sim:402]]", 402, "Your credit balance is too low"),
             ("[[sim:400]]", 400, "messages: this request was refused as invalid"),
         ):

@@ -8,15 +8,17 @@ beside the target and renamed over it, so a reader (or a killed run) never sees 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batcher.journal import connect, fetch_outcomes
-from batcher.plan import Plan, key_expression
+from batcher.journal import Previous, connect, fetch_outcomes
+from batcher.plan import Plan, key_expression, normalise_keys
 
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
@@ -38,6 +40,7 @@ OUTCOME_TYPES: dict[str, pl.DataType] = {
     "error": pl.String(),
     "response_id": pl.String(),
     "extra": pl.String(),
+    "input_digest": pl.Binary(),
 }
 
 
@@ -118,13 +121,16 @@ def write_output(
     cost = 0.0
     try:
         for batch in source.batches(needed, limit=plan.limit, batch_rows=batch_rows):
-            keys, prepared = plan.prepare(batch)
+            keys = normalise_keys(batch.get_column(key))
+            stored = fetch_outcomes(connection, keys)
+            known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
+            prepared = plan.prepare(batch, _constant(known))
             outcomes = pl.DataFrame(
-                fetch_outcomes(connection, keys),
+                stored,
                 schema={_KEY: key_type if key_type.is_integer() else pl.String(), **OUTCOME_TYPES},
                 orient="row",
             )
-            fingerprints = [item.fingerprint for item in prepared]
+            fingerprints = [item.fingerprint for _, item, _ in prepared]
             frame = (
                 batch.with_columns(
                     key_expression(key, key_type).alias(_KEY),
@@ -157,6 +163,11 @@ def write_output(
             writer.close()
         temporary.unlink(missing_ok=True)
     return Written(rows=rows, ok=ok, failed=rows - ok, cost_usd=cost)
+
+
+def _constant(known: dict[Any, Previous]) -> Callable[[list[Any]], dict[Any, Previous]]:
+    """A lookup that answers with outcomes already fetched for this batch."""
+    return lambda _keys: known
 
 
 def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa.Table:

@@ -34,17 +34,15 @@ class Tally:
     def done(self) -> int:
         return self.ok + self.failed
 
-    def request_rate(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return self.requests / elapsed if elapsed > 0 else 0.0
-
 
 class Progress:
     """A tqdm bar on stderr; silent when stderr is not a terminal or with --quiet."""
 
     def __init__(self, tally: Tally, total: int, *, quiet: bool) -> None:
         self.tally = tally
-        self._last_postfix = 0.0
+        self._last_postfix = time.monotonic()
+        self._last_requests = 0
+        self._rate = 0.0
         self._bar = tqdm(
             total=total,
             unit="row",
@@ -58,18 +56,20 @@ class Progress:
         self._bar.update(rows)
         now = time.monotonic()
         if now - self._last_postfix >= _POSTFIX_EVERY_S:
-            self._last_postfix = now
-            self._refresh_postfix()
+            self._refresh_postfix(now)
 
-    def _refresh_postfix(self) -> None:
+    def _refresh_postfix(self, now: float) -> None:
         t = self.tally
+        # The request rate over the last refresh interval, not since the start.
+        self._rate = (t.requests - self._last_requests) / max(now - self._last_postfix, 1e-9)
+        self._last_postfix, self._last_requests = now, t.requests
         self._bar.set_postfix_str(
             f"ok={t.ok} failed={t.failed} retries={t.retries} 429s={t.rate_limited} "
-            f"req/s={t.request_rate():.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
+            f"req/s={self._rate:.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
             f"${t.cost_usd:.4f}",
             refresh=False,
         )
 
     def close(self) -> None:
-        self._refresh_postfix()
+        self._refresh_postfix(time.monotonic())
         self._bar.close()

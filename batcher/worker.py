@@ -29,6 +29,10 @@ class BudgetStop(Exception):  # noqa: N818 - a signal between worker and runner,
     """Sending this request could cross limits.max_cost_usd; the row stays pending."""
 
 
+class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not an error
+    """The run stopped dispatching while this row waited to retry; the row stays pending."""
+
+
 class RowWorker:
     """Everything the workers of one run share to process rows."""
 
@@ -57,6 +61,7 @@ class RowWorker:
         self._sleep = sleep
         self._clock = clock
         self._unpriced: set[str] = set()
+        self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
         self._price = prices.get(config.request.model)
         max_tokens = config.request.max_tokens
         self._max_completion = max_tokens if max_tokens is not None else 1024
@@ -142,6 +147,8 @@ class RowWorker:
         return self.parser.parse(reply.first.get("message") or {})
 
     async def _attempt(self, request: RowRequest, deadline: float | None) -> Reply:
+        if self.halted():
+            raise Halted
         estimated_cost = self._estimated_cost(request)
         self._reserve_budget(estimated_cost)
         try:
@@ -298,6 +305,7 @@ class RowWorker:
             error=None,
             response_id=first.response_id,
             extra=extra or None,
+            input_digest=request.input_digest,
         )
 
     def _failed(
@@ -335,6 +343,7 @@ class RowWorker:
             error=f"{error.kind}: {shorten(error.message)}",
             response_id=None,
             extra=None,
+            input_digest=request.input_digest,
         )
 
 
@@ -358,6 +367,7 @@ def failure_outcome(failure: RowFailure) -> Outcome:
         error=f"{failure.kind}: {shorten(failure.message)}",
         response_id=None,
         extra=None,
+        input_digest=failure.input_digest,
     )
 
 

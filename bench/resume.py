@@ -22,7 +22,8 @@ import yaml
 
 from batcher.config import load_job
 from batcher.journal import Journal, Outcome, journal_path
-from batcher.plan import Plan, RowFailure
+from batcher.plan import Plan
+from batcher.request import RowRequest
 from batcher.sim import SimulatorThread
 
 
@@ -36,9 +37,8 @@ def fill_checkpoint(job_path: Path, done: int) -> None:
     }
     journal = Journal(journal_path(job.checkpoint_dir), identity, fresh=True)
     for batch in plan.batches(batch_rows=50_000):
-        _, prepared = plan.prepare(batch)
-        for item in prepared:
-            assert not isinstance(item, RowFailure)
+        for _, item, _ in plan.prepare(batch):
+            assert isinstance(item, RowRequest)
             journal.record(
                 Outcome(
                     key=item.key,
@@ -58,6 +58,7 @@ def fill_checkpoint(job_path: Path, done: int) -> None:
                     error=None,
                     response_id="x",
                     extra=None,
+                    input_digest=item.input_digest,
                 )
             )
     journal.close()

@@ -211,3 +211,38 @@ def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory) -> None:
     assert main(["run", str(job), "--quiet"]) == 0
     assert not stale.exists()
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 20
+
+
+def test_resume_renders_only_rows_whose_inputs_changed(
+    tmp_path: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batcher.request import RequestBuilder
+
+    server = sim_factory()
+    data = reviews(40)
+    job = write_job(tmp_path, server.url, data=data)
+    assert main(["run", str(job), "--quiet"]) == 0
+    rendered: list[object] = []
+    original = RequestBuilder.build
+
+    def counting(self: RequestBuilder, key: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        rendered.append(key)
+        return original(self, key, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RequestBuilder, "build", counting)
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert rendered == []  # neither dispatch nor the output rebuild rendered a row
+    changed = data.with_columns(
+        pl.when(pl.col("id") == "k00007")
+        .then(pl.lit("an edited review"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    changed.write_csv(tmp_path / "data.csv")
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert set(rendered) == {"k00007"}
+    assert server.simulator.answered == 41
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.filter(pl.col("id") == "k00007")["response"][0].endswith(
+        "an edited review. The end."
+    )
