@@ -161,13 +161,17 @@ class ImageLoader:
                 "pip install 'batcher[heif]'"
             )
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            too_big = max_edge is not None and max(image.size) > max_edge
+            if mime in ACCEPTED and not too_big and len(data) <= self.config.max_bytes:
+                return mime or "image/png", data
+            if max_edge is not None and image.format == "JPEG":
+                # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 where the result still
+                # covers the target: a quarter of the pixels to decode and hold, or fewer.
+                image.draft("RGB", _fit(image.width, image.height, max_edge))
             image.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: not a readable image ({_reason(exc)})") from None
-        too_big = max_edge is not None and max(image.size) > max_edge
-        if mime in ACCEPTED and not too_big and len(data) <= self.config.max_bytes:
-            return mime or "image/png", data
         return self._reencode(name, image, mime)
 
     def _reencode(self, name: str, image: Image.Image, mime: str | None) -> tuple[str, bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,9 @@ class RowWorker:
         self._sleep = sleep
         self._clock = clock
         self._unpriced: set[str] = set()
+        # Decoding and resizing are CPU work: more at once than cores only multiplies the
+        # decoded pixels held in memory, so image encoding gets one slot per core.
+        self._image_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
         self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
         self._price = prices.get(config.request.model)
         max_tokens = config.request.max_tokens
@@ -155,7 +159,9 @@ class RowWorker:
             sent_at = await self.limiter.acquire(request.estimated_tokens)
             body = request.body
             if request.images:
-                body = await anyio.to_thread.run_sync(self._with_images, request)
+                body = await anyio.to_thread.run_sync(
+                    self._with_images, request, limiter=self._image_slots
+                )
             timeout = self.config.endpoint.timeout_s
             if deadline is not None:
                 timeout = max(min(timeout, deadline - self._clock()), 0.001)
