@@ -71,7 +71,8 @@ class Run:
             self.parser = OutputParser(config)
         except ConfigError as exc:
             raise ConfigError(f"{job.source}: {exc}") from None
-        clash = set(self.parser.columns) & set(_taken_columns(plan))
+        self.layout = OutputLayout(plan, self.parser.columns)
+        clash = set(self.parser.columns) & set(self.layout.fixed_names())
         if clash:
             raise ConfigError(
                 f"{job.source}: output schema properties {', '.join(sorted(clash))} clash with "
@@ -148,7 +149,7 @@ class Run:
         finally:
             progress.close()
             await anyio.to_thread.run_sync(journal.close)
-        layout = OutputLayout(plan, self.parser.columns)
+        layout = self.layout
         written = await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
         return self._summary(written.rows, written.ok, written.failed, written.cost_usd, started)
 
@@ -279,30 +280,6 @@ class Run:
                     f"{self.options.grace_s:g} s (interrupt again to skip)"
                 )
                 self._work_scope.deadline = anyio.current_time() + self.options.grace_s
-
-
-def _taken_columns(plan: Plan) -> list[str]:
-    return [
-        plan.source.key_column,
-        *plan.keep_columns,
-        "response",
-        "responses",
-        "finish_reason",
-        "model",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cached_tokens",
-        "cost_usd",
-        "latency_s",
-        "ttft_s",
-        "attempts",
-        "error",
-        "response_id",
-        "tool_calls",
-        "tool_calls_all",
-        "reasoning",
-    ]
 
 
 @asynccontextmanager

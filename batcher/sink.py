@@ -71,6 +71,13 @@ class OutputLayout:
             extra["parsed"] = pl.Struct(parsed)
         self.extra_type = pl.Struct(extra)
 
+    def fixed_names(self) -> list[str]:
+        """Every output column but the parsed ones: a parsed property may not take one."""
+        source = self.plan.source
+        names = [source.key_column, *self.plan.keep_columns]
+        names += [c.meta.output_name() for c in self.result_columns()[: -len(self.parsed) or None]]
+        return names
+
     def result_columns(self) -> list[pl.Expr]:
         extra = pl.col("extra").str.json_decode(self.extra_type)
         columns = [pl.col("response")]
