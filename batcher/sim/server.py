@@ -1,29 +1,14 @@
-"""A local OpenAI-compatible chat-completions server for trying jobs offline and for tests.
-
-Replies are derived from the request (same request, same reply), carry usage, honour ``n``,
-``stop``, ``max_tokens``, ``tools`` and ``stream``, and can be made to misbehave: latency,
-rate limits enforced with 429 + Retry-After, and a share of rows that fail their first
-attempts with chosen fault kinds. Markers in a prompt force an answer for that row:
-``[[sim:400]]``, ``[[sim:401]]``, ``[[sim:402]]``, ``[[sim:invalid]]`` (arguments that break
-the tool's schema), ``[[sim:n1]]`` (one choice whatever ``n`` asks).
-
-``GET /sim/stats`` reports what the server saw; ``POST /sim/reset`` clears it.
-"""
+"""The simulator's HTTP side: rate buckets, fault injection, streaming, what it saw."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import math
 import random
-import re
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from batcher.images import sniff_mime
+from batcher.sim.replies import build_reply, count_tokens, digest, user_text
 
 FAULT_KINDS = (
     "429",
@@ -46,7 +32,6 @@ FAULT_KINDS = (
     "cut",  # a stream that breaks midway (a dropped connection when not streaming)
     "silence",  # a stream that goes quiet midway for stall_s (a stall when not streaming)
 )
-_OPTIONS = re.compile(r"one word:\s*([\w\- ,]+?)\s+or\s+([\w\-]+)", re.IGNORECASE)
 _MAX_IMAGE_LOG = 10_000
 
 
@@ -94,26 +79,6 @@ class _Bucket:
     def give_back(self, amount: float, now: float) -> None:
         self._refill(now)
         self.level = min(self.capacity, self.level + amount)
-
-
-def count_tokens(text: str) -> int:
-    """The simulator's tokenizer: deliberately not the client's four-characters estimate."""
-    return math.ceil(len(text) / 3.6) if text else 0
-
-
-def _digest(*parts: object) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
-
-
-def _user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
-    return ""
 
 
 class Simulator:
@@ -211,7 +176,7 @@ class Simulator:
             messages = body["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _error(400, "invalid_request_error", "body is not a chat-completions request")
-        prompt = _user_text(messages)
+        prompt = user_text(messages)
         self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
         for marker, status, message in (
@@ -233,7 +198,7 @@ class Simulator:
         limited = self._admit(prompt_tokens + max_tokens)
         if limited is not None:
             return limited
-        reply = self._reply(body, prompt, prompt_tokens)
+        reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
         completion = reply["usage"]["completion_tokens"]
         if self._token_bucket is not None:
             self._token_bucket.give_back(max(max_tokens - completion, 0), time.monotonic())
@@ -256,7 +221,7 @@ class Simulator:
             return None
         # Same request bytes, same fate: retries of a failing row fail its first k attempts.
         canonical = raw.replace(b'"stream":true,', b"")
-        h = _digest(canonical, s.seed)
+        h = digest(canonical, s.seed)
         if (h % 10_000) / 10_000 >= s.fail_share:
             return None
         failing = s.fail_attempts_min + (h >> 16) % (s.fail_attempts_max - s.fail_attempts_min + 1)
@@ -345,68 +310,6 @@ class Simulator:
             self.images.append(entry)
         return max(1, width * height // 750) if width else 1600
 
-    def _reply(self, body: dict[str, Any], prompt: str, prompt_tokens: int) -> dict[str, Any]:
-        n = 1 if "[[sim:n1]]" in prompt else int(body.get("n") or 1)
-        max_tokens = int(body.get("max_tokens") or 1024)
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
-        tools = body.get("tools") or []
-        choices = []
-        completion = 0
-        h = _digest(orjson.dumps(body.get("messages")), body.get("model"))
-        for index in range(n):
-            message: dict[str, Any] = {"role": "assistant", "content": None}
-            finish = "stop"
-            if tools:
-                tool = _chosen_tool(tools, body.get("tool_choice"))
-                arguments = _arguments(tool["function"].get("parameters") or {}, h + index)
-                if "[[sim:invalid]]" in prompt:
-                    arguments = {"unexpected": True}
-                text = orjson.dumps(arguments).decode()
-                message["tool_calls"] = [
-                    {
-                        "id": f"call_{(h + index) % 10**12:012d}",
-                        "type": "function",
-                        "function": {"name": tool["function"]["name"], "arguments": text},
-                    }
-                ]
-                finish = "tool_calls"
-                completion += count_tokens(text)
-            else:
-                text = _content(prompt, h + index)
-                for stop in stops:
-                    if stop and stop in text:
-                        text = text[: text.index(stop)]
-                tokens = count_tokens(text)
-                if tokens > max_tokens:
-                    text = text[: int(max_tokens * 3.6)]
-                    tokens = count_tokens(text)
-                    finish = "length"
-                message["content"] = text
-                completion += tokens
-            if body.get("reasoning_effort") not in (None, "none"):
-                message["reasoning_content"] = f"Simulated {body['reasoning_effort']} reasoning."
-            choices.append({"index": index, "message": message, "finish_reason": finish})
-        return {
-            "id": f"chatcmpl-sim{h % 10**10:010d}",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": body.get("model", "sim"),
-            "choices": choices,
-            "usage": self._usage(prompt_tokens, completion),
-        }
-
-    def _usage(self, prompt_tokens: int, completion: int) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-        }
-        if self.settings.cached_share:
-            cached = int(prompt_tokens * self.settings.cached_share)
-            usage["prompt_tokens_details"] = {"cached_tokens": cached}
-        return usage
-
     async def _stream(
         self,
         request: web.Request,
@@ -473,7 +376,7 @@ class Simulator:
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"choices": [], "usage": reply["usage"]})
         await send("[DONE]")
-        self._count_answer(_user_text(body["messages"]), reply)
+        self._count_answer(user_text(body["messages"]), reply)
         await response.write_eof()
         return response
 
@@ -489,103 +392,3 @@ def _error(
     return web.Response(
         status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
     )
-
-
-def _content(prompt: str, h: int) -> str:
-    options = _OPTIONS.search(prompt)
-    if options:
-        words = [w.strip() for w in options.group(1).split(",") if w.strip()] + [options.group(2)]
-        return words[h % len(words)]
-    if "json" in prompt.lower():
-        words = prompt.split()
-        return orjson.dumps(
-            {"answer": words[h % len(words)] if words else "", "length": len(prompt)}
-        ).decode()
-    head = " ".join(prompt.split()[:8])
-    return f"Simulated reply {h % 100_000:05d} to: {head}. The end."
-
-
-def _chosen_tool(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        for tool in tools:
-            if tool.get("function", {}).get("name") == name:
-                return tool
-    return tools[0]
-
-
-def _arguments(schema: dict[str, Any], h: int) -> Any:
-    """A value valid against a (simple) JSON Schema, chosen by ``h``."""
-    if "enum" in schema:
-        return schema["enum"][h % len(schema["enum"])]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        return {
-            name: _arguments(sub, h // (i + 2)) for i, (name, sub) in enumerate(properties.items())
-        }
-    if kind == "array":
-        return [_arguments(schema.get("items") or {}, h)]
-    if kind == "number":
-        return round((h % 1000) / 1000, 3)
-    if kind == "integer":
-        return h % 100
-    if kind == "boolean":
-        return bool(h % 2)
-    return f"text-{h % 1000}"
-
-
-@asynccontextmanager
-async def serve(
-    settings: SimSettings | None = None, *, port: int = 0
-) -> AsyncIterator[tuple[str, Simulator]]:
-    """Run the simulator on 127.0.0.1 for the duration; yields its base URL and state."""
-    simulator = Simulator(settings)
-    runner = web.AppRunner(
-        simulator.app(), handle_signals=False, access_log=None, shutdown_timeout=0.5
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
-    await site.start()
-    host, bound = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{bound}/v1", simulator
-    finally:
-        await runner.cleanup()
-
-
-class SimulatorThread:
-    """The simulator on its own event loop in a background thread (for tests and scripts)."""
-
-    def __init__(self, settings: SimSettings | None = None, *, port: int = 0) -> None:
-        self.settings = settings
-        self.port = port
-        self.url = ""
-        self.simulator: Simulator | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._main, name="batcher-sim", daemon=True)
-
-    def __enter__(self) -> SimulatorThread:
-        self._thread.start()
-        self._ready.wait(timeout=30)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        async with serve(self.settings, port=self.port) as (url, simulator):
-            self.url, self.simulator = url, simulator
-            self._ready.set()
-            await self._stop.wait()
