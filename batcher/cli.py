@@ -33,7 +33,10 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batcher", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Run large batches of LLM chat-completion requests reliably and cheaply.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job")
