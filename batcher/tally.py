@@ -28,11 +28,6 @@ class Tally:
     inflight_cost_usd: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return self.ok + self.failed
 
 
 class Progress:
