@@ -68,12 +68,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--done", type=int, default=900_000)
+    parser.add_argument("--fill", metavar="JOB", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as name, SimulatorThread() as sim:
-        folder = Path(name)
+    if arguments.fill:
         pl.DataFrame(
             {"text": [f"Say hello to row {i}." for i in range(arguments.rows)]}
-        ).write_parquet(folder / "rows.parquet")
+        ).write_parquet(Path(arguments.fill).parent / "rows.parquet")
+        fill_checkpoint(Path(arguments.fill), arguments.done)
+        return
+    with tempfile.TemporaryDirectory() as name, SimulatorThread() as sim:
+        folder = Path(name)
         job = {
             "name": "resume",
             "input": {"path": "rows.parquet"},
@@ -89,7 +93,21 @@ def main() -> None:
         job_path = folder / "job.yaml"
         job_path.write_text(yaml.safe_dump(job))
         started = time.monotonic()
-        fill_checkpoint(job_path, arguments.done)
+        # In a process of its own: Linux carries a parent's peak RSS into a child it forks, so
+        # this process must stay small for wait4 to report the resumed run's own peak.
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--fill",
+                str(job_path),
+                "--rows",
+                str(arguments.rows),
+                "--done",
+                str(arguments.done),
+            ],
+            check=True,
+        )
         print(
             f"checkpoint filled with {arguments.done:,} rows in {time.monotonic() - started:.1f} s"
         )

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -137,7 +136,14 @@ def start_server(latency_s: float) -> tuple[subprocess.Popen[bytes], str]:
 def batcher_job(folder: Path, url: str, rows: int, concurrency: int) -> Path:
     data = folder / f"rows-{rows}.parquet"
     if not data.exists():
-        pl.DataFrame({"text": [f"Say hello to row {i}." for i in range(rows)]}).write_parquet(data)
+        # Written by a child process: Linux carries a parent's peak RSS into the children it
+        # forks, so this process stays small for wait4 to report each client's own peak.
+        script = (
+            "import polars as pl, sys; n = int(sys.argv[1]); "
+            "pl.DataFrame({'text': [f'Say hello to row {i}.' for i in range(n)]})"
+            ".write_parquet(sys.argv[2])"
+        )
+        subprocess.run([sys.executable, "-c", script, str(rows), str(data)], check=True)
     job = {
         "name": "throughput",
         "input": {"path": data.name},
