@@ -88,8 +88,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> N
 
 
 @pytest.mark.slow
-def test_sigint_finishes_in_flight_and_resumes_without_duplicates(
-    tmp_path: Path, sim_factory
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_finishes_in_flight_and_resumes_without_duplicates(
+    tmp_path: Path, sim_factory, stop: signal.Signals
 ) -> None:
     data = reviews(3000)
     expected = uninterrupted(tmp_path, sim_factory, data)
@@ -97,11 +98,11 @@ def test_sigint_finishes_in_flight_and_resumes_without_duplicates(
     job = write_job(tmp_path, server.url, data=data, limits={"concurrency": CONCURRENCY})
     process = start(job)
     wait_for(lambda: server.simulator.answered > 500)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=60)
     text = err.decode()
     assert process.returncode == 3, text
-    assert "stopped: interrupted by SIGINT" in text
+    assert f"stopped: interrupted by {stop.name}" in text
     assert "resume with: batcher run" in text
     partial = pl.read_parquet(tmp_path / "out/result.parquet")
     assert 500 < partial.height < 3000
