@@ -140,7 +140,6 @@ class Journal:
 
     def __init__(self, path: Path, identity: dict[str, str], *, fresh: bool = False) -> None:
         self.path = path
-        self.replaced = False
         path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and path.exists():
             for stale in (
@@ -149,7 +148,6 @@ class Journal:
                 path.with_name(path.name + "-shm"),
             ):
                 stale.unlink(missing_ok=True)
-            self.replaced = True
         try:
             self._writer = connect(path)
             self._writer.executescript(_SCHEMA)
