@@ -16,6 +16,7 @@ import orjson
 
 from batcher.config import EndpointConfig
 from batcher.errors import AccountError, AttemptError, KeyRefusedError
+from batcher.server_limits import ServerLimits, read_server_limits
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 MESSAGE_CHARS = 300
@@ -37,6 +38,7 @@ class Reply:
     total_tokens: int | None
     cached_tokens: int | None
     ttft_s: float | None = None
+    limits: ServerLimits | None = None  # what the reply's headers said of rate limits
 
     @property
     def first(self) -> dict[str, Any]:
@@ -113,10 +115,11 @@ def classify_status(
         retryable=status in RETRYABLE_STATUS,
         status=status,
         retry_after_s=parse_retry_after(response.headers),
+        limits=read_server_limits(response.headers),
     )
 
 
-def parse_reply(content: bytes) -> Reply:
+def parse_reply(content: bytes, limits: ServerLimits | None = None) -> Reply:
     """A 200's body as a Reply; a body that is not JSON or has no choices is retryable."""
     try:
         data = orjson.loads(content)
@@ -129,11 +132,14 @@ def parse_reply(content: bytes) -> Reply:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise AttemptError("no_choices", "reply has no choices", retryable=True)
-    return reply_from(data, choices)
+    return reply_from(data, choices, limits=limits)
 
 
 def reply_from(
-    data: dict[str, Any], choices: list[dict[str, Any]], ttft_s: float | None = None
+    data: dict[str, Any],
+    choices: list[dict[str, Any]],
+    ttft_s: float | None = None,
+    limits: ServerLimits | None = None,
 ) -> Reply:
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     usage = usage or {}
@@ -148,6 +154,7 @@ def reply_from(
         total_tokens=_int_or_none(usage.get("total_tokens")),
         cached_tokens=_int_or_none(cached),
         ttft_s=ttft_s,
+        limits=limits,
     )
 
 
@@ -219,7 +226,7 @@ class ChatClient:
             raise AttemptError("connection", _transport_message(exc), retryable=True) from None
         if response.status_code != 200:
             raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
-        return parse_reply(payload)
+        return parse_reply(payload, read_server_limits(response.headers))
 
     async def _stream(self, content: bytes) -> Reply:
         started = time.monotonic()
@@ -228,7 +235,7 @@ class ChatClient:
             if response.status_code != 200:
                 payload = await response.aread()
                 raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
-            assembler = StreamAssembler(started)
+            assembler = StreamAssembler(started, read_server_limits(response.headers))
             lines = response.aiter_lines()
             async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):
                 if assembler.feed(line):
@@ -255,8 +262,9 @@ async def _with_idle_timeout(lines: AsyncIterator[str], idle_s: float) -> AsyncI
 class StreamAssembler:
     """Builds one Reply out of server-sent chat-completion chunks."""
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, limits: ServerLimits | None = None) -> None:
         self._started = started
+        self._limits = limits
         self._ttft_s: float | None = None
         self._choices: dict[int, dict[str, Any]] = {}
         self._last: dict[str, Any] = {}
@@ -322,7 +330,7 @@ class StreamAssembler:
         if any("finish_reason" not in c for c in self._choices.values()):
             raise AttemptError("stream_broken", "a choice never finished", retryable=True)
         choices = [self._choices[i] for i in sorted(self._choices)]
-        return reply_from(self._last, choices, ttft_s=self._ttft_s)
+        return reply_from(self._last, choices, ttft_s=self._ttft_s, limits=self._limits)
 
 
 def _is_timeout(exc: httpx.TimeoutException) -> bool:

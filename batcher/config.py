@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,11 +64,18 @@ class RequestConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    concurrency: int = Field(default=32, ge=1, le=10_000)
+    concurrency: Literal["auto"] | Annotated[int, Field(ge=1, le=10_000)] = "auto"
+    max_concurrency: int = Field(default=512, ge=1, le=10_000)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     adaptive: bool = True
+    stall_timeout_s: float = Field(default=900, gt=0)
     max_cost_usd: float | None = Field(default=None, ge=0)
+
+    @property
+    def connections(self) -> int:
+        """Requests in flight at most: the number, or ``max_concurrency`` with auto."""
+        return self.max_concurrency if self.concurrency == "auto" else self.concurrency
 
 
 class RetryConfig(_Section):

@@ -9,13 +9,19 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── KeyRefusedError          401/403: the API key was refused
         ├── AccountError             402 or an exhausted balance
         ├── InterruptedRunError      Ctrl-C / SIGTERM
-        └── BudgetReachedError       limits.max_cost_usd would be crossed
+        ├── BudgetReachedError       limits.max_cost_usd would be crossed
+        └── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batcher.server_limits import ServerLimits
 
 
 class BatcherError(Exception):
@@ -66,6 +72,10 @@ class BudgetReachedError(AbortError):
     """Dispatching stopped because ``limits.max_cost_usd`` would be crossed."""
 
 
+class RateLimitStallError(AbortError):
+    """The server answered nothing but 429 for ``limits.stall_timeout_s``."""
+
+
 class AttemptError(Exception):
     """One attempt of one row failed.
 
@@ -81,6 +91,7 @@ class AttemptError(Exception):
         retryable: bool,
         status: int | None = None,
         retry_after_s: float | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
@@ -88,3 +99,4 @@ class AttemptError(Exception):
         self.retryable = retryable
         self.status = status
         self.retry_after_s = retry_after_s
+        self.limits = limits  # the rate limits the failed reply's headers stated

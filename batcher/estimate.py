@@ -94,7 +94,7 @@ def duration_s(
 ) -> float:
     limits = job.config.limits
     requests = rows * requests_per_row
-    bounds = [requests * latency_s / limits.concurrency]
+    bounds = [requests * latency_s / limits.connections]
     if limits.requests_per_minute:
         bounds.append(requests / (limits.requests_per_minute / 60))
     if limits.tokens_per_minute:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -27,18 +28,25 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own wait strategies
-    """The backoff, but never shorter than the server's Retry-After."""
+    """The backoff, but never shorter than the server's Retry-After.
 
-    def __init__(self, backoff: wait_base) -> None:
+    A 429 that says when to come back is retried then (plus up to a tenth more, so the
+    requests it refused do not return in one burst): its wait is the server's, not a backoff
+    grown by earlier attempts. Pacing then queues the retry like any request.
+    """
+
+    def __init__(self, backoff: wait_base, jitter: Callable[[], float] = random.random) -> None:
         self.backoff = backoff
+        self.jitter = jitter
 
     def __call__(self, retry_state: RetryCallState) -> float:
-        delay = self.backoff(retry_state)
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
         if isinstance(exc, AttemptError) and exc.retry_after_s is not None:
-            return max(delay, exc.retry_after_s)
-        return delay
+            if exc.status == 429:
+                return exc.retry_after_s * (1 + 0.1 * self.jitter())
+            return max(self.backoff(retry_state), exc.retry_after_s)
+        return self.backoff(retry_state)
 
 
 def retrying(

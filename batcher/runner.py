@@ -25,9 +25,10 @@ from batcher.errors import (
     ConfigError,
     InterruptedRunError,
     KeyRefusedError,
+    RateLimitStallError,
 )
+from batcher.flow import FlowController
 from batcher.journal import Journal, Previous, journal_path
-from batcher.limiter import RateLimiter
 from batcher.parse import OutputParser
 from batcher.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.prices import PriceTable
@@ -56,6 +57,7 @@ class RunOptions:
     positions: frozenset[int] | None = None  # only these row positions (estimate --sample)
     resume_command: str | None = None
     grace_s: float = GRACE_S
+    progress_every_s: float = 30.0  # status lines when stderr is not a terminal; 0: none
     notify: Callable[[str], None] = _stderr
 
 
@@ -86,6 +88,7 @@ class Run:
             self.tally.warnings[warning] += 1
             options.notify(f"warning: {warning}")
         self.abort: BatcherError | None = None
+        self.flow: FlowController | None = None
         self.stopping = False
         self._dispatch_scope = anyio.CancelScope()
         self._work_scope = anyio.CancelScope()
@@ -111,21 +114,23 @@ class Run:
         journal = await anyio.to_thread.run_sync(
             lambda: Journal(journal_file, identity, fresh=self.options.fresh)
         )
-        limiter = RateLimiter(
-            requests_per_minute=config.limits.requests_per_minute,
-            tokens_per_minute=config.limits.tokens_per_minute,
-            adaptive=config.limits.adaptive,
-        )
+        self.flow = flow = FlowController(config.limits)
         total = plan.total_rows if self.options.positions is None else len(self.options.positions)
-        progress = Progress(self.tally, total, quiet=self.options.quiet)
-        concurrency = config.limits.concurrency
+        progress = Progress(
+            self.tally,
+            total,
+            quiet=self.options.quiet,
+            flow=flow,
+            every_s=self.options.progress_every_s,
+        )
+        concurrency = config.limits.connections
         endpoint = config.endpoint.model_copy(update={"base_url": base_url})
         try:
             async with ChatClient(endpoint, plan.api_key, concurrency) as client:
                 worker = RowWorker(
                     config,
                     client,
-                    limiter,
+                    flow,
                     plan.images,
                     self.parser,
                     self.prices,
@@ -137,6 +142,7 @@ class Run:
                 async with anyio.create_task_group() as outer:
                     if threading.current_thread() is threading.main_thread():
                         outer.start_soon(self._watch_signals)
+                    outer.start_soon(self._tick, flow, progress)
                     with self._work_scope:
                         async with anyio.create_task_group() as workers:
                             workers.start_soon(self._produce, send, journal, progress)
@@ -180,6 +186,7 @@ class Run:
             warnings=dict(t.warnings),
             aborted=str(self.abort) if self.abort is not None else None,
             resume_command=resume,
+            flow=self.flow.report() if self.flow is not None else None,
         )
 
     async def _produce(
@@ -265,6 +272,21 @@ class Run:
                     self._work_scope.cancel()
                     return
                 progress.advance()
+
+    async def _tick(self, flow: FlowController, progress: Progress) -> None:
+        """Once a second: the flow controller's clockwork, status lines, the stall check."""
+        while True:
+            await anyio.sleep(1.0)
+            flow.tick()
+            progress.tick()
+            if flow.stalled() and not self.stopping:
+                self.stop_dispatch(
+                    RateLimitStallError(
+                        "the server answered nothing but 429 (rate limited) for "
+                        f"limits.stall_timeout_s={flow.stall_timeout_s:g} s"
+                    )
+                )
+                self._work_scope.deadline = anyio.current_time() + self.options.grace_s
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

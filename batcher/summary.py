@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batcher.flow import FlowReport
+
+_BOUND_SHARE = 0.2  # a bound holding the run this share of its time is worth a hint
+
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
@@ -28,6 +32,7 @@ class RunSummary:
     warnings: dict[str, int] = field(default_factory=dict)
     aborted: str | None = None
     resume_command: str | None = None
+    flow: FlowReport | None = None
 
     @property
     def exit_code(self) -> int:
@@ -64,9 +69,55 @@ class RunSummary:
                 "failed attempts by error: "
                 + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items()))
             )
+        if self.flow is not None:
+            lines += self._flow_lines(self.flow)
         lines += [f"warning: {w}" + (f" ({n}×)" if n > 1 else "") for w, n in self.warnings.items()]
         if self.aborted:
             lines.append(f"stopped: {self.aborted}")
         if self.resume_command:
             lines.append(f"resume with: {self.resume_command}")
         return lines
+
+    def _flow_lines(self, flow: FlowReport) -> list[str]:
+        seen = []
+        if flow.job:
+            seen.append("job " + _per_minute(flow.job))
+        if flow.headers:
+            seen.append(f"server headers ({flow.header_style}) " + _per_minute(flow.headers))
+        if flow.discovered_rpm is not None or flow.cuts:
+            now = (
+                f"{flow.discovered_rpm:,.0f} requests/min at the end"
+                if flow.discovered_rpm is not None
+                else "released at the end"
+            )
+            lowest = flow.lowest_discovered_rpm or 0
+            seen.append(f"discovered {now} (lowest {lowest:,.0f}, {flow.cuts} cut(s))")
+        lines = ["limits: " + ("; ".join(seen) if seen else "none known, requests went unpaced")]
+        share = self.rate_limited / self.requests if self.requests else 0.0
+        rate_limited = f"429s: {self.rate_limited} of {self.requests} requests ({share:.1%})"
+        if flow.noise_share > 0:
+            rate_limited += (
+                f"; about {flow.noise_share:.1%} of answers were 429s the pace did not cause"
+            )
+        lines.append(rate_limited)
+        total = sum(flow.bound_seconds.values())
+        wall = max(self.wall_s, total, 1e-9)
+        if flow.bound_seconds:
+            shares = ", ".join(
+                f"{name} {seconds / wall:.0%}"
+                for name, seconds in sorted(flow.bound_seconds.items(), key=lambda i: -i[1])
+            )
+            lines.append(f"held back by: {shares} of the time")
+        if flow.bound_seconds.get("concurrency", 0.0) / wall >= _BOUND_SHARE:
+            if flow.concurrency_auto:
+                hint = f"raise limits.max_concurrency (now {flow.concurrency_cap})"
+            else:
+                hint = f"raise limits.concurrency (now {flow.concurrency_cap}) or set it to auto"
+            lines.append(f"hint: concurrency, not the rate, bound this run: {hint}")
+        return lines
+
+
+def _per_minute(rates: dict[str, float]) -> str:
+    return ", ".join(
+        f"{rate:,.0f} {budget.replace('_', ' ')}/min" for budget, rate in rates.items()
+    )

@@ -15,9 +15,10 @@ from tenacity import RetryCallState
 from batcher.client import ChatClient, Reply, shorten
 from batcher.config import JobConfig
 from batcher.errors import AttemptError
+from batcher.flow import FlowController
 from batcher.images import ImageError, ImageLoader
 from batcher.journal import Outcome
-from batcher.limiter import RateLimiter
+from batcher.limiter import Cost
 from batcher.parse import OutputParser
 from batcher.plan import RowFailure
 from batcher.prices import Price, PriceTable
@@ -41,7 +42,7 @@ class RowWorker:
         self,
         config: JobConfig,
         client: ChatClient,
-        limiter: RateLimiter,
+        flow: FlowController,
         images: ImageLoader,
         parser: OutputParser,
         prices: PriceTable,
@@ -53,7 +54,7 @@ class RowWorker:
     ) -> None:
         self.config = config
         self.client = client
-        self.limiter = limiter
+        self.flow = flow
         self.images = images
         self.parser = parser
         self.prices = prices
@@ -69,6 +70,7 @@ class RowWorker:
         self._price = prices.get(config.request.model)
         max_tokens = config.request.max_tokens
         self._max_completion = max_tokens if max_tokens is not None else 1024
+        self._completion_per_row = self._max_completion * (config.request.n or 1)
 
     async def process(self, request: RowRequest) -> Outcome:
         """Send one row (fan-out included) until it is answered or finally fails."""
@@ -108,8 +110,11 @@ class RowWorker:
                 self.tally.retries += 1
             try:
                 reply = await self._attempt(request, deadline)
-            except AttemptError:
-                counts["transport"] += 1
+            except AttemptError as exc:
+                # "Slow down" is not a failure of the row: 429s end only at retry.deadline_s
+                # (or when the run stalls), never by using up max_attempts.
+                if exc.status != 429:
+                    counts["transport"] += 1
                 raise
             try:
                 parsed = self._parse(reply)
@@ -155,44 +160,46 @@ class RowWorker:
             raise Halted
         estimated_cost = self._estimated_cost(request)
         self._reserve_budget(estimated_cost)
+        prompt = max(request.estimated_tokens - self._completion_per_row, 0)
+        cost = Cost(prompt, self._max_completion * self._choices_per_request)
         try:
-            sent_at = await self.limiter.acquire(request.estimated_tokens)
-            body = request.body
-            if request.images:
-                body = await anyio.to_thread.run_sync(
-                    self._with_images, request, limiter=self._image_slots
-                )
-            timeout = self.config.endpoint.timeout_s
-            if deadline is not None:
-                timeout = max(min(timeout, deadline - self._clock()), 0.001)
-            self.tally.requests += 1
-            try:
-                with anyio.fail_after(timeout):
-                    reply = await self.client.complete(body)
-            except TimeoutError:
-                raise AttemptError(
-                    "timeout", f"no reply in {timeout:g} s", retryable=True
-                ) from None
-            except AttemptError as exc:
-                self.tally.errors[exc.kind] += 1
-                if exc.status == 429:
-                    self.tally.rate_limited += 1
-                    self.limiter.on_rate_limited(sent_at)
-                    if exc.retry_after_s:
-                        self.limiter.pause(exc.retry_after_s)
-                raise
+            async with self.flow.slot(cost) as slot:
+                body = request.body
+                if request.images:
+                    body, slot.body_bytes = await anyio.to_thread.run_sync(
+                        self._with_images, request, limiter=self._image_slots
+                    )
+                timeout = self.config.endpoint.timeout_s
+                if deadline is not None:
+                    timeout = max(min(timeout, deadline - self._clock()), 0.001)
+                self.tally.requests += 1
+                try:
+                    with anyio.fail_after(timeout):
+                        reply = await self.client.complete(body)
+                except TimeoutError:
+                    raise AttemptError(
+                        "timeout", f"no reply in {timeout:g} s", retryable=True
+                    ) from None
+                except AttemptError as exc:
+                    self.tally.errors[exc.kind] += 1
+                    if exc.status == 429:
+                        self.tally.rate_limited += 1
+                        slot.rate_limited(exc.retry_after_s, exc.limits)
+                    elif exc.status is not None:
+                        slot.failed(exc.limits)
+                    raise
+                used = Cost(reply.prompt_tokens or prompt, reply.completion_tokens or 0)
+                slot.answered(used, reply.limits)
         finally:
             self.tally.inflight_cost_usd -= estimated_cost
-        actual = (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)
-        self.limiter.settle(request.estimated_tokens, actual or request.estimated_tokens)
-        self.limiter.on_success(actual, sent_at)
         self.tally.prompt_tokens += reply.prompt_tokens or 0
         self.tally.completion_tokens += reply.completion_tokens or 0
         self.tally.cost_usd += self._cost_of([reply]) or 0.0
         return reply
 
-    def _with_images(self, request: RowRequest) -> dict[str, Any]:
-        """The body with each local image's data URL in place of its digest (blocking)."""
+    def _with_images(self, request: RowRequest) -> tuple[dict[str, Any], int]:
+        """The body with each local image's data URL in place of its digest, and the bytes
+        of those URLs (blocking)."""
         try:
             urls = {part.digest: self.images.encode(part) for part in request.images}
         except ImageError as exc:
@@ -208,7 +215,7 @@ class RowWorker:
             for p in messages[-1]["content"]
         ]
         messages[-1]["content"] = content
-        return {**request.body, "messages": messages}
+        return {**request.body, "messages": messages}, sum(map(len, urls.values()))
 
     # -- budget -------------------------------------------------------------------------------
 

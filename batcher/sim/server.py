@@ -9,13 +9,14 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from batcher.images import sniff_mime
+from batcher.sim.limits import Meter, advertise, meter
 from batcher.sim.replies import build_reply, count_tokens, digest, user_text
 
 FAULT_KINDS = (
@@ -50,35 +51,14 @@ class SimSettings:
     retry_after_s: float = 0.1
     cached_share: float = 0.0  # share of prompt tokens reported as cached
     seed: int = 0
-
-
-@dataclass(slots=True)
-class _Bucket:
-    """A token bucket: ``rate`` per second, holding at most ``capacity``."""
-
-    rate: float
-    capacity: float
-    level: float = 0.0
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.level = self.capacity
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def wait_for(self, cost: float, now: float) -> float:
-        """0 and take ``cost`` if it is there; else seconds until it would be."""
-        self._refill(now)
-        if self.level >= min(cost, self.capacity):
-            self.level -= cost
-            return 0.0
-        return (min(cost, self.capacity) - self.level) / self.rate
-
-    def give_back(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
+    limiter: str = "bucket"  # bucket, window (fixed) or sliding; see sim/limits.py
+    window_s: float = 60.0  # the window of the window and sliding limiters
+    limit_retry_after_s: float | None = None  # Retry-After of limit 429s; None: the exact wait
+    send_retry_after: bool = True  # False: limit 429s carry no Retry-After at all
+    ratelimit_headers: str | None = None  # advertise limits in headers: openai or anthropic
+    random_429_share: float = 0.0  # 429s on this share of requests, whatever the rate
+    # (seconds after the first request, requests/minute from then on): a limit that moves
+    schedule: tuple[tuple[float, float], ...] = ()
 
 
 class Simulator:
@@ -103,16 +83,28 @@ class Simulator:
         self.answered_tokens: list[int] = []
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
-        self._request_bucket = (
-            _Bucket(s.requests_per_minute / 60, max(1.0, s.requests_per_minute / 60 * s.burst_s))
-            if s.requests_per_minute
-            else None
-        )
-        self._token_bucket = (
-            _Bucket(s.tokens_per_minute / 60, max(1.0, s.tokens_per_minute / 60 * s.burst_s))
-            if s.tokens_per_minute
-            else None
-        )
+        self.meters: dict[str, Meter] = {}
+        self._first_request: float | None = None
+        self._schedule = sorted(s.schedule)
+        self.set_limits(s.requests_per_minute, s.tokens_per_minute)
+
+    def set_limits(
+        self, requests_per_minute: float | None, tokens_per_minute: float | None
+    ) -> None:
+        """Enforce these limits from now on (None: that budget unlimited)."""
+        s, now = self.settings, time.monotonic()
+        for budget, per_minute in (
+            ("requests", requests_per_minute),
+            ("tokens", tokens_per_minute),
+        ):
+            if per_minute is None:
+                self.meters.pop(budget, None)
+            elif budget in self.meters:
+                self.meters[budget].per_minute = per_minute
+            else:
+                self.meters[budget] = meter(
+                    s.limiter, per_minute, burst_s=s.burst_s, window_s=s.window_s, now=now
+                )
 
     def achieved_rps(self) -> float:
         """Answers per second between the first and the last answer."""
@@ -148,10 +140,16 @@ class Simulator:
         app.router.add_post("/chat/completions", self._handle)
         app.router.add_get("/sim/stats", self._stats)
         app.router.add_post("/sim/reset", self._reset)
+        app.router.add_post("/sim/limits", self._set_limits)
         return app
 
     async def _stats(self, _: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
+
+    async def _set_limits(self, request: web.Request) -> web.Response:
+        wanted = orjson.loads(await request.read())
+        self.set_limits(wanted.get("requests_per_minute"), wanted.get("tokens_per_minute"))
+        return web.Response(body=b"{}", content_type="application/json")
 
     async def _reset(self, _: web.Request) -> web.Response:
         self.reset()
@@ -187,25 +185,33 @@ class Simulator:
             if marker in prompt:
                 self.statuses[str(status)] += 1
                 return _error(status, "invalid_request_error", message)
+        # Limits are checked on arrival, as real servers do: a 429 does not wait for the model.
+        self._follow_schedule()
+        if s.random_429_share and self._random.random() < s.random_429_share:
+            self.statuses["429"] += 1
+            self.statuses["429 random"] += 1
+            return self._error(429, "rate_limit_error", "upstream busy", s.retry_after_s)
+        prompt_tokens = self._count_prompt(messages)
+        max_tokens = int(body.get("max_tokens") or 1024)
+        limited = self._admit(prompt_tokens + max_tokens)
+        if limited is not None:
+            return limited
         if s.latency_s or s.latency_jitter_s:
             await asyncio.sleep(s.latency_s + self._random.uniform(0, s.latency_jitter_s))
         fault = self._fault_for(raw, attempt)
         streaming_fault = fault in ("cut", "silence") and body.get("stream")
         if fault is not None and not streaming_fault:
             return await self._fault(request, "stall" if fault == "silence" else fault)
-        prompt_tokens = self._count_prompt(messages)
-        max_tokens = int(body.get("max_tokens") or 1024)
-        limited = self._admit(prompt_tokens + max_tokens)
-        if limited is not None:
-            return limited
         reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
         completion = reply["usage"]["completion_tokens"]
-        if self._token_bucket is not None:
-            self._token_bucket.give_back(max(max_tokens - completion, 0), time.monotonic())
+        if "tokens" in self.meters:
+            self.meters["tokens"].give_back(max(max_tokens - completion, 0), time.monotonic())
         if body.get("stream"):
             return await self._stream(request, body, reply, fault=fault)
         self._count_answer(prompt, reply)
-        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(reply), content_type="application/json", headers=self._advertised()
+        )
 
     def _count_answer(self, prompt: str, reply: dict[str, Any]) -> None:
         self.statuses["200"] += 1
@@ -233,9 +239,7 @@ class Simulator:
         self.statuses[fault] += 1
         s = self.settings
         if fault == "429":
-            return _error(
-                429, "rate_limit_error", "simulated rate limit", retry_after_s=s.retry_after_s
-            )
+            return self._error(429, "rate_limit_error", "simulated rate limit", s.retry_after_s)
         if fault.isdigit():
             retry_after = s.retry_after_s if fault == "503" else None
             return _error(int(fault), "api_error", f"simulated {fault}", retry_after_s=retry_after)
@@ -255,24 +259,52 @@ class Simulator:
             request.transport.close()
         raise asyncio.CancelledError
 
+    def _follow_schedule(self) -> None:
+        now = time.monotonic()
+        if self._first_request is None:
+            self._first_request = now
+        while self._schedule and now - self._first_request >= self._schedule[0][0]:
+            _, per_minute = self._schedule.pop(0)
+            self.set_limits(per_minute, self.settings.tokens_per_minute)
+
     def _admit(self, tokens: int) -> web.Response | None:
         now = time.monotonic()
-        waits = []
-        if self._request_bucket is not None:
-            waits.append(self._request_bucket.wait_for(1, now))
-        if waits and waits[0] > 0:
-            return self._limited(waits[0])
-        if self._token_bucket is not None:
-            wait = self._token_bucket.wait_for(tokens, now)
+        charged: list[tuple[Meter, float]] = []
+        for budget, cost in (("requests", 1), ("tokens", tokens)):
+            found = self.meters.get(budget)
+            if found is None:
+                continue
+            wait = found.take(cost, now)
             if wait > 0:
-                if self._request_bucket is not None:
-                    self._request_bucket.give_back(1, now)
+                for earlier, amount in charged:  # refused: charge nothing
+                    earlier.give_back(amount, now)
                 return self._limited(wait)
+            charged.append((found, cost))
         return None
 
     def _limited(self, wait_s: float) -> web.Response:
         self.statuses["429"] += 1
-        return _error(429, "rate_limit_error", "rate limit exceeded", retry_after_s=wait_s)
+        s = self.settings
+        retry_after = s.limit_retry_after_s if s.limit_retry_after_s is not None else wait_s
+        return self._error(
+            429,
+            "rate_limit_error",
+            "rate limit exceeded",
+            retry_after if s.send_retry_after else None,
+        )
+
+    def _advertised(self) -> dict[str, str] | None:
+        style = self.settings.ratelimit_headers
+        if style is None or not self.meters:
+            return None
+        return advertise(style, self.meters, time.monotonic())
+
+    def _error(
+        self, status: int, kind: str, message: str, retry_after_s: float | None
+    ) -> web.Response:
+        response = _error(status, kind, message, retry_after_s=retry_after_s)
+        response.headers.update(self._advertised() or {})
+        return response
 
     def _count_prompt(self, messages: list[dict[str, Any]]) -> int:
         tokens = 0
@@ -318,7 +350,9 @@ class Simulator:
         *,
         fault: str | None,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", **(self._advertised() or {})}
+        )
         await response.prepare(request)
         base = {k: reply[k] for k in ("id", "created", "model")} | {
             "object": "chat.completion.chunk"
