@@ -27,16 +27,21 @@ from collections import deque
 from dataclasses import dataclass
 
 RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
+LAST_ANSWERS = 20  # the 429 share of a paced rate that triggers a cut, over these answers
 SERVED_S = 3.0  # what the server serves now: successes over this span (at least 1 s)
-CUT_SHARE = 0.95  # a cut aims just under the rate the server was seen to serve
+CUT_SHARE = 0.9  # a cut aims under the rate the server was seen to serve
 FLOOR = 0.25  # one cut never goes below this share of the rate before it
-PLATEAU_S = 12.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
+PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
+DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
 Z_SUSPECT = 3.0  # how far above the noise share the recent 429 share must be
 Z_FELL = 2.0  # how significantly the share must fall after a cut to call it congestion
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
 REFUSING = 0.5  # a server refusing more than this share is congested, never noisy
+SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
+NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
+NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
 _NOISE_DECAY = 0.1  # noise share moves this far towards a lower measured share per window
 
 
@@ -67,21 +72,27 @@ class Discovery:
         self._served: deque[float] = deque()
         self._first_success: float | None = None
         self._trial: _Trial | None = None
+        self._episode: _Trial | None = None  # the first unproven cut of a run of them
         self._peak: float | None = None  # where congestion was met (CUBIC's W_max)
         self._origin = 0.0  # when the growth curve started
+        self._last_cut = float("-inf")
 
     @property
     def trial_running(self) -> bool:
         return self._trial is not None
 
     def served_rps(self, now: float) -> float:
-        """Successes per second over the last ``SERVED_S`` seconds (span at least 1 s)."""
+        """Successes per second over the last ``SERVED_S`` seconds, or since the last cut when
+        that is at least a second ago (before it, the server may have served a burst)."""
         while self._served and self._served[0] < now - SERVED_S:
             self._served.popleft()
         if self._first_success is None:
             return 0.0
-        span = min(SERVED_S, max(now - self._first_success, 1.0))
-        return len(self._served) / span
+        start = max(now - SERVED_S, self._first_success)
+        if now - self._last_cut >= 1.0:
+            start = max(start, self._last_cut)
+        served = sum(1 for when in self._served if when >= start)
+        return served / max(now - start, 1.0)
 
     def record(self, now: float, epoch: int, *, limited: bool, pacing_rps: float | None) -> bool:
         """One answer (a success or a 429) to a request sent in ``epoch``; True if the rate
@@ -115,9 +126,11 @@ class Discovery:
             self._origin += elapsed_s  # an unused rate proves nothing: hold the curve
         if self._trial is not None or self._peak is None or self.rate_rps is None:
             return
-        t = now - self._origin
-        scale = (1 - CUT_SHARE) / PLATEAU_S**3
-        self.rate_rps = max(self.rate_rps, self._peak * (1 + scale * (t - PLATEAU_S) ** 3))
+        t = now - self._origin - PLATEAU_S
+        # Concave up to the old peak, convex past it: gentle where the limit was, quick to
+        # find one that was raised.
+        scale = (1 - CUT_SHARE) / PLATEAU_S**3 if t < 0 else 1 / DOUBLING_S**3
+        self.rate_rps = max(self.rate_rps, self._peak * (1 + scale * t**3))
         if len(self._recent) >= 100 and self._recent_limited / len(self._recent) < self.noise_share:
             share = self._recent_limited / len(self._recent)
             self.noise_share += (share - self.noise_share) * _NOISE_DECAY
@@ -132,7 +145,10 @@ class Discovery:
             self._recent_limited -= self._recent.popleft()[1]
 
     def _suspect(self) -> bool:
-        answers, limited = len(self._recent), self._recent_limited
+        return self.suspicious(self._recent_limited, len(self._recent))
+
+    def suspicious(self, limited: int, answers: int) -> bool:
+        """Whether ``limited`` 429s among ``answers`` are significantly above the noise."""
         if limited < 3 or answers < 10:
             return False
         expected = max(self.noise_share, MIN_SHARE)
@@ -141,6 +157,12 @@ class Discovery:
 
     def _cut(self, now: float, pacing_rps: float | None) -> bool:
         served = self.served_rps(now)
+        if pacing_rps is not None and self._recent:
+            # Paced at a known rate, the server takes that rate less the share of 429s in the
+            # last answers (a count over seconds would include a burst the server allowed).
+            last = list(self._recent)[-LAST_ANSWERS:]
+            taken = pacing_rps * (1 - sum(limited for _, limited in last) / len(last))
+            served = min(served, taken) if served > 0 else taken
         if served <= 0:
             return False  # nothing served yet to aim under: the Retry-After pauses cover it
         target = CUT_SHARE * served
@@ -155,40 +177,59 @@ class Discovery:
             self._origin,
         )
         self.rate_rps = target
+        self._last_cut = now
         self.lowest_rps = target if self.lowest_rps is None else min(self.lowest_rps, target)
         self._new_epoch()
         return True
 
     def _judge(self, now: float, trial: _Trial) -> bool:
-        if now - trial.started < TRIAL_MIN_S or trial.answers < TRIAL_MIN_ANSWERS:
-            return False
         before = trial.before_limited / trial.before_answers
         after = trial.limited / trial.answers
+        if trial.limited >= 3 and after >= max(before, SHALLOW):
+            self._settle(now, proven=False)  # as many 429s as before the cut: cut deeper now
+            return False
+        if now - trial.started < TRIAL_MIN_S or trial.answers < TRIAL_MIN_ANSWERS:
+            return False
         pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
         spread = math.sqrt(
             max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
         )
-        if (before - after) / spread > Z_FELL or after > REFUSING:
-            # Congestion: the cut stays; growth starts from here.
-            assert self.rate_rps is not None
-            self._peak = self.rate_rps / CUT_SHARE
-            self._origin = trial.started
-            self._trial = None
-            self.cuts += 1
+        z = (before - after) / spread
+        if z > Z_FELL or not self.suspicious(trial.limited, trial.answers):
+            self._settle(now, proven=True)  # the share fell with the rate: congestion
             return False
-        if trial.answers < max(2 * TRIAL_MIN_ANSWERS, trial.before_answers):
+        if trial.answers < max(NOISE_MIN_ANSWERS, trial.before_answers):
+            if after > REFUSING or z < -Z_FELL:
+                self._settle(now, proven=False)  # too shallow a cut: the next one goes on
             return False
-        # Noise: the share did not move with the rate. Undo the cut, remember the share.
-        self.noise_share = max(self.noise_share, pooled)
-        self.rate_rps, self._peak, self._origin = (
-            trial.prior_rate,
-            trial.prior_peak,
-            trial.prior_origin + (now - trial.started),
-        )
-        self._trial = None
+        if trial.before_answers < NOISE_MIN_ANSWERS or after > NOISE_MAX or after < 0.75 * before:
+            # Too little seen before the cut to tell noise, too many 429s to be noise, or a
+            # share that fell, if not significantly: keep the cut; a further suspicion starts
+            # a trial with more answers behind it.
+            self._settle(now, proven=False)
+            return False
+        # Noise: the share did not move with the rate. Undo the episode's cuts and remember
+        # the share, so later suspicions are judged against it.
+        self.noise_share = max(self.noise_share, after)
+        prior = self._episode or trial
+        self.rate_rps, self._peak = prior.prior_rate, prior.prior_peak
+        self._origin = prior.prior_origin + (now - prior.started)
+        self._trial = self._episode = None
         self.noise_verdicts += 1
         self._new_epoch()
         return True
+
+    def _settle(self, now: float, *, proven: bool) -> None:
+        """Keep the cut; the rate grows back from it on the curve."""
+        assert self.rate_rps is not None
+        if proven:
+            self.cuts += 1
+            self._episode = None
+        elif self._episode is None:
+            self._episode = self._trial  # noise could still explain it: remember where it began
+        self._peak = self.rate_rps / CUT_SHARE
+        self._origin = now
+        self._trial = None
 
     def _new_epoch(self) -> None:
         self.epoch += 1

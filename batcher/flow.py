@@ -172,10 +172,10 @@ class FlowController:
         """Whether a 429 now speaks for every request, so everyone waits its Retry-After."""
         if not self.adaptive:
             return True  # adaptive: false keeps the plain rule: every 429 pauses everyone
-        refused = sum(self._recent)
-        if len(self._recent) >= 10 and refused > len(self._recent) / 2:
+        refused, answers = sum(self._recent), len(self._recent)
+        if answers >= 10 and refused > answers / 2:
             return True  # the server refuses nearly everything: a wall, not noise
-        return self.discovery.suspects(now)
+        return self.discovery.suspicious(refused, answers) or self.discovery.suspects(now)
 
     def _progressed(self, limits: ServerLimits | None) -> None:
         self._last_progress = self._clock()
