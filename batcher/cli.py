@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--skip-failed", action="store_true", help="do not retry rows that failed before"
     )
+    run.add_argument(
+        "--keep-done",
+        action="store_true",
+        help="keep rows answered before, whatever their request is now; send the rest",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
 
@@ -54,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost = commands.add_parser("cost", help="rows, tokens and dollars of an output file")
     cost.add_argument("output", help="a batcher output Parquet file (or a glob)")
-    cost.add_argument("--by", default="model", metavar="COLUMN", help="group by this column")
+    cost.add_argument(
+        "--by",
+        metavar="COLUMN",
+        help="group by this column (default: request_model if the output has it, else model)",
+    )
     cost.add_argument("--json", action="store_true", help="print JSON for machines")
 
     estimate = commands.add_parser("estimate", help="what a job will cost, before running it")
@@ -132,6 +141,7 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         limit=arguments.limit,
         fresh=arguments.fresh,
         skip_failed=arguments.skip_failed,
+        keep_done=arguments.keep_done,
         quiet=arguments.quiet,
         prices_path=arguments.prices,
         resume_command=resume,

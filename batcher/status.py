@@ -43,7 +43,8 @@ class JobStatus:
 
 
 def job_status(job: Job, limit: int | None = None) -> JobStatus:
-    total = Source(job.input_path, job.config.input.id_column).count_rows(limit)
+    input_rows = Source(job.input_path, job.config.input.id_column).count_rows(limit)
+    total = input_rows * len(job.config.request.models)  # one output row per model asked
     path = journal_path(job.checkpoint_dir)
     if not path.exists():
         return JobStatus(total, 0, 0, 0, 0, 0.0)
