@@ -14,6 +14,7 @@ from batcher.config import load_job
 from batcher.errors import BatcherError
 from batcher.estimate import estimate, estimate_with_sample
 from batcher.ledger import read_ledger
+from batcher.preview import DEFAULT_ROWS, preview
 from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.status import job_status
@@ -75,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.add_argument("--json", action="store_true", help="print JSON for machines")
 
+    preview = commands.add_parser(
+        "preview", help="print the exact request bodies of the first rows, sending nothing"
+    )
+    preview.add_argument("job", help="the job file (YAML)")
+    preview.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job-file key (value parsed as YAML)",
+    )
+    preview.add_argument(
+        "--limit", type=int, default=DEFAULT_ROWS, metavar="N", help="rows to show (default 3)"
+    )
+    preview.add_argument("--json", action="store_true", help="print JSON for machines")
+
     sim = commands.add_parser("sim", help="serve the simulator on 127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--latency-s", type=float, default=0.0, help="fixed latency per request")
@@ -127,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "estimate":
             return _estimate(arguments)
+        if arguments.command == "preview":
+            job = load_job(arguments.job, arguments.overrides)
+            shown = preview(job, rows=arguments.limit)
+            if arguments.json:
+                print(orjson.dumps([row.as_json() for row in shown]).decode())
+            else:
+                print("\n".join(line for row in shown for line in row.lines()))
+            return 0
     except BatcherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -50,6 +50,7 @@ class SimSettings:
     retry_after_s: float = 0.1
     cached_share: float = 0.0  # share of prompt tokens reported as cached
     seed: int = 0
+    record_bodies: bool = False  # keep every request body, for tests that compare them
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class Simulator:
         self.answered_tokens: list[int] = []
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
+        self.bodies: list[dict[str, Any]] = []
         self._request_bucket = (
             _Bucket(s.requests_per_minute / 60, max(1.0, s.requests_per_minute / 60 * s.burst_s))
             if s.requests_per_minute
@@ -140,6 +142,7 @@ class Simulator:
             "usage_by_prompt": dict(self.usage_by_prompt),
             "images": self.images,
             "authorization": dict(self.authorization),
+            **({"bodies": self.bodies} if self.settings.record_bodies else {}),
         }
 
     def app(self) -> web.Application:
@@ -176,6 +179,8 @@ class Simulator:
             messages = body["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _error(400, "invalid_request_error", "body is not a chat-completions request")
+        if s.record_bodies:
+            self.bodies.append(body)
         prompt = user_text(messages)
         self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
