@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import anyio
 import orjson
 
+from batcher.agreement import majority, measure, read_votes
 from batcher.config import load_job
-from batcher.errors import BatcherError
+from batcher.errors import BatcherError, ConfigError
 from batcher.estimate import estimate, estimate_with_sample
 from batcher.ledger import read_ledger
 from batcher.preview import DEFAULT_ROWS, preview
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="group by this column (default: request_model if the output has it, else model)",
     )
     cost.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    agree = commands.add_parser(
+        "agree", help="how often models (or a row's choices) give the same label"
+    )
+    agree.add_argument("output", help="a batcher output Parquet file")
+    agree.add_argument("--column", required=True, help="the label column, e.g. response")
+    agree.add_argument(
+        "--by", metavar="COLUMN", help="the raters, e.g. request_model (default: the n choices)"
+    )
+    agree.add_argument("--json", action="store_true", help="print JSON for machines")
+    agree.add_argument(
+        "--out", metavar="FILE", help="write each row's majority label and vote share (Parquet)"
+    )
 
     estimate = commands.add_parser("estimate", help="what a job will cost, before running it")
     _job_arguments(estimate)
@@ -145,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "estimate":
             return _estimate(arguments)
+        if arguments.command == "agree":
+            return _agree(arguments)
         if arguments.command == "preview":
             job = load_job(arguments.job, arguments.overrides)
             shown = preview(job, rows=arguments.limit)
@@ -177,6 +193,21 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary.exit_code
+
+
+def _agree(arguments: argparse.Namespace) -> int:
+    votes = read_votes(arguments.output, arguments.column, arguments.by)
+    result = measure(votes)
+    if arguments.out:
+        try:
+            majority(votes).write_parquet(arguments.out)
+        except OSError as exc:
+            raise ConfigError(f"{arguments.out}: --out: cannot write: {exc.strerror}") from None
+    if arguments.json:
+        print(orjson.dumps(result.as_json()).decode())
+    else:
+        print("\n".join(result.lines()))
+    return 0
 
 
 def _estimate(arguments: argparse.Namespace) -> int:
