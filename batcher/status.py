@@ -29,7 +29,7 @@ class JobStatus:
             return [f"no checkpoint yet: {self.rows_total} rows pending"]
         lines = [
             f"checkpoint: {self.journal}",
-            f"rows: {self.rows_total} in the input; {self.rows_ok} done, "
+            f"rows: {self.rows_total} to answer; {self.rows_ok} done, "
             f"{self.rows_failed} failed, {self.rows_pending} pending",
             f"tokens so far: {self.prompt_tokens} in, {self.completion_tokens} out; "
             f"cost ${self.cost_usd:.4f}",

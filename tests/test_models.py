@@ -120,4 +120,4 @@ def test_status_counts_rows_of_every_model(
     assert main(["run", str(job), "--quiet", "--limit", "5"]) == 0
     capsys.readouterr()
     assert main(["status", str(job)]) == 0
-    assert "40 in the input; 10 done, 0 failed, 30 pending" in capsys.readouterr().out
+    assert "rows: 40 to answer; 10 done, 0 failed, 30 pending" in capsys.readouterr().out
