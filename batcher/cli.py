@@ -10,10 +10,12 @@ from collections.abc import Sequence
 import anyio
 import orjson
 
+from batcher.agreement import majority, measure, read_votes
 from batcher.config import load_job
-from batcher.errors import BatcherError
+from batcher.errors import BatcherError, ConfigError
 from batcher.estimate import estimate, estimate_with_sample
 from batcher.ledger import read_ledger
+from batcher.preview import DEFAULT_ROWS, preview
 from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.status import job_status
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--skip-failed", action="store_true", help="do not retry rows that failed before"
     )
+    run.add_argument(
+        "--keep-done",
+        action="store_true",
+        help="keep rows answered before, whatever their request is now; send the rest",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
 
@@ -54,8 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost = commands.add_parser("cost", help="rows, tokens and dollars of an output file")
     cost.add_argument("output", help="a batcher output Parquet file (or a glob)")
-    cost.add_argument("--by", default="model", metavar="COLUMN", help="group by this column")
+    cost.add_argument(
+        "--by",
+        metavar="COLUMN",
+        help="group by this column (default: request_model if the output has it, else model)",
+    )
     cost.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    agree = commands.add_parser(
+        "agree", help="how often models (or a row's choices) give the same label"
+    )
+    agree.add_argument("output", help="a batcher output Parquet file")
+    agree.add_argument("--column", required=True, help="the label column, e.g. response")
+    agree.add_argument(
+        "--by", metavar="COLUMN", help="the raters, e.g. request_model (default: the n choices)"
+    )
+    agree.add_argument("--json", action="store_true", help="print JSON for machines")
+    agree.add_argument(
+        "--out", metavar="FILE", help="write each row's majority label and vote share (Parquet)"
+    )
 
     estimate = commands.add_parser("estimate", help="what a job will cost, before running it")
     _job_arguments(estimate)
@@ -65,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--prices", metavar="FILE", help="a price table instead of the shipped one"
     )
     estimate.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    preview = commands.add_parser(
+        "preview", help="print the exact request bodies of the first rows, sending nothing"
+    )
+    preview.add_argument("job", help="the job file (YAML)")
+    preview.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job-file key (value parsed as YAML)",
+    )
+    preview.add_argument(
+        "--limit", type=int, default=DEFAULT_ROWS, metavar="N", help="rows to show (default 3)"
+    )
+    preview.add_argument("--json", action="store_true", help="print JSON for machines")
 
     sim = commands.add_parser("sim", help="serve the simulator on 127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
@@ -118,6 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "estimate":
             return _estimate(arguments)
+        if arguments.command == "agree":
+            return _agree(arguments)
+        if arguments.command == "preview":
+            job = load_job(arguments.job, arguments.overrides)
+            shown = preview(job, rows=arguments.limit)
+            if arguments.json:
+                print(orjson.dumps([row.as_json() for row in shown]).decode())
+            else:
+                print("\n".join(line for row in shown for line in row.lines()))
+            return 0
     except BatcherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -132,6 +183,7 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         limit=arguments.limit,
         fresh=arguments.fresh,
         skip_failed=arguments.skip_failed,
+        keep_done=arguments.keep_done,
         quiet=arguments.quiet,
         prices_path=arguments.prices,
         resume_command=resume,
@@ -141,6 +193,21 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary.exit_code
+
+
+def _agree(arguments: argparse.Namespace) -> int:
+    votes = read_votes(arguments.output, arguments.column, arguments.by)
+    result = measure(votes)
+    if arguments.out:
+        try:
+            majority(votes).write_parquet(arguments.out)
+        except OSError as exc:
+            raise ConfigError(f"{arguments.out}: --out: cannot write: {exc.strerror}") from None
+    if arguments.json:
+        print(orjson.dumps(result.as_json()).decode())
+    else:
+        print("\n".join(result.lines()))
+    return 0
 
 
 def _estimate(arguments: argparse.Namespace) -> int:

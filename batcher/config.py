@@ -39,7 +39,7 @@ class EndpointConfig(_Section):
 
 
 class RequestConfig(_Section):
-    model: str
+    model: str | list[str]  # a list asks every model for every row
     prompt: str
     system: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -54,6 +54,18 @@ class RequestConfig(_Section):
     tool_choice: str | dict[str, Any] | None = None
     images: list[str] = Field(default_factory=list)
     extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _distinct_models(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("takes a model name or a list of distinct model names")
+        return value
+
+    @property
+    def models(self) -> list[str]:
+        """The models asked, in order: one, or the list."""
+        return list(self.model) if isinstance(self.model, list) else [self.model]
 
     @field_validator("stop")
     @classmethod
@@ -92,6 +104,8 @@ class OutputConfig(_Section):
     checkpoint_dir: str | None = None
     parse: Literal["none", "tool_arguments", "json"] = "none"
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    # Finish reasons that make an answered row a failed one (e.g. length, content_filter).
+    fail_on_finish: list[str] = Field(default_factory=list)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -25,6 +25,7 @@ from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.runner import Run, RunOptions, endpoint, prepare
 
 ASSUMED_LATENCY_S = 2.0  # per request, when no sample has measured it
+_DOLLARS = ("low_usd", "expected_usd", "high_usd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,11 @@ class Estimate:
     duration_s: float
     sampled_rows: int = 0
     note: str | None = None
+    # With a model list: the heuristic's figures for each model, split by request_model.
+    by_model: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
+        split = {"by_request_model": self.by_model} if self.by_model else {}
         return {
             "rows": self.rows,
             "prompt_tokens": self.prompt_tokens,
@@ -48,6 +52,7 @@ class Estimate:
             "expected_usd": self.expected_usd,
             "high_usd": self.high_usd,
             "duration_s": self.duration_s,
+            **split,
         }
 
     def lines(self) -> list[str]:
@@ -62,6 +67,12 @@ class Estimate:
             f"high {usd(self.high_usd)}",
             f"duration: about {_duration(self.duration_s)} at the job's limits",
         ]
+        for group in self.by_model:
+            lines.append(
+                f"  {group['request_model']}: {group['rows']} rows, "
+                f"{group['prompt_tokens']:,} prompt tokens; cost: low {usd(group['low_usd'])}, "
+                f"expected {usd(group['expected_usd'])}, high {usd(group['high_usd'])}"
+            )
         if self.sampled_rows:
             lines.append(f"from {self.sampled_rows} rows run for real (checkpointed)")
         if self.note:
@@ -79,14 +90,24 @@ def _duration(seconds: float) -> str:
 
 def count_tokens(plan: Plan) -> tuple[int, int]:
     """Estimated prompt tokens of every row, and rows (blocking: reads the whole input)."""
-    prompt = rows = 0
+    counts = count_tokens_by_model(plan).values()
+    return sum(p for p, _ in counts), sum(r for _, r in counts)
+
+
+def count_tokens_by_model(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Estimated prompt tokens and rows for each model asked (blocking: reads the input)."""
+    counts = dict.fromkeys(plan.models, (0, 0))
     completion_per_row = plan.builder.completion_tokens
+    models = len(plan.models)
     for batch in plan.batches():
-        for _, item, _ in plan.prepare(batch):
-            rows += 1
+        # prepare gives each row's models in list order.
+        for index, (_, item, _) in enumerate(plan.prepare(batch)):
+            model = plan.models[index % models]
+            prompt, rows = counts[model]
             if isinstance(item, RowRequest):
                 prompt += item.estimated_tokens - completion_per_row
-    return prompt, rows
+            counts[model] = (prompt, rows + 1)
+    return counts
 
 
 def duration_s(
@@ -106,20 +127,42 @@ def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = No
     """The estimate from the heuristic alone; sends nothing."""
     job, plan = prepare(job, RunOptions(limit=limit), api_key_required=False)
     prices = PriceTable.load(prices_path, job.config.prices)
-    prompt, rows = count_tokens(plan)
-    completion_high = rows * plan.builder.completion_tokens
-    price = prices.get(job.config.request.model)
+    groups = []
+    unpriced = []
+    for model, (prompt, rows) in count_tokens_by_model(plan).items():
+        completion_high = rows * plan.builder.completion_tokens
+        group: dict[str, Any] = {
+            "request_model": model,
+            "rows": rows,
+            "prompt_tokens": prompt,
+            "completion_tokens_high": completion_high,
+            "low_usd": None,
+            "expected_usd": None,
+            "high_usd": None,
+        }
+        price = prices.get(model)
+        if price is None:
+            unpriced.append(model)
+        else:
+            group["low_usd"] = price.cost(prompt, 0)
+            group["expected_usd"] = price.cost(prompt, completion_high // 2)
+            group["high_usd"] = price.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
+        groups.append(group)
+    prompt = sum(g["prompt_tokens"] for g in groups)
+    rows = sum(g["rows"] for g in groups)
+    completion_high = sum(g["completion_tokens_high"] for g in groups)
     note = None
     low = expected = high = None
-    if price is None:
-        note = f"no price for model {job.config.request.model}: dollars unknown"
+    if unpriced:
+        note = f"no price for model {', '.join(unpriced)}: dollars unknown"
     else:
-        low = price.cost(prompt, 0)
-        expected = price.cost(prompt, completion_high // 2)
-        high = price.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
+        low, expected, high = (sum(g[f] for g in groups) for f in _DOLLARS)
     per_row = (prompt + completion_high) / rows if rows else 0.0
     duration = duration_s(job, rows, per_row, ASSUMED_LATENCY_S, plan.builder.requests_per_row)
-    return Estimate(rows, prompt, completion_high, low, expected, high, duration, note=note)
+    by_model = groups if plan.multiple_models else []
+    return Estimate(
+        rows, prompt, completion_high, low, expected, high, duration, note=note, by_model=by_model
+    )
 
 
 async def estimate_with_sample(

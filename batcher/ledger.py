@@ -55,8 +55,12 @@ def _aggregates() -> list[pl.Expr]:
     ]
 
 
-def read_ledger(path: str | Path, by: str = "model") -> Ledger:
-    """Totals and per-group figures of one output file (or a glob of them)."""
+def read_ledger(path: str | Path, by: str | None = None) -> Ledger:
+    """Totals and per-group figures of one output file (or a glob of them).
+
+    Grouped by ``by``; by default by ``request_model`` (the model asked, in the output of a
+    model list) when the output has it, else by ``model`` (the model that answered).
+    """
     try:
         lazy = pl.scan_parquet(path)
         columns = lazy.collect_schema().names()
@@ -67,6 +71,8 @@ def read_ledger(path: str | Path, by: str = "model") -> Ledger:
     ]
     if missing:
         raise ConfigError(f"{path}: not a batcher output (no {', '.join(missing)} column)")
+    if by is None:
+        by = "request_model" if "request_model" in columns else "model"
     if by not in columns:
         raise ConfigError(f"{path}: --by {by}: no such column (columns: {', '.join(columns)})")
     frames = pl.collect_all(

@@ -47,13 +47,22 @@ class Unchanged:
 
 Prepared = RowRequest | RowFailure | Unchanged
 Lookup = Callable[[list[Any]], dict[Any, Previous]]
+# The output column naming the model asked, present when request.model is a list.
+REQUEST_MODEL = "request_model"
+MODEL_COLUMN = "__request_model"  # its name while the output is rebuilt (inputs may clash)
+_KEY_SEPARATOR = "\x1f"
 
 
 class Plan:
     """A job checked against its input, ready to run."""
 
     def __init__(
-        self, job: Job, *, limit: int | None = None, api_key_required: bool = True
+        self,
+        job: Job,
+        *,
+        limit: int | None = None,
+        api_key_required: bool = True,
+        keep_done: bool = False,
     ) -> None:
         config = job.config
         self.job = job
@@ -87,14 +96,45 @@ class Plan:
                 "that the input does not have"
             )
         self.keep_columns = [c for c in kept if c != self.source.key_column]
+        self.models = self.builder.models
+        self.multiple_models = self.builder.multiple_models
+        if self.multiple_models and REQUEST_MODEL in self.keep_columns:
+            raise ConfigError(
+                f"{where}: the input column {REQUEST_MODEL!r} clashes with the output column "
+                "of a model list; drop it from output.keep_columns or rename it"
+            )
+        # Keep every row answered successfully, whatever its request is now (run --keep-done).
+        self.keep_done = keep_done
         self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
         self.source.check_keys()
-        self.total_rows = self.source.count_rows(limit)
+        self.input_rows = self.source.count_rows(limit)
+        self.total_rows = self.input_rows * len(self.models)  # output rows
         self.api_key = read_api_key(job, required=api_key_required)
         self.output_path = job.output_path
 
     def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
         return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
+
+    def journal_key(self, key: Any, model: str) -> Any:
+        """The checkpoint key of one row for one model: the row's key, joined by the model
+        when request.model is a list (so adding a model leaves the others' rows done)."""
+        return f"{key}{_KEY_SEPARATOR}{model}" if self.multiple_models else key
+
+    def journal_key_expression(self, column: str, dtype: pl.DataType) -> pl.Expr:
+        """``journal_key`` as a polars expression over rows from ``expand``."""
+        expression = key_expression(column, dtype)
+        if not self.multiple_models:
+            return expression
+        return pl.concat_str(
+            [expression.cast(pl.String), pl.lit(_KEY_SEPARATOR), pl.col(MODEL_COLUMN)]
+        )
+
+    def expand(self, batch: pl.DataFrame) -> pl.DataFrame:
+        """One row per (input row, model) in input order then list order, as ``prepare``."""
+        if not self.multiple_models:
+            return batch
+        models = pl.DataFrame({MODEL_COLUMN: self.models})
+        return batch.join(models, how="cross", maintain_order="left_right")
 
     def prepare(
         self,
@@ -102,41 +142,55 @@ class Plan:
         lookup: Lookup | None = None,
         reuse: Callable[[Previous], bool] = lambda previous: True,
     ) -> list[tuple[Any, Prepared, Previous | None]]:
-        """Each row of a batch, in order: key, what to do with it, its journal outcome.
+        """Each row of a batch and model, in order: journal key, what to do, its outcome.
 
         A row whose journal outcome has the same input digest (and passes ``reuse``) is
         ``Unchanged`` and is not rendered again; image rows are always prepared in full,
-        since their files may have changed. Blocking: run in a worker thread.
+        since their files may have changed. With ``keep_done`` a successful outcome is kept
+        whatever the request is now. Blocking: run in a worker thread.
         """
         keys = normalise_keys(batch.get_column(self.source.key_column))
-        known = lookup(keys) if lookup is not None else {}
+        models = self.models
+        journal_keys = [self.journal_key(key, model) for key in keys for model in models]
+        known = lookup(journal_keys) if lookup is not None else {}
         image_columns = self.job.config.request.images
         prepared: list[tuple[Any, Prepared, Previous | None]] = []
-        for key, row in zip(keys, batch.iter_rows(named=True), strict=True):
-            previous = known.get(key)
-            digest = None if image_columns else self.builder.input_digest(row)
-            if (
-                previous is not None
-                and digest is not None
-                and previous.input_digest == digest
-                and reuse(previous)
-            ):
-                prepared.append((key, Unchanged(key, previous.fingerprint), previous))
-                continue
-            prepared.append((key, self._prepare_row(key, row, image_columns, digest), previous))
+        rows = iter(journal_keys)
+        for row in batch.iter_rows(named=True):
+            images: tuple[ImagePart, ...] | str | None = None  # described once for all models
+            for model in models:
+                key = next(rows)
+                previous = known.get(key)
+                if previous is not None and self.keep_done and previous.ok:
+                    prepared.append((key, Unchanged(key, previous.fingerprint), previous))
+                    continue
+                digest = None if image_columns else self.builder.input_digest(row, model)
+                if (
+                    previous is not None
+                    and digest is not None
+                    and previous.input_digest == digest
+                    and reuse(previous)
+                ):
+                    prepared.append((key, Unchanged(key, previous.fingerprint), previous))
+                    continue
+                if images is None:
+                    images = self.images.describe(row, image_columns) if image_columns else ()
+                item = self._prepare_row(key, row, images, digest, model)
+                prepared.append((key, item, previous))
         return prepared
 
     def _prepare_row(
-        self, key: Any, row: dict[str, Any], image_columns: list[str], digest: bytes | None
+        self,
+        key: Any,
+        row: dict[str, Any],
+        images: tuple[ImagePart, ...] | str,
+        digest: bytes | None,
+        model: str,
     ) -> RowRequest | RowFailure:
-        images: tuple[ImagePart, ...] = ()
-        if image_columns:
-            loaded = self.images.describe(row, image_columns)
-            if isinstance(loaded, str):
-                return _failure(key, "image_error", loaded, row)
-            images = loaded
+        if isinstance(images, str):
+            return _failure(key, "image_error", images, row)
         try:
-            return self.builder.build(key, row, images, digest)
+            return self.builder.build(key, row, images, digest, model)
         except Exception as exc:  # a user's template can raise anything: that row fails
             return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row, digest)
 

@@ -52,6 +52,7 @@ class RunOptions:
     limit: int | None = None
     fresh: bool = False
     skip_failed: bool = False
+    keep_done: bool = False  # keep rows answered before, whatever their request is now
     quiet: bool = False
     prices_path: str | None = None
     positions: frozenset[int] | None = None  # only these row positions (estimate --sample)
@@ -83,10 +84,11 @@ class Run:
         self.prices = PriceTable.load(options.prices_path, config.prices)
         self.tally = Tally()
         request = config.request
-        if request.reasoning_effort not in (None, "none") and request.model not in REASONING_MODELS:
-            warning = f"model {request.model} is not listed as supporting reasoning_effort"
-            self.tally.warnings[warning] += 1
-            options.notify(f"warning: {warning}")
+        for model in request.models if request.reasoning_effort not in (None, "none") else ():
+            if model not in REASONING_MODELS:
+                warning = f"model {model} is not listed as supporting reasoning_effort"
+                self.tally.warnings[warning] += 1
+                options.notify(f"warning: {warning}")
         self.abort: BatcherError | None = None
         self.flow: FlowController | None = None
         self.stopping = False
@@ -328,7 +330,10 @@ def prepare(
         )
         job = Job(config, job.source)
     plan = Plan(
-        job, limit=options.limit, api_key_required=api_key_required and not options.simulate
+        job,
+        limit=options.limit,
+        api_key_required=api_key_required and not options.simulate,
+        keep_done=options.keep_done,
     )
     if options.simulate:
         plan.api_key = None

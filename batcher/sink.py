@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher.journal import Previous, connect, fetch_outcomes
-from batcher.plan import Plan, key_expression, normalise_keys
+from batcher.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
@@ -81,6 +81,8 @@ class OutputLayout:
     def result_columns(self) -> list[pl.Expr]:
         extra = pl.col("extra").str.json_decode(self.extra_type)
         columns = [pl.col("response")]
+        if self.plan.multiple_models:
+            columns.insert(0, pl.col(MODEL_COLUMN).alias(REQUEST_MODEL))
         if self.multiple:
             columns.append(extra.struct.field("responses"))
         columns += [
@@ -129,18 +131,20 @@ def write_output(
     try:
         for batch in source.batches(needed, limit=plan.limit, batch_rows=batch_rows):
             keys = normalise_keys(batch.get_column(key))
-            stored = fetch_outcomes(connection, keys)
+            journal_keys = [plan.journal_key(k, m) for k in keys for m in plan.models]
+            stored = fetch_outcomes(connection, journal_keys)
             known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
             prepared = plan.prepare(batch, _constant(known))
             outcomes = pl.DataFrame(
                 stored,
-                schema={_KEY: key_type if key_type.is_integer() else pl.String(), **OUTCOME_TYPES},
+                schema={_KEY: _journal_key_type(plan, key_type), **OUTCOME_TYPES},
                 orient="row",
             )
             fingerprints = [item.fingerprint for _, item, _ in prepared]
             frame = (
-                batch.with_columns(
-                    key_expression(key, key_type).alias(_KEY),
+                plan.expand(batch)
+                .with_columns(
+                    plan.journal_key_expression(key, key_type).alias(_KEY),
                     pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
                 )
                 .join(outcomes, on=_KEY, how="inner", maintain_order="left")
@@ -177,13 +181,19 @@ def _constant(known: dict[Any, Previous]) -> Callable[[list[Any]], dict[Any, Pre
     return lambda _keys: known
 
 
+def _journal_key_type(plan: Plan, key_type: pl.DataType) -> pl.DataType:
+    return key_type if key_type.is_integer() and not plan.multiple_models else pl.String()
+
+
 def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa.Table:
     schema = plan.source.schema
     key = plan.source.key_column
+    models = {MODEL_COLUMN: pl.String()} if plan.multiple_models else {}
     frame = pl.DataFrame(
         schema={
             key: key_type,
             **{c: schema[c] for c in plan.keep_columns},
+            **models,
             **OUTCOME_TYPES,
         }
     )

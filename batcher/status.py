@@ -29,7 +29,7 @@ class JobStatus:
             return [f"no checkpoint yet: {self.rows_total} rows pending"]
         lines = [
             f"checkpoint: {self.journal}",
-            f"rows: {self.rows_total} in the input; {self.rows_ok} done, "
+            f"rows: {self.rows_total} to answer; {self.rows_ok} done, "
             f"{self.rows_failed} failed, {self.rows_pending} pending",
             f"tokens so far: {self.prompt_tokens} in, {self.completion_tokens} out; "
             f"cost ${self.cost_usd:.4f}",
@@ -43,7 +43,8 @@ class JobStatus:
 
 
 def job_status(job: Job, limit: int | None = None) -> JobStatus:
-    total = Source(job.input_path, job.config.input.id_column).count_rows(limit)
+    input_rows = Source(job.input_path, job.config.input.id_column).count_rows(limit)
+    total = input_rows * len(job.config.request.models)  # one output row per model asked
     path = journal_path(job.checkpoint_dir)
     if not path.exists():
         return JobStatus(total, 0, 0, 0, 0, 0.0)

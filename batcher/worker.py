@@ -22,7 +22,7 @@ from batcher.limiter import Cost
 from batcher.parse import OutputParser
 from batcher.plan import RowFailure
 from batcher.prices import Price, PriceTable
-from batcher.request import PROMPT_MARGIN, RowRequest
+from batcher.request import PROMPT_MARGIN, RowRequest, with_image_urls
 from batcher.retry import Sleep, retrying
 from batcher.tally import Tally
 
@@ -67,7 +67,6 @@ class RowWorker:
         # decoded pixels held in memory, so image encoding gets one slot per core.
         self._image_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
         self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
-        self._price = prices.get(config.request.model)
         max_tokens = config.request.max_tokens
         self._max_completion = max_tokens if max_tokens is not None else 1024
         self._completion_per_row = self._max_completion * (config.request.n or 1)
@@ -194,7 +193,7 @@ class RowWorker:
             self.tally.inflight_cost_usd -= estimated_cost
         self.tally.prompt_tokens += reply.prompt_tokens or 0
         self.tally.completion_tokens += reply.completion_tokens or 0
-        self.tally.cost_usd += self._cost_of([reply]) or 0.0
+        self.tally.cost_usd += self._cost_of([reply], _asked(request)) or 0.0
         return reply
 
     def _with_images(self, request: RowRequest) -> tuple[dict[str, Any], int]:
@@ -204,27 +203,17 @@ class RowWorker:
             urls = {part.digest: self.images.encode(part) for part in request.images}
         except ImageError as exc:
             raise AttemptError("image_error", str(exc), retryable=False) from None
-        messages = [dict(m) for m in request.body["messages"]]
-        content = [
-            {
-                "type": "image_url",
-                "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])},
-            }
-            if p.get("type") == "image_url"
-            else p
-            for p in messages[-1]["content"]
-        ]
-        messages[-1]["content"] = content
-        return {**request.body, "messages": messages}, sum(map(len, urls.values()))
+        return with_image_urls(request.body, urls), sum(map(len, urls.values()))
 
     # -- budget -------------------------------------------------------------------------------
 
     def _estimated_cost(self, request: RowRequest) -> float:
-        if self.config.limits.max_cost_usd is None or self._price is None:
+        price = self.prices.get(_asked(request))
+        if self.config.limits.max_cost_usd is None or price is None:
             return 0.0
         # An upper bound: the prompt with the heuristic's margin, every choice at max_tokens.
         prompt = request.estimated_tokens - self._max_completion * (self.config.request.n or 1)
-        return self._price.cost(
+        return price.cost(
             math.ceil(max(prompt, 0) * PROMPT_MARGIN),
             self._max_completion * self._choices_per_request,
         )
@@ -245,19 +234,20 @@ class RowWorker:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _price_for(self, model: str | None) -> Price | None:
-        price = self.prices.get(model) or self._price
+    def _price_for(self, model: str | None, asked: str) -> Price | None:
+        # The model the server answered with, else the one asked: each row at its own price.
+        price = self.prices.get(model) or self.prices.get(asked)
         if price is None:
-            name = model or self.config.request.model
+            name = model or asked
             if name not in self._unpriced:
                 self._unpriced.add(name)
                 self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
         return price
 
-    def _cost_of(self, replies: list[Reply]) -> float | None:
+    def _cost_of(self, replies: list[Reply], asked: str) -> float | None:
         total = 0.0
         for reply in replies:
-            price = self._price_for(reply.model)
+            price = self._price_for(reply.model, asked)
             if price is None:
                 return None
             total += price.cost(
@@ -277,6 +267,12 @@ class RowWorker:
         first = replies[0]
         paid = replies + wasted
         choices = [choice for reply in replies for choice in reply.choices]
+        failing = self._failing_finish(choices)
+        if failing is not None:
+            # Not retried: the same request ends the same way. The text stays in `response`.
+            error = AttemptError("finish_reason", failing, retryable=False)
+            content = (choices[0].get("message") or {}).get("content")
+            return self._failed(request, error, attempts, started, paid, response=content)
         wanted = self.config.request.n or 1
         if len(choices) < wanted:
             self.tally.warnings[f"asked for n={wanted} choices, a reply carried fewer"] += 1
@@ -312,7 +308,7 @@ class RowWorker:
             completion_tokens=_sum(r.completion_tokens for r in paid),
             total_tokens=_sum(r.total_tokens for r in paid),
             cached_tokens=_sum(r.cached_tokens for r in paid),
-            cost_usd=self._cost_of(paid),
+            cost_usd=self._cost_of(paid, _asked(request)),
             latency_s=self._clock() - started,
             attempts=attempts,
             error=None,
@@ -321,6 +317,15 @@ class RowWorker:
             input_digest=request.input_digest,
         )
 
+    def _failing_finish(self, choices: list[dict[str, Any]]) -> str | None:
+        """The first finish reason among ``choices`` that output.fail_on_finish names."""
+        failing = self.config.output.fail_on_finish
+        for choice in choices if failing else ():
+            reason = choice.get("finish_reason")
+            if reason in failing:
+                return str(reason)
+        return None
+
     def _failed(
         self,
         request: RowRequest,
@@ -328,10 +333,12 @@ class RowWorker:
         attempts: int,
         started: float,
         paid: list[Reply],
+        *,
+        response: str | None = None,
     ) -> Outcome:
         self.tally.failed += 1
         self.tally.errors[f"final:{error.kind}"] += 1
-        raw = None
+        raw = response
         if error.kind == "invalid_output" and paid:
             # The raw reply stays in `response` so the user can see what did not parse.
             message = paid[-1].first.get("message") or {}
@@ -344,13 +351,13 @@ class RowWorker:
             ok=False,
             error_kind=error.kind,
             response=raw,
-            finish_reason=None,
+            finish_reason=error.message if error.kind == "finish_reason" else None,
             model=paid[-1].model if paid else None,
             prompt_tokens=_sum(r.prompt_tokens for r in paid) if paid else None,
             completion_tokens=_sum(r.completion_tokens for r in paid) if paid else None,
             total_tokens=_sum(r.total_tokens for r in paid) if paid else None,
             cached_tokens=_sum(r.cached_tokens for r in paid) if paid else None,
-            cost_usd=self._cost_of(paid) if paid else None,
+            cost_usd=self._cost_of(paid, _asked(request)) if paid else None,
             latency_s=self._clock() - started,
             attempts=attempts,
             error=f"{error.kind}: {shorten(error.message)}",
@@ -389,6 +396,11 @@ class _RowFailed(Exception):  # noqa: N818 - internal control flow
         super().__init__(str(error))
         self.error = error
         self.attempts = attempts
+
+
+def _asked(request: RowRequest) -> str:
+    """The model a row's request asks for."""
+    return str(request.body.get("model"))
 
 
 def _sum(values: Any) -> int | None:

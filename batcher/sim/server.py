@@ -59,6 +59,7 @@ class SimSettings:
     random_429_share: float = 0.0  # 429s on this share of requests, whatever the rate
     # (seconds after the first request, requests/minute from then on): a limit that moves
     schedule: tuple[tuple[float, float], ...] = ()
+    record_bodies: bool = False  # keep every request body, for tests that compare them
 
 
 class Simulator:
@@ -83,6 +84,7 @@ class Simulator:
         self.answered_tokens: list[int] = []
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
+        self.bodies: list[dict[str, Any]] = []
         self.meters: dict[str, Meter] = {}
         self._first_request: float | None = None
         self._schedule = sorted(s.schedule)
@@ -132,6 +134,7 @@ class Simulator:
             "usage_by_prompt": dict(self.usage_by_prompt),
             "images": self.images,
             "authorization": dict(self.authorization),
+            **({"bodies": self.bodies} if self.settings.record_bodies else {}),
         }
 
     def app(self) -> web.Application:
@@ -174,6 +177,8 @@ class Simulator:
             messages = body["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _error(400, "invalid_request_error", "body is not a chat-completions request")
+        if s.record_bodies:
+            self.bodies.append(body)
         prompt = user_text(messages)
         self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
