@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
@@ -94,9 +95,11 @@ class Discovery:
         served = sum(1 for when in self._served if when >= start)
         return served / max(now - start, 1.0)
 
-    def record(self, now: float, epoch: int, *, limited: bool, pacing_rps: float | None) -> bool:
+    def record(
+        self, now: float, epoch: int, *, limited: bool, pacing: Callable[[], float | None]
+    ) -> bool:
         """One answer (a success or a 429) to a request sent in ``epoch``; True if the rate
-        changed. ``pacing_rps`` is the request rate in force now (None: unpaced)."""
+        changed. ``pacing`` tells the request rate in force now (None: unpaced)."""
         if not limited:
             self._served.append(now)
             if self._first_success is None:
@@ -112,7 +115,7 @@ class Discovery:
             trial.limited += limited
             return self._judge(now, trial)
         if limited and self._suspect():
-            return self._cut(now, pacing_rps)
+            return self._cut(now, pacing())
         return False
 
     def suspects(self, now: float) -> bool:
@@ -195,22 +198,17 @@ class Discovery:
             max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
         )
         z = (before - after) / spread
-        if z > Z_FELL or not self.suspicious(trial.limited, trial.answers):
+        if z > Z_FELL:
             self._settle(now, proven=True)  # the share fell with the rate: congestion
             return False
+        if after > REFUSING or z < -Z_FELL:
+            self._settle(now, proven=False)  # too shallow a cut: the next one goes on
+            return False
         if trial.answers < max(NOISE_MIN_ANSWERS, trial.before_answers):
-            if after > REFUSING or z < -Z_FELL:
-                self._settle(now, proven=False)  # too shallow a cut: the next one goes on
             return False
-        if trial.before_answers < NOISE_MIN_ANSWERS or after > NOISE_MAX or after < 0.75 * before:
-            # Too little seen before the cut to tell noise, too many 429s to be noise, or a
-            # share that fell, if not significantly: keep the cut; a further suspicion starts
-            # a trial with more answers behind it.
-            self._settle(now, proven=False)
-            return False
-        # Noise: the share did not move with the rate. Undo the episode's cuts and remember
-        # the share, so later suspicions are judged against it.
-        self.noise_share = max(self.noise_share, after)
+        # The share did not move with the rate: noise, as far as anyone can tell. Undo the
+        # episode's cuts and remember the share, so later suspicions are judged against it.
+        self.noise_share = min(max(self.noise_share, pooled), NOISE_MAX)
         prior = self._episode or trial
         self.rate_rps, self._peak = prior.prior_rate, prior.prior_peak
         self._origin = prior.prior_origin + (now - prior.started)

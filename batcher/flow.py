@@ -149,7 +149,7 @@ class FlowController:
             mean = self._mean_cost.get(budget, usage.of(budget))
             self._mean_cost[budget] = mean + (usage.of(budget) - mean) * 0.05
         if self.adaptive and self.discovery.record(
-            now, slot.epoch, limited=False, pacing_rps=self.requests_per_s
+            now, slot.epoch, limited=False, pacing=self._equivalent_rps
         ):
             self._apply()
 
@@ -162,7 +162,7 @@ class FlowController:
         if limits is not None:
             self._read_headers(limits)
         if self.adaptive and self.discovery.record(
-            now, slot.epoch, limited=True, pacing_rps=self.requests_per_s
+            now, slot.epoch, limited=True, pacing=self._equivalent_rps
         ):
             self._apply()
         if retry_after_s and self._congested(now):
