@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
 LAST_ANSWERS = 20  # the 429 share of a paced rate that triggers a cut, over these answers
-SERVED_S = 3.0  # what the server serves now: successes over this span (at least 1 s)
+SERVED_S = 3.0  # what the server serves now: successes over this span
+MIN_SPAN_S = 0.25
 CUT_SHARE = 0.9  # a cut aims under the rate the server was seen to serve
 FLOOR = 0.25  # one cut never goes below this share of the rate before it
 PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
@@ -84,7 +85,7 @@ class Discovery:
 
     def served_rps(self, now: float) -> float:
         """Successes per second over the last ``SERVED_S`` seconds, or since the last cut when
-        that is at least a second ago (before it, the server may have served a burst)."""
+        that is at least a second ago."""
         while self._served and self._served[0] < now - SERVED_S:
             self._served.popleft()
         if self._first_success is None:
@@ -93,7 +94,9 @@ class Discovery:
         if now - self._last_cut >= 1.0:
             start = max(start, self._last_cut)
         served = sum(1 for when in self._served if when >= start)
-        return served / max(now - start, 1.0)
+        # A short span may include a burst the server allowed (then the cut is too shallow
+        # and the next trial cuts deeper); a longer floor would understate a fast server.
+        return served / max(now - start, MIN_SPAN_S)
 
     def record(
         self, now: float, epoch: int, *, limited: bool, pacing: Callable[[], float | None]
@@ -188,7 +191,7 @@ class Discovery:
     def _judge(self, now: float, trial: _Trial) -> bool:
         before = trial.before_limited / trial.before_answers
         after = trial.limited / trial.answers
-        if trial.limited >= 3 and after >= max(before, SHALLOW):
+        if trial.limited >= 4 and trial.answers >= 10 and after >= max(before, SHALLOW):
             self._settle(now, proven=False)  # as many 429s as before the cut: cut deeper now
             return False
         if now - trial.started < TRIAL_MIN_S or trial.answers < TRIAL_MIN_ANSWERS:
