@@ -90,6 +90,8 @@ class Plan:
         self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
         self.source.check_keys()
         self.total_rows = self.source.count_rows(limit)
+        if limit is not None and limit > self.total_rows:
+            self.limit = None  # past the input's end it limits nothing (nor overflows polars)
         self.api_key = read_api_key(job, required=api_key_required)
         self.output_path = job.output_path
 
