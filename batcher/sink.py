@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from batcher.plan import Plan, key_expression, normalise_keys
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
 _POSITION = "__position"
+_ERRNO = re.compile(r"\[errno (\d+)\]")
 
 OUTCOME_TYPES: dict[str, pl.DataType] = {
     "fingerprint": pl.Binary(),
@@ -162,9 +164,17 @@ def write_output(
     try:
         return _write_output(plan, layout, journal_file, batch_rows)
     except (OSError, sqlite3.Error, pl.exceptions.PolarsError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        detail = " ".join(detail.split())[:200]
-        raise OutputError(f"{plan.output_path}: cannot write the output ({detail})") from None
+        raise OutputError(f"{plan.output_path}: cannot write the output ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """The cause in a few words: pyarrow's OSErrors carry ``[errno N]`` only in their text."""
+    number = exc.errno if isinstance(exc, OSError) else None
+    if number is None and (found := _ERRNO.search(str(exc))):
+        number = int(found.group(1))
+    if number:
+        return os.strerror(number)
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _write_output(plan: Plan, layout: OutputLayout, journal_file: Path, batch_rows: int) -> Written:

@@ -7,7 +7,9 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -59,6 +61,76 @@ def test_disk_full_at_the_output_write(
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 20
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """A real small file system (tmpfs) mounted on a folder; skips where mounting is denied."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a small tmpfs needs root")
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        if subprocess.run(command, capture_output=True, check=False).returncode != 0:
+            pytest.skip("this machine does not allow mounting a tmpfs")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+def test_real_disk_full_at_the_output_write(
+    tmp_path: Path,
+    sim_factory,
+    capsys: pytest.CaptureFixture[str],
+    small_disk: Callable[[str, str], Path],
+) -> None:
+    server = sim_factory()
+    out = small_disk("out", "64k")
+    data = reviews(20).with_columns(pl.Series("blob", [os.urandom(8_000).hex() for _ in range(20)]))
+    job = write_job(tmp_path, server.url, data=data, output={"checkpoint_dir": "ck"})
+    assert main(["run", str(job), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot write the output (No space left on device)" in err
+    assert list(out.iterdir()) == []  # no temporary left behind on the full disk
+    subprocess.run(["mount", "-o", "remount,size=16m", str(out)], check=True)
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert server.simulator.requests == 20
+    assert pl.read_parquet(out / "result.parquet").height == 20
+
+
+def test_real_disk_full_in_the_checkpoint(
+    tmp_path: Path,
+    sim_factory,
+    capsys: pytest.CaptureFixture[str],
+    small_disk: Callable[[str, str], Path],
+) -> None:
+    server = sim_factory(latency_s=0.005)
+    checkpoint = small_disk("ck", "160k")
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(3000),
+        limits={"concurrency": 16},
+        output={"checkpoint_dir": "ck"},
+    )
+    assert main(["run", str(job), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot write the checkpoint" in err
+    assert "full" in err
+    assert "nothing was sent" not in err
+    kept = pl.read_parquet(tmp_path / "out/result.parquet").height
+    assert 0 < kept < 3000
+    subprocess.run(["mount", "-o", "remount,size=16m", str(checkpoint)], check=True)
+    answered = server.simulator.answered
+    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert server.simulator.answered - answered == 3000 - kept
+
+
 def test_output_folder_gone_mid_run(
     tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -88,6 +160,39 @@ def test_output_folder_gone_mid_run(
     assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
     assert server.simulator.answered == 200
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
+
+
+def test_output_file_system_made_read_only_mid_run(
+    tmp_path: Path,
+    sim_factory,
+    capsys: pytest.CaptureFixture[str],
+    small_disk: Callable[[str, str], Path],
+) -> None:
+    server = sim_factory(latency_s=0.02)
+    out = small_disk("out", "16m")
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(200),
+        limits={"concurrency": 4},
+        output={"checkpoint_dir": "ck"},
+    )
+
+    def make_read_only() -> None:
+        wait_for(lambda: server.simulator.answered > 20)
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+
+    saboteur = threading.Thread(target=make_read_only)
+    saboteur.start()
+    assert main(["run", str(job), "--quiet"]) == 3
+    saboteur.join()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot write the output (Read-only file system)" in err
+    subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True)
+    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert server.simulator.answered == 200
+    assert pl.read_parquet(out / "result.parquet").height == 200
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
