@@ -28,8 +28,9 @@ from batcher.errors import (
     KeyRefusedError,
     OutputError,
 )
-from batcher.journal import Journal, Previous, RunLock, journal_path
+from batcher.journal import Journal, Previous, journal_path
 from batcher.limiter import RateLimiter
+from batcher.lock import RunLock
 from batcher.parse import OutputParser
 from batcher.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.prices import PriceTable
