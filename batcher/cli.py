@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import anyio
 import orjson
@@ -140,6 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            return _main(arguments, argv)
+        except KeyboardInterrupt:
+            # Outside a run's own handling (pre-flight, or a late second Ctrl-C): one line.
+            print("error: interrupted; run the same command again to resume", file=sys.stderr)
+            return 3
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, rather than killing with status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signal: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         if arguments.command == "run":
             return _run(arguments, argv)

@@ -20,9 +20,12 @@ from batcher.server_limits import ServerLimits, read_server_limits
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 MESSAGE_CHARS = 300
-_ACCOUNT_WORDS = re.compile(
-    r"(balance|credit|insufficient_quota|billing|payment required)", re.IGNORECASE
-)
+# Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop
+# the job: words in a message do not (a 400 can quote a row about a "credit card", and a 503
+# "billing service unavailable" is transient).
+_ACCOUNT_CODES = frozenset({"insufficient_quota", "credit_balance_too_low", "payment_required"})
+_ACCOUNT_PREFIX = "billing"
+REDACTED = "***"
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -43,6 +46,17 @@ class Reply:
     @property
     def first(self) -> dict[str, Any]:
         return self.choices[0]
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with the API key, in any letter case, replaced by ``***``.
+
+    Run it on a server's or a transport's whole text before shortening it, so a cut can never
+    leave a piece of the key behind.
+    """
+    if not secret or secret.lower() not in text.lower():
+        return text
+    return re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
 
 
 def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
@@ -72,18 +86,28 @@ def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
-def _error_message(content: bytes) -> str:
+def _error_fields(content: bytes) -> tuple[str, set[str]]:
+    """The message of an error body (unshortened) and its ``type`` / ``code`` values."""
+    text = content.decode("utf-8", "replace")
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return shorten(content.decode("utf-8", "replace")) or "(empty body)"
+        return text or "(empty body)", set()
     if isinstance(data, dict):
         error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return shorten(str(error["message"]))
+        if isinstance(error, dict):
+            codes = {str(error[f]).lower() for f in ("type", "code") if error.get(f) is not None}
+            return str(error.get("message") or text), codes
         if isinstance(error, str):
-            return shorten(error)
-    return shorten(content.decode("utf-8", "replace"))
+            return error, set()
+    return text, set()
+
+
+def is_account_error(status: int, codes: set[str]) -> bool:
+    """402, or an error type/code that names quota or billing (never words of a message)."""
+    return status == 402 or any(
+        code in _ACCOUNT_CODES or code.startswith(_ACCOUNT_PREFIX) for code in codes
+    )
 
 
 def classify_status(
@@ -95,15 +119,14 @@ def classify_status(
     key they refused, and messages end up in the output and on the terminal.
     """
     status = response.status_code
-    message = _error_message(content)
-    if secret:
-        message = message.replace(secret, "***")
+    text, codes = _error_fields(content)
+    message = shorten(redact(text, secret))
     if status in (401, 403):
         raise KeyRefusedError(
             f"the server refused the API key from ${key_env} (HTTP {status}: {message})",
             status=status,
         )
-    if status == 402 or _ACCOUNT_WORDS.search(message):
+    if is_account_error(status, codes):
         raise AccountError(
             f"the account cannot pay for requests (HTTP {status}: {message}); "
             "top it up and run the same command again to resume",
@@ -124,8 +147,11 @@ def parse_reply(content: bytes, limits: ServerLimits | None = None) -> Reply:
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
+        # The whole body, not a slice: the caller redacts it, then shortens it.
         raise AttemptError(
-            "invalid_json", f"reply is not JSON: {shorten(repr(content[:80]))}", retryable=True
+            "invalid_json",
+            f"reply is not JSON: {content.decode('utf-8', 'replace')}",
+            retryable=True,
         ) from None
     if not isinstance(data, dict):
         raise AttemptError("invalid_json", "reply is not a JSON object", retryable=True)
@@ -208,7 +234,23 @@ class ChatClient:
         return await self._transport.handle_async_request(request)
 
     async def complete(self, body: dict[str, Any]) -> Reply:
-        """One attempt. Raises AttemptError, or KeyRefusedError/AccountError for the run."""
+        """One attempt. Raises AttemptError, or KeyRefusedError/AccountError for the run.
+
+        The one place where a failed attempt's text (a server's body, a stream's error chunk,
+        a transport's exception) is redacted and shortened before anything can store it.
+        """
+        try:
+            return await self._complete(body)
+        except AttemptError as exc:
+            raise AttemptError(
+                exc.kind,
+                shorten(redact(exc.message, self._secret)),
+                retryable=exc.retryable,
+                status=exc.status,
+                retry_after_s=exc.retry_after_s,
+            ) from None
+
+    async def _complete(self, body: dict[str, Any]) -> Reply:
         content = orjson.dumps(body)
         try:
             if body.get("stream"):
@@ -235,6 +277,9 @@ class ChatClient:
             if response.status_code != 200:
                 payload = await response.aread()
                 raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                # A proxy's page or a plain JSON reply: read it whole rather than as events.
+                return parse_reply(await response.aread(), read_server_limits(response.headers))
             assembler = StreamAssembler(started, read_server_limits(response.headers))
             lines = response.aiter_lines()
             async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):
@@ -287,7 +332,7 @@ class StreamAssembler:
         if not isinstance(chunk, dict):
             raise AttemptError("invalid_json", "a stream chunk is not an object", retryable=True)
         if "error" in chunk:
-            raise AttemptError("stream_error", _error_message(data.encode()), retryable=True)
+            raise AttemptError("stream_error", _error_fields(data.encode())[0], retryable=True)
         self._last = {**self._last, **{k: v for k, v in chunk.items() if v is not None}}
         for delta_choice in chunk.get("choices") or []:
             self._apply(delta_choice)
@@ -339,4 +384,4 @@ def _is_timeout(exc: httpx.TimeoutException) -> bool:
 
 
 def _transport_message(exc: httpx.HTTPError) -> str:
-    return shorten(str(exc) or type(exc).__name__)
+    return str(exc) or type(exc).__name__

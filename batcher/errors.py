@@ -5,12 +5,16 @@ Row failures are data (an ``error`` string in the output); run failures are exce
     BatcherError                 exit_code
     ├── ConfigError              2   the job file, an override or the input is wrong; nothing sent
     ├── JournalMismatchError     2   the checkpoint belongs to another job
+    ├── CheckpointBusyError      2   another run of the same job holds the checkpoint
+    ├── CheckpointCorruptError   2   the checkpoint is damaged; --fresh replaces it
     └── AbortError               3   the run stopped before the end
         ├── KeyRefusedError          401/403: the API key was refused
-        ├── AccountError             402 or an exhausted balance
+        ├── AccountError             402, or a quota/billing error type or code
         ├── InterruptedRunError      Ctrl-C / SIGTERM
         ├── BudgetReachedError       limits.max_cost_usd would be crossed
-        └── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
+        ├── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
+        ├── CheckpointError          the checkpoint could not be written or read mid-run
+        └── OutputError              the output could not be written; a rerun rebuilds it
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
@@ -42,6 +46,18 @@ class JournalMismatchError(BatcherError):
     exit_code = 2
 
 
+class CheckpointBusyError(BatcherError):
+    """Another run of the same job holds the checkpoint's lock."""
+
+    exit_code = 2
+
+
+class CheckpointCorruptError(BatcherError):
+    """The checkpoint's SQLite file is damaged (found when it is opened)."""
+
+    exit_code = 2
+
+
 class AbortError(BatcherError):
     """The run stopped before every row was tried; rerunning resumes it."""
 
@@ -57,7 +73,7 @@ class KeyRefusedError(AbortError):
 
 
 class AccountError(AbortError):
-    """The account cannot pay (402, or a message about balance or credit)."""
+    """The account cannot pay (402, or an error type/code of quota or billing)."""
 
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
@@ -74,6 +90,17 @@ class BudgetReachedError(AbortError):
 
 class RateLimitStallError(AbortError):
     """The server answered nothing but 429 for ``limits.stall_timeout_s``."""
+
+
+class CheckpointError(AbortError):
+    """The checkpoint failed after requests were sent (disk full, folder deleted, damage).
+
+    What was committed before is kept; rows answered since are pending for the next run.
+    """
+
+
+class OutputError(AbortError):
+    """The output file could not be written; the checkpoint still holds every answer."""
 
 
 class AttemptError(Exception):

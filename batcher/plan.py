@@ -108,6 +108,8 @@ class Plan:
         self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
         self.source.check_keys()
         self.input_rows = self.source.count_rows(limit)
+        if limit is not None and limit > self.input_rows:
+            self.limit = None  # past the input's end it limits nothing (nor overflows polars)
         self.total_rows = self.input_rows * len(self.models)  # output rows
         self.api_key = read_api_key(job, required=api_key_required)
         self.output_path = job.output_path
@@ -234,7 +236,14 @@ def is_loopback(base_url: str) -> bool:
 def read_api_key(job: Job, *, required: bool) -> str | None:
     """The key from the named variable; never put it in a message."""
     endpoint = job.config.endpoint
-    key = os.environ.get(endpoint.api_key_env) or None
+    # Surrounding whitespace is a CRLF .env's "\r" or a pasted newline, never part of a key.
+    key = os.environ.get(endpoint.api_key_env, "").strip() or None
+    if key is not None and not all(" " < character < "\x7f" for character in key):
+        # A header cannot carry it, and a transport's error would quote it.
+        raise ConfigError(
+            f"{job.source}: endpoint.api_key_env: the key in ${endpoint.api_key_env} contains "
+            "a space, control or non-ASCII character; check how it was set"
+        )
     if key is None and required and not is_loopback(endpoint.base_url):
         raise ConfigError(
             f"{job.source}: endpoint.api_key_env: environment variable "

@@ -3,6 +3,7 @@ keeps every outcome, and the output is rebuilt at the end, whatever the end was.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -25,15 +26,17 @@ from batcher.errors import (
     ConfigError,
     InterruptedRunError,
     KeyRefusedError,
+    OutputError,
     RateLimitStallError,
 )
 from batcher.flow import FlowController
 from batcher.journal import Journal, Previous, journal_path
+from batcher.lock import RunLock
 from batcher.parse import OutputParser
 from batcher.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.prices import PriceTable
 from batcher.request import REASONING_MODELS, RowRequest
-from batcher.sink import OutputLayout, write_output
+from batcher.sink import OutputLayout, Written, check_output_target, write_output
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
 from batcher.worker import BudgetStop, Halted, RowWorker, failure_outcome
@@ -92,6 +95,7 @@ class Run:
         self.abort: BatcherError | None = None
         self.flow: FlowController | None = None
         self.stopping = False
+        self.writing = False  # the output is being written: signals only take note
         self._dispatch_scope = anyio.CancelScope()
         self._work_scope = anyio.CancelScope()
 
@@ -102,20 +106,61 @@ class Run:
         self._dispatch_scope.cancel()
 
     async def execute(self, base_url: str) -> RunSummary:
-        config = self.job.config
         plan = self.plan
         started = time.monotonic()
         journal_file = journal_path(self.job.checkpoint_dir)
+        check_output_target(self.job.source, plan.output_path)
+        lock = RunLock(self.job.checkpoint_dir)
+        try:
+            identity, legacy = self._identity()
+            if self.options.fresh and journal_file.exists():
+                self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
+            journal = await anyio.to_thread.run_sync(
+                lambda: Journal(journal_file, identity, fresh=self.options.fresh, legacy=legacy)
+            )
+            # Signals are watched until the output is written: one arriving during the write
+            # must neither kill the process nor raise a KeyboardInterrupt into it.
+            error: BatcherError | None = None
+            async with anyio.create_task_group() as watch:
+                if threading.current_thread() is threading.main_thread():
+                    watch.start_soon(self._watch_signals)
+                try:
+                    written = await self._dispatch_and_write(journal, base_url)
+                except BatcherError as exc:
+                    error = exc  # raised below, outside the task group's exception group
+                finally:
+                    watch.cancel_scope.cancel()
+        finally:
+            lock.release()
+        if error is not None:
+            raise error
+        return self._summary(written, started)
+
+    async def _dispatch_and_write(self, journal: Journal, base_url: str) -> Written:
+        try:
+            await self._dispatch(journal, base_url)
+        finally:
+            failure = await anyio.to_thread.run_sync(journal.close)
+        if failure is not None:
+            self.stop_dispatch(failure)
+        self.writing = True
+        return await self._write(journal.path)
+
+    def _identity(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The checkpoint's identity, its paths relative to the job file so a moved project
+        folder keeps its checkpoint; and the absolute spelling older checkpoints stored."""
+        folder = self.job.source.parent
+        output = self.job.output_path
         identity = {
-            "input": self.job.input_path,
-            "output": str(self.job.output_path),
-            "key_column": plan.source.key_column,
+            "input": os.path.relpath(self.job.input_path, folder),
+            "output": os.path.relpath(output, folder),
+            "key_column": self.plan.source.key_column,
         }
-        if self.options.fresh and journal_file.exists():
-            self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
-        journal = await anyio.to_thread.run_sync(
-            lambda: Journal(journal_file, identity, fresh=self.options.fresh)
-        )
+        return identity, {"input": self.job.input_path, "output": str(output)}
+
+    async def _dispatch(self, journal: Journal, base_url: str) -> None:
+        config = self.job.config
+        plan = self.plan
         self.flow = flow = FlowController(config.limits)
         total = plan.total_rows if self.options.positions is None else len(self.options.positions)
         progress = Progress(
@@ -141,10 +186,8 @@ class Run:
                 )
                 worker.halted = lambda: self.stopping
                 send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
-                async with anyio.create_task_group() as outer:
-                    if threading.current_thread() is threading.main_thread():
-                        outer.start_soon(self._watch_signals)
-                    outer.start_soon(self._tick, flow, progress)
+                async with anyio.create_task_group() as clock:
+                    clock.start_soon(self._tick, flow, progress)
                     with self._work_scope:
                         async with anyio.create_task_group() as workers:
                             workers.start_soon(self._produce, send, journal, progress)
@@ -153,19 +196,28 @@ class Run:
                                     self._work, receive.clone(), worker, journal, progress
                                 )
                             receive.close()
-                    outer.cancel_scope.cancel()
+                    clock.cancel_scope.cancel()  # the clock stops with the workers
         finally:
             progress.close()
-            await anyio.to_thread.run_sync(journal.close)
-        layout = self.layout
-        written = await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
-        return self._summary(written.rows, written.ok, written.failed, written.cost_usd, started)
 
-    def _summary(
-        self, rows: int, ok: int, failed: int, output_cost: float, started: float
-    ) -> RunSummary:
+    async def _write(self, journal_file: Path) -> Written:
+        """Rebuild the output; if that fails, say so in one line with how to rebuild it."""
+        plan, layout = self.plan, self.layout
+        try:
+            return await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
+        except OutputError as exc:
+            resume = self.options.resume_command or f"batcher run {self.job.source}"
+            reason = f"{self.abort}; then " if self.abort is not None else ""
+            raise OutputError(
+                f"{reason}{exc}; every answer is kept in the checkpoint: fix that and run "
+                f"`{resume}` to rebuild the output (rows already answered are not sent again)"
+            ) from None
+
+    def _summary(self, written: Written, started: float) -> RunSummary:
         t = self.tally
         total = self.plan.total_rows
+        ok, failed, output_cost = written.ok, written.failed, written.cost_usd
+        rows = ok + failed
         resume = None
         if self.abort is not None:
             resume = self.options.resume_command or f"batcher run {self.job.source}"
@@ -293,11 +345,16 @@ class Run:
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for received in signals:
+                name = signal.Signals(received).name
+                if self.writing:
+                    if self.abort is None:
+                        self.abort = InterruptedRunError(f"interrupted by {name}")
+                    self.options.notify(f"{name}: the output is being written; it finishes first")
+                    continue
                 if self.stopping and isinstance(self.abort, InterruptedRunError):
                     self.options.notify("second interrupt: abandoning requests in flight")
                     self._work_scope.cancel()
-                    return
-                name = signal.Signals(received).name
+                    continue  # keep listening: a later interrupt must not raise mid-write
                 self.stop_dispatch(InterruptedRunError(f"interrupted by {name}"))
                 self.options.notify(
                     f"{name}: stopping; finishing requests in flight for up to "

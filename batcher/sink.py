@@ -7,7 +7,11 @@ beside the target and renamed over it, so a reader (or a killed run) never sees 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sqlite3
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +21,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher.errors import ConfigError, OutputError
 from batcher.journal import Previous, connect, fetch_outcomes
 from batcher.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
+_POSITION = "__position"
+_ERRNO = re.compile(r"\[errno (\d+)\]")
 
 OUTCOME_TYPES: dict[str, pl.DataType] = {
     "fingerprint": pl.Binary(),
@@ -46,10 +53,46 @@ OUTCOME_TYPES: dict[str, pl.DataType] = {
 
 @dataclass(frozen=True, slots=True)
 class Written:
+    """What the output holds: ``rows`` in all; ``ok`` and ``failed`` among the rows within
+    ``--limit`` (all of them without one)."""
+
     rows: int
     ok: int
     failed: int
     cost_usd: float
+
+
+def check_output_target(job_source: Path, target: Path) -> None:
+    """Pre-flight: the output path is not a folder and its folder takes a new file."""
+    if target.is_dir():
+        raise ConfigError(f"{job_source}: output.path: {target} is a folder, not a file")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{job_source}: output.path: cannot write to {target.parent}: {exc.strerror}"
+        ) from None
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete temporaries left by runs killed mid-write; never a live process's."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{target.name}.").removesuffix(".tmp")
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class OutputLayout:
@@ -114,44 +157,54 @@ class OutputLayout:
 def write_output(
     plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000
 ) -> Written:
-    """Rebuild the output from the input and the journal (blocking: run in a thread)."""
+    """Rebuild the output from the input and the journal (blocking: run in a thread).
+
+    Every answered row is written, ``--limit`` or not: the limit bounds what is sent, and a
+    limited rerun must not shrink an output that holds more. Raises OutputError on a fault
+    (disk full, folder gone or read-only, checkpoint unreadable).
+    """
+    try:
+        return _write_output(plan, layout, journal_file, batch_rows)
+    except (OSError, sqlite3.Error, pl.exceptions.PolarsError) as exc:
+        raise OutputError(f"{plan.output_path}: cannot write the output ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """The cause in a few words: pyarrow's OSErrors carry ``[errno N]`` only in their text."""
+    number = exc.errno if isinstance(exc, OSError) else None
+    if number is None and (found := _ERRNO.search(str(exc))):
+        number = int(found.group(1))
+    if number:
+        return os.strerror(number)
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _write_output(plan: Plan, layout: OutputLayout, journal_file: Path, batch_rows: int) -> Written:
     source = plan.source
     key = source.key_column
     key_type = source.schema[key] if key in source.schema else pl.Int64()
     target = plan.output_path
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a run killed mid-write
+    _remove_stale(target)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     needed = sorted(set(plan.row_columns) | set(plan.keep_columns))
+    limit = plan.limit
+    if not journal_file.exists():
+        raise FileNotFoundError(2, f"the checkpoint {journal_file} is gone")
     connection = connect(journal_file, readonly=True)
     writer: pq.ParquetWriter | None = None
-    rows = ok = 0
+    rows = ok = failed = 0
     cost = 0.0
+    offset = 0
     try:
-        for batch in source.batches(needed, limit=plan.limit, batch_rows=batch_rows):
-            keys = normalise_keys(batch.get_column(key))
-            journal_keys = [plan.journal_key(k, m) for k in keys for m in plan.models]
-            stored = fetch_outcomes(connection, journal_keys)
-            known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
-            prepared = plan.prepare(batch, _constant(known))
-            outcomes = pl.DataFrame(
-                stored,
-                schema={_KEY: _journal_key_type(plan, key_type), **OUTCOME_TYPES},
-                orient="row",
-            )
-            fingerprints = [item.fingerprint for _, item, _ in prepared]
-            frame = (
-                plan.expand(batch)
-                .with_columns(
-                    plan.journal_key_expression(key, key_type).alias(_KEY),
-                    pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
-                )
-                .join(outcomes, on=_KEY, how="inner", maintain_order="left")
-                .filter(pl.col(_FINGERPRINT) == pl.col("fingerprint"))
-            )
+        for batch in source.batches(needed, batch_rows=batch_rows):
+            frame = _answered(plan, batch, connection, key_type, offset)
+            offset += batch.height
             rows += frame.height
-            ok += int(frame.get_column("ok").sum() or 0)
+            counted = frame if limit is None else frame.filter(pl.col(_POSITION) < limit)
+            done = int(counted.get_column("ok").sum() or 0)
+            ok += done
+            failed += counted.height - done
             cost += float(frame.get_column("cost_usd").sum() or 0.0)
             table = frame.select(
                 pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
@@ -170,10 +223,45 @@ def write_output(
         os.replace(temporary, target)
     finally:
         connection.close()
-        if writer is not None:
-            writer.close()
-        temporary.unlink(missing_ok=True)
-    return Written(rows=rows, ok=ok, failed=rows - ok, cost_usd=cost)
+        # After a fault (disk full, folder gone) cleaning up can fail the same way; the
+        # first error is the one to report, and a leftover temporary is removed next time.
+        with contextlib.suppress(OSError):
+            if writer is not None:
+                writer.close()
+            temporary.unlink(missing_ok=True)
+    return Written(rows=rows, ok=ok, failed=failed, cost_usd=cost)
+
+
+def _answered(
+    plan: Plan,
+    batch: pl.DataFrame,
+    connection: sqlite3.Connection,
+    key_type: pl.DataType,
+    offset: int,
+) -> pl.DataFrame:
+    """The batch's rows (one per model) with a journal outcome for their current fingerprint,
+    joined to it; ``_POSITION`` is the input row's position, for ``--limit``."""
+    key = plan.source.key_column
+    keys = normalise_keys(batch.get_column(key))
+    stored = fetch_outcomes(connection, [plan.journal_key(k, m) for k in keys for m in plan.models])
+    known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
+    prepared = plan.prepare(batch, _constant(known))
+    outcomes = pl.DataFrame(
+        stored, schema={_KEY: _journal_key_type(plan, key_type), **OUTCOME_TYPES}, orient="row"
+    )
+    fingerprints = [item.fingerprint for _, item, _ in prepared]
+    positioned = batch.with_columns(
+        pl.int_range(offset, offset + batch.height, dtype=pl.Int64).alias(_POSITION)
+    )
+    return (
+        plan.expand(positioned)
+        .with_columns(
+            plan.journal_key_expression(key, key_type).alias(_KEY),
+            pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
+        )
+        .join(outcomes, on=_KEY, how="inner", maintain_order="left")
+        .filter(pl.col(_FINGERPRINT) == pl.col("fingerprint"))
+    )
 
 
 def _constant(known: dict[Any, Previous]) -> Callable[[list[Any]], dict[Any, Previous]]:

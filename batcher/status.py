@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 
 from batcher.config import Job
-from batcher.journal import connect, journal_path
+from batcher.errors import ConfigError
+from batcher.journal import connect, corrupt, journal_path, verify
 from batcher.source import Source
 
 
@@ -48,12 +50,20 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
     path = journal_path(job.checkpoint_dir)
     if not path.exists():
         return JobStatus(total, 0, 0, 0, 0, 0.0)
-    connection = connect(path, readonly=True)
     try:
+        connection = connect(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: cannot open the checkpoint: {exc}") from None
+    try:
+        verify(connection, path)
         rows = connection.execute(
             "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
             "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
         ).fetchall()
+    except sqlite3.OperationalError as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise corrupt(path, str(exc)) from None
     finally:
         connection.close()
     ok = failed = prompt = completion = 0

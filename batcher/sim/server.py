@@ -190,6 +190,10 @@ class Simulator:
             if marker in prompt:
                 self.statuses[str(status)] += 1
                 return _error(status, "invalid_request_error", message)
+        marked = _marked_reply(prompt, auth, bool(body.get("stream")))
+        if marked is not None:
+            self.statuses["marked"] += 1
+            return marked
         # Limits are checked on arrival, as real servers do: a 429 does not wait for the model.
         self._follow_schedule()
         if s.random_429_share and self._random.random() < s.random_429_share:
@@ -418,6 +422,31 @@ class Simulator:
         self._count_answer(user_text(body["messages"]), reply)
         await response.write_eof()
         return response
+
+
+# Markers a prompt can carry to get a fixed reply: servers that echo the Authorization header
+# (in another letter case, in a 200 that is not JSON, in a stream's error chunk) and errors
+# whose words or codes speak of credit, quota or billing.
+_MARKED: dict[str, tuple[int, str, str]] = {
+    "[[sim:echo400]]": (400, "invalid_request_error", "bad header: AUTHORIZATION: {upper}"),
+    "[[sim:credit400]]": (400, "invalid_request_error", "a review about a credit card balance"),
+    "[[sim:billing503]]": (503, "api_error", "billing service unavailable"),
+    "[[sim:quota429]]": (429, "insufficient_quota", "You exceeded your current quota"),
+    "[[sim:billing400]]": (400, "billing_hard_limit_reached", "Billing hard limit reached"),
+}
+
+
+def _marked_reply(prompt: str, auth: str, stream: bool) -> web.StreamResponse | None:
+    if "[[sim:echo200]]" in prompt:
+        page = f"<html><body>proxy error; you sent Authorization: {auth}</body></html>"
+        return web.Response(body=page.encode(), content_type="text/html")
+    if "[[sim:echostream]]" in prompt and stream:
+        chunk = orjson.dumps({"error": {"message": f"upstream refused {auth.lower()}"}})
+        return web.Response(body=b"data: " + chunk + b"\n\n", content_type="text/event-stream")
+    for marker, (status, kind, message) in _MARKED.items():
+        if marker in prompt:
+            return _error(status, kind, message.format(upper=auth.upper()))
+    return None
 
 
 def _error(
