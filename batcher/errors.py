@@ -9,7 +9,8 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── KeyRefusedError          401/403: the API key was refused
         ├── AccountError             402 or an exhausted balance
         ├── InterruptedRunError      Ctrl-C / SIGTERM
-        └── BudgetReachedError       limits.max_cost_usd would be crossed
+        ├── BudgetReachedError       limits.max_cost_usd would be crossed
+        └── InputError               the input could not be read past a row, mid-run
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
@@ -64,6 +65,16 @@ class InterruptedRunError(AbortError):
 
 class BudgetReachedError(AbortError):
     """Dispatching stopped because ``limits.max_cost_usd`` would be crossed."""
+
+
+class InputError(AbortError):
+    """The input failed to read after the run started (a value that does not parse as its
+    declared ``input.dtypes`` type, a damaged file); rows before ``row`` are usable."""
+
+    def __init__(self, message: str, *, row: int | None = None, column: str | None = None):
+        super().__init__(message)
+        self.row = row
+        self.column = column
 
 
 class AttemptError(Exception):

@@ -72,6 +72,15 @@ class PriceTable:
     def get(self, model: str | None) -> Price | None:
         return self.prices.get(model) if model else None
 
+    def require_for_budget(self, model: str, max_cost_usd: float | None) -> None:
+        """A budget needs the model's price, or it would count nothing and stop nothing."""
+        if max_cost_usd is not None and self.get(model) is None:
+            raise ConfigError(
+                f"limits.max_cost_usd: model {model} has no price, so the budget cannot be "
+                f"counted; add it under prices: ({model}: {{input: ..., output: ...}}, "
+                "USD per million tokens)"
+            )
+
 
 def _read(path: Path) -> str:
     try:

@@ -79,6 +79,11 @@ class Run:
                 "existing output columns; rename them or drop them from output.keep_columns"
             )
         self.prices = PriceTable.load(options.prices_path, config.prices)
+        try:
+            self.layout.check_input_columns()
+            self.prices.require_for_budget(config.request.model, config.limits.max_cost_usd)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
         self.tally = Tally()
         request = config.request
         if request.reasoning_effort not in (None, "none") and request.model not in REASONING_MODELS:
@@ -151,6 +156,8 @@ class Run:
             await anyio.to_thread.run_sync(journal.close)
         layout = self.layout
         written = await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
+        if written.stopped is not None and self.abort is None:
+            self.abort = written.stopped  # a kept column the requests did not read is bad
         return self._summary(written.rows, written.ok, written.failed, written.cost_usd, started)
 
     def _summary(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher.errors import ConfigError, InputError
 from batcher.journal import Previous, connect, fetch_outcomes
 from batcher.plan import Plan, key_expression, normalise_keys
 
@@ -50,6 +51,8 @@ class Written:
     ok: int
     failed: int
     cost_usd: float
+    # The input stopped reading at a bad row: the output holds the rows before it.
+    stopped: InputError | None = None
 
 
 class OutputLayout:
@@ -77,6 +80,25 @@ class OutputLayout:
         names = [source.key_column, *self.plan.keep_columns]
         names += [c.meta.output_name() for c in self.result_columns()[: -len(self.parsed) or None]]
         return names
+
+    def check_input_columns(self) -> None:
+        """Input columns written to the output may not take a name the output or the rebuild
+        uses: the join would rename or shadow one of them (a kept ``ok`` once miscounted the
+        summary). Template columns that are not kept never reach the join, so they may."""
+        reserved = {_KEY, _FINGERPRINT, *OUTCOME_TYPES}
+        reserved.update(c.meta.output_name() for c in self.result_columns())
+        key = self.plan.source.key_column
+        if key in reserved:
+            raise ConfigError(
+                f"input.id_column {key!r} has the name of an output column; rename it in the input"
+            )
+        clashes = [c for c in self.plan.keep_columns if c in reserved]
+        if clashes:
+            names = ", ".join(repr(c) for c in clashes)
+            raise ConfigError(
+                f"input column(s) {names} have the names of output columns; leave them out "
+                "with output.keep_columns or rename them in the input"
+            )
 
     def result_columns(self) -> list[pl.Expr]:
         extra = pl.col("extra").str.json_decode(self.extra_type)
@@ -112,7 +134,24 @@ class OutputLayout:
 def write_output(
     plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000
 ) -> Written:
-    """Rebuild the output from the input and the journal (blocking: run in a thread)."""
+    """Rebuild the output from the input and the journal (blocking: run in a thread).
+
+    An input that fails to read at a known row is written up to that row, so every answer
+    before it is kept (and paid for once); the rows from it on wait for a fixed input.
+    """
+    try:
+        return _write(plan, layout, journal_file, plan.limit, batch_rows)
+    except InputError as exc:
+        if exc.row is None:
+            raise
+        limit = exc.row if plan.limit is None else min(plan.limit, exc.row)
+        written = _write(plan, layout, journal_file, limit, batch_rows)
+        return replace(written, stopped=exc)
+
+
+def _write(
+    plan: Plan, layout: OutputLayout, journal_file: Path, limit: int | None, batch_rows: int
+) -> Written:
     source = plan.source
     key = source.key_column
     key_type = source.schema[key] if key in source.schema else pl.Int64()
@@ -127,7 +166,7 @@ def write_output(
     rows = ok = 0
     cost = 0.0
     try:
-        for batch in source.batches(needed, limit=plan.limit, batch_rows=batch_rows):
+        for batch in source.batches(needed, limit=limit, batch_rows=batch_rows):
             keys = normalise_keys(batch.get_column(key))
             stored = fetch_outcomes(connection, keys)
             known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
@@ -139,7 +178,9 @@ def write_output(
             )
             fingerprints = [item.fingerprint for _, item, _ in prepared]
             frame = (
-                batch.with_columns(
+                # Only what the output keeps meets the journal's columns in the join.
+                batch.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns])
+                .with_columns(
                     key_expression(key, key_type).alias(_KEY),
                     pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
                 )
