@@ -30,7 +30,7 @@ _HEIF_BRANDS = frozenset({b"mif1", b"msf1", b"heif"})
 _JPEG_QUALITIES = (90, 80, 70, 60, 50, 40)
 # Pillow names its buffer in some messages ("<_io.BytesIO object at 0x7f...>"): noise that
 # differs per run and says nothing to the reader.
-_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that; the warning filter is
 # process-wide state, so the few lines that turn it into an error run one thread at a time.
 _WARNINGS_LOCK = threading.Lock()
@@ -260,5 +260,5 @@ def _fit(width: int, height: int, max_edge: int | None) -> tuple[int, int]:
 
 
 def _reason(exc: BaseException) -> str:
-    text = _OBJECT_REPR.sub("the data", str(exc)).strip()
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
     return text or type(exc).__name__
