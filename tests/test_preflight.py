@@ -91,8 +91,15 @@ def test_clashing_columns_left_out_of_the_output_work(tmp_path: Path, sim: Simul
 def test_an_ok_column_cannot_corrupt_the_summary(
     tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The template reads `ok`; the rebuild's join must count the journal's, not the input's."""
     data = reviews(3).with_columns(pl.lit(0).alias("ok"))
-    job = write_job(tmp_path, sim.url, data=data, output={"keep_columns": ["title"]})
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=data,
+        request={"prompt": "{{ text }} {{ ok }}"},
+        output={"keep_columns": ["title"]},
+    )
     assert main(["run", str(job), "--quiet"]) == 0
     assert "rows: 3 ok, 0 failed" in capsys.readouterr().err
 
