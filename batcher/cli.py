@@ -19,7 +19,7 @@ from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.status import job_status
 
-_MAX_ROWS = 2**63 - 1  # polars counts rows in int64
+_MAX_ROWS = 2**32 - 1  # polars slices by a 32-bit row index
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ def _count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 0 <= value <= _MAX_ROWS:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (and below 2**63), got {value}")
+        raise argparse.ArgumentTypeError(f"must be 0 to {_MAX_ROWS}, got {value}")
     return value
 
 

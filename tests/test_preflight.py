@@ -121,11 +121,12 @@ def test_a_budget_needs_a_price(
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
-        (["run", "JOB", "--limit", "-1"], "argument --limit: must be 0 or more"),
-        (["status", "JOB", "--limit", "-1"], "argument --limit: must be 0 or more"),
-        (["estimate", "JOB", "--limit", "-1"], "argument --limit: must be 0 or more"),
-        (["run", "JOB", "--limit", "9" * 30], "argument --limit: must be 0 or more"),
-        (["estimate", "JOB", "--sample", "-5"], "argument --sample: must be 0 or more"),
+        (["run", "JOB", "--limit", "-1"], "argument --limit: must be 0 to 4294967295"),
+        (["status", "JOB", "--limit", "-1"], "argument --limit: must be 0 to 4294967295"),
+        (["estimate", "JOB", "--limit", "-1"], "argument --limit: must be 0 to 4294967295"),
+        (["run", "JOB", "--limit", "9" * 30], "argument --limit: must be 0 to 4294967295"),
+        (["estimate", "JOB", "--limit", str(2**32)], "argument --limit: must be 0 to 4294967295"),
+        (["estimate", "JOB", "--sample", "-5"], "argument --sample: must be 0 to 4294967295"),
         (["estimate", "JOB", "--sample", "some"], "argument --sample: not a whole number"),
         (["sim", "--fail-attempts", "x"], "argument --fail-attempts: expected N or MIN-MAX"),
         (["sim", "--fail-attempts", "3-1"], "expected 1 <= MIN <= MAX"),
