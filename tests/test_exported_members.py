@@ -12,6 +12,7 @@ def test_public_api_is_pinned() -> None:
         "BatcherError",
         "BudgetReachedError",
         "ConfigError",
+        "InputError",
         "InterruptedRunError",
         "Job",
         "JournalMismatchError",
