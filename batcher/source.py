@@ -169,8 +169,8 @@ class Source:
             )
         position, column, value = found
         return InputError(
-            f"{self.pattern}: row {position + 1}, column {column!r}: {value!r} is not a "
-            f"{self.dtypes[column]} (input.dtypes); fix it and run again to resume",
+            f"{self.pattern}: row {position + 1}, column {column!r}: {value!r} does not parse "
+            f"as {self.dtypes[column]} (input.dtypes); fix it and run again to resume",
             row=position,
             column=column,
         )

@@ -115,7 +115,7 @@ def test_a_value_failing_its_dtype_mid_run_keeps_what_is_done(
     capsys.readouterr()
     assert run(job) == 3
     err = capsys.readouterr().err
-    assert f"row 251, column {column!r}: 'many' does not parse as int64 (input.dtypes)" in err
+    assert f"row 251, column {column!r}: 'many' does not parse as int64 (input.dtypes)" in err, err
     assert "Traceback" not in err
     assert sim.simulator.answered == 300  # nothing was paid twice
     out = pl.read_parquet(tmp_path / "out/result.parquet")
