@@ -69,7 +69,7 @@ class BudgetReachedError(AbortError):
 
 class InputError(AbortError):
     """The input failed to read after the run started (a value that does not parse as its
-    declared ``input.dtypes`` type, a damaged file); rows before ``row`` are usable."""
+    declared ``input.dtypes`` type, a damaged line); rows before ``row`` are usable."""
 
     def __init__(self, message: str, *, row: int | None = None, column: str | None = None):
         super().__init__(message)

@@ -109,7 +109,7 @@ class Plan:
         try:
             sample = self.source.frame().select(columns).head(PREFLIGHT_ROWS).collect()
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise ConfigError(str(self.source.read_error(exc, 0))) from None
+            raise ConfigError(str(self.source.read_error(exc))) from None
         first: tuple[str, Exception] | None = None
         for row in sample.iter_rows(named=True):
             if self._null_column(row) is not None:

@@ -130,7 +130,7 @@ class Source:
                 .row(0)
             )
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise ConfigError(str(self.read_error(exc, 0))) from None
+            raise ConfigError(str(self.read_error(exc))) from None
         if nulls:
             raise ConfigError(
                 f"{self.pattern}: input.id_column {self.id_column!r} is empty on {nulls} row(s)"
@@ -159,13 +159,17 @@ class Source:
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise self.read_error(exc, delivered) from None
 
-    def read_error(self, exc: BaseException, delivered: int) -> InputError:
-        """The error to show for a failed read, located to its row and column if it can be."""
+    def read_error(self, exc: BaseException, delivered: int | None = None) -> InputError:
+        """The error to show for a failed read, located to its row and column if it can be;
+        ``delivered`` is how many rows a batched read had yielded (None: not batched)."""
         found = self._first_bad_value()
-        if found is None:
+        if found is None and delivered is None:
+            return InputError(f"{self.pattern}: cannot read input: {_first_line(exc)}")
+        if found is None:  # a damaged line or file: the rows already read are the good ones
             return InputError(
-                f"{self.pattern}: cannot read input after row {delivered}: {_first_line(exc)}",
-                row=None,
+                f"{self.pattern}: cannot read input after row {delivered}: "
+                f"{_first_line(exc)}; fix it and run again to resume",
+                row=delivered,
             )
         position, column, value = found
         return InputError(

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
+from batcher.errors import InputError
 from batcher.sim import SimulatorThread
 from batcher.source import Source
 from tests.conftest import write_job
@@ -184,3 +185,36 @@ def test_an_input_without_rows_says_so(
     assert run(job) == 2
     err = capsys.readouterr().err
     assert "data.csv: the input has no rows: there is nothing to send" in err
+
+
+def test_a_damaged_line_is_found_before_sending_when_it_can_be(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = ["id,text", *(f"k{i:04d},t{i}" for i in range(300))]
+    lines[251] += ",extra"
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    job = write_job(tmp_path, sim.url)
+    assert run(job) == 2
+    err = capsys.readouterr().err
+    assert "data.csv: cannot read input: found more fields than defined" in err
+    assert err.count("\n") == 1
+    assert sim.simulator is not None
+    assert sim.simulator.requests == 0
+
+
+def test_a_damaged_line_met_mid_read_bounds_the_good_rows(tmp_path: Path) -> None:
+    """Far into a large file, polars has yielded batches before it meets the line: the error
+    says how far reading got, and the output rebuild reads up to there cleanly."""
+    lines = ["id,text", *(f"k{i:05d},t{i}" for i in range(30_000))]
+    lines[25_001] += ",extra"
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(lines) + "\n")
+    source = Source(str(path), "id")
+    heights: list[int] = []
+    with pytest.raises(InputError) as caught:
+        heights.extend(batch.height for batch in source.batches(["text"]))
+    read = sum(heights)
+    assert caught.value.row == read
+    assert 0 < read <= 25_000
+    assert f"cannot read input after row {read}: found more fields" in str(caught.value)
+    assert sum(b.height for b in source.batches(["text"], limit=read)) == read
