@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from batcher.config import PriceConfig, describe_validation_error
+from batcher.config import PriceConfig, describe_validation_error, describe_yaml_error, load_yaml
 from batcher.errors import ConfigError
 
 _REPOSITORY_TABLE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
@@ -60,9 +60,9 @@ class PriceTable:
             text = resources.files("batcher").joinpath("prices.yaml").read_text(encoding="utf-8")
             where = "batcher/prices.yaml"
         try:
-            parsed = _PriceFile.model_validate(yaml.safe_load(text))
+            parsed = _PriceFile.model_validate(load_yaml(text))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{where}: not valid YAML: {describe_yaml_error(exc)}") from None
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
         models = {**parsed.models, **(overrides or {})}
@@ -85,5 +85,7 @@ class PriceTable:
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prices {path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"--prices {path}: cannot read: {exc.strerror}") from None

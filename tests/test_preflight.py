@@ -171,3 +171,29 @@ def test_python_dash_m_batcher(tmp_path: Path, sim: SimulatorThread) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert '"rows":20' in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"models: [unclosed\n", "not valid YAML: line 2, column 1:"),
+        (b"models:\n  a: {input: 1, output: 1}\n  a: {input: 2, output: 2}\n", "duplicate key 'a'"),
+        (b"models: {}\n# caf\xe9\n", "not UTF-8 text"),
+    ],
+)
+def test_a_bad_price_file_is_one_line(
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    expected: str,
+) -> None:
+    table = tmp_path / "prices.yaml"
+    table.write_bytes(content)
+    job = write_job(tmp_path, sim.url)
+    assert main(["run", str(job), "--quiet", "--prices", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1
+    assert sim.simulator is not None
+    assert sim.simulator.requests == 0
