@@ -147,7 +147,8 @@ class Source:
         """The key column and ``columns``, in input order, ``batch_rows`` at a time.
 
         A read error here comes after the run started, so it is an ``InputError`` naming the
-        first bad row and column: rows before it can still be sent and written.
+        first bad row and column (or, for a damaged line, how far reading got): rows before it
+        can still be sent and written.
         """
         wanted = [self.key_column, *(c for c in columns if c != self.key_column)]
         lazy = self.frame(limit).select(wanted)
@@ -163,18 +164,20 @@ class Source:
         """The error to show for a failed read, located to its row and column if it can be;
         ``delivered`` is how many rows a batched read had yielded (None: not batched)."""
         found = self._first_bad_value()
+        # Before the run (not batched) nothing was sent, so there is nothing to resume.
+        then = "run again" if delivered is None else "run again to resume"
         if found is None and delivered is None:
             return InputError(f"{self.pattern}: cannot read input: {_first_line(exc)}")
         if found is None:  # a damaged line or file: the rows already read are the good ones
             return InputError(
                 f"{self.pattern}: cannot read input after row {delivered}: "
-                f"{_first_line(exc)}; fix it and run again to resume",
+                f"{_first_line(exc)}; fix it and {then}",
                 row=delivered,
             )
         position, column, value = found
         return InputError(
             f"{self.pattern}: row {position + 1}, column {column!r}: {value!r} does not parse "
-            f"as {self.dtypes[column]} (input.dtypes); fix it and run again to resume",
+            f"as {self.dtypes[column]} (input.dtypes); fix it and {then}",
             row=position,
             column=column,
         )
