@@ -218,3 +218,18 @@ def test_a_damaged_line_met_mid_read_bounds_the_good_rows(tmp_path: Path) -> Non
     assert 0 < read <= 25_000
     assert f"cannot read input after row {read}: found more fields" in str(caught.value)
     assert sum(b.height for b in source.batches(["text"], limit=read)) == read
+
+
+def test_a_bad_typed_key_is_found_before_sending(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pre-flight reads the id column in full, so its declared type is checked on every row."""
+    rows = "".join(f"{i},t{i}\n" for i in range(500))
+    (tmp_path / "data.csv").write_text("id,text\n" + rows + "x1,late\n")
+    job = write_job(tmp_path, sim.url, input={"dtypes": {"id": "int64"}})
+    assert run(job) == 2
+    err = capsys.readouterr().err
+    assert "data.csv: row 501, column 'id': 'x1' does not parse as int64 (input.dtypes)" in err
+    assert err.rstrip().endswith("fix it and run again")
+    assert sim.simulator is not None
+    assert sim.simulator.requests == 0
