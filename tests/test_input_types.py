@@ -30,15 +30,21 @@ def test_csv_ids_stay_as_written(tmp_path: Path, sim: SimulatorThread) -> None:
     assert "Review 1.50: d" in sim.simulator.usage_by_prompt
 
 
-def test_a_column_changing_type_late_is_read_as_text(tmp_path: Path) -> None:
+def test_a_column_changing_type_late_is_read_as_text(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     codes = [str(i) for i in range(10_050)]
     codes[10_020] = "A-17"  # past the 10,000 rows polars used to guess types from
     path = tmp_path / "data.csv"
-    pl.DataFrame({"code": codes}).write_csv(path)
+    pl.DataFrame({"id": codes, "text": ["t"] * len(codes)}).write_csv(path)
     source = Source(str(path), None)
-    assert source.schema["code"] == pl.String
-    read = pl.concat(source.batches(["code"]))
-    assert read["code"].to_list() == codes
+    assert source.schema["id"] == pl.String
+    read = pl.concat(source.batches(["id"]))
+    assert read["id"].to_list() == codes
+    # Every row read and rendered end to end, nothing sent.
+    job = write_job(tmp_path, sim.url)
+    assert main(["estimate", str(job), "--json"]) == 0
+    assert '"rows":10050' in capsys.readouterr().out
 
 
 def test_declared_dtypes_type_the_columns(tmp_path: Path, sim: SimulatorThread) -> None:
