@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NoReturn
 
 import anyio
 import orjson
@@ -23,6 +24,38 @@ from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.status import job_status
 
+_MAX_ROWS = 2**32 - 1  # polars slices by a 32-bit row index
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house's one-line ``error: <what>`` instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """A row count: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= _MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {_MAX_ROWS}, got {value}")
+    return value
+
+
+def _attempt_range(text: str) -> tuple[int, int]:
+    """``N`` or ``MIN-MAX`` first attempts to fail, each at least 1."""
+    low, _, high = text.partition("-")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return bounds
+
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="the job file (YAML)")
@@ -34,11 +67,11 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a job-file key, e.g. --set limits.concurrency=64 (value parsed as YAML)",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    parser.add_argument("--limit", type=_count, metavar="N", help="only the first N rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batcher",
         description="Run large batches of LLM chat-completion requests reliably and cheaply.",
     )
@@ -86,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate = commands.add_parser("estimate", help="what a job will cost, before running it")
     _job_arguments(estimate)
-    estimate.add_argument("--sample", type=int, metavar="K", help="run K random rows for real")
+    estimate.add_argument("--sample", type=_count, metavar="K", help="run K random rows for real")
     estimate.add_argument("--simulate", action="store_true", help="sample against the simulator")
     estimate.add_argument(
         "--prices", metavar="FILE", help="a price table instead of the shipped one"
@@ -123,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-share", type=float, default=0.0, help="share of rows that fail at first"
     )
     sim.add_argument(
-        "--fail-attempts", default="1-3", help="how many first attempts they fail: N or MIN-MAX"
+        "--fail-attempts",
+        type=_attempt_range,
+        default=(1, 3),
+        help="how many first attempts they fail: N or MIN-MAX",
     )
     sim.add_argument(
         "--faults",
@@ -142,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    try:
+        arguments = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument already reported on one line
+        return exc.code if isinstance(exc.code, int) else 2
     with _sigterm_as_interrupt():
         try:
             return _main(arguments, argv)
@@ -259,7 +298,7 @@ def _estimate(arguments: argparse.Namespace) -> int:
 
 
 def _sim(arguments: argparse.Namespace) -> int:
-    low, _, high = arguments.fail_attempts.partition("-")
+    low, high = arguments.fail_attempts
     settings = SimSettings(
         latency_s=arguments.latency_s,
         latency_jitter_s=arguments.latency_jitter_s,
@@ -267,8 +306,8 @@ def _sim(arguments: argparse.Namespace) -> int:
         tokens_per_minute=arguments.tokens_per_minute,
         burst_s=arguments.burst_s,
         fail_share=arguments.fail_share,
-        fail_attempts_min=int(low),
-        fail_attempts_max=int(high or low),
+        fail_attempts_min=low,
+        fail_attempts_max=high,
         faults=tuple(f for f in arguments.faults.split(",") if f),
         stall_s=arguments.stall_s,
         retry_after_s=arguments.retry_after_s,
@@ -289,6 +328,12 @@ def _sim(arguments: argparse.Namespace) -> int:
         anyio.run(serve_forever)
     except KeyboardInterrupt:
         return 0
+    except OSError as exc:  # the port is taken, or not ours to bind
+        print(
+            f"error: sim: cannot listen on 127.0.0.1:{arguments.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

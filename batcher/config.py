@@ -8,26 +8,44 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from batcher.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://gateway.theturbo.ai/v1"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A job name becomes a file name (out/<name>.parquet): no folders, no hidden files.
+_SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")
+# The types input.dtypes may declare; every other input column is read as it is stored
+# (CSV: text).
+InputType = Literal["string", "int64", "float64", "bool", "date"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `concurrency: true` or `stream: 1` is a mistake, not a number or a flag.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class InputConfig(_Section):
     path: str
     id_column: str | None = None
     image_root: str | None = None
+    dtypes: dict[str, InputType] = Field(default_factory=dict)
+    allow_nulls: bool = False
 
 
 class EndpointConfig(_Section):
@@ -36,6 +54,22 @@ class EndpointConfig(_Section):
     timeout_s: float = Field(default=120, gt=0)
     stream_idle_timeout_s: float = Field(default=30, gt=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if any(character.isspace() for character in value):
+            raise ValueError("must not contain spaces")
+        if not parts.hostname:
+            raise ValueError("has no host name")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
 
 
 class RequestConfig(_Section):
@@ -60,6 +94,8 @@ class RequestConfig(_Section):
     def _distinct_models(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
             raise ValueError("takes a model name or a list of distinct model names")
+        if any(not name.strip() for name in ([value] if isinstance(value, str) else value)):
+            raise ValueError("a model name cannot be empty")
         return value
 
     @property
@@ -76,13 +112,24 @@ class RequestConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    concurrency: Literal["auto"] | Annotated[int, Field(ge=1, le=10_000)] = "auto"
+    concurrency: Literal["auto"] | int = "auto"
     max_concurrency: int = Field(default=512, ge=1, le=10_000)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     adaptive: bool = True
     stall_timeout_s: float = Field(default=900, gt=0)
     max_cost_usd: float | None = Field(default=None, ge=0)
+
+    @field_validator("concurrency", mode="wrap")
+    @classmethod
+    def _auto_or_count(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            found = handler(value)
+        except ValidationError:
+            found = None
+        if found is None or (isinstance(found, int) and not 1 <= found <= 10_000):
+            raise ValueError("takes auto or a whole number from 1 to 10,000")
+        return found
 
     @property
     def connections(self) -> int:
@@ -97,6 +144,15 @@ class RetryConfig(_Section):
     deadline_s: float | None = Field(default=None, gt=0)
     invalid_output_attempts: int = Field(default=2, ge=0)
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RetryConfig:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                f"max_backoff_s ({self.max_backoff_s:g}) is below "
+                f"initial_backoff_s ({self.initial_backoff_s:g})"
+            )
+        return self
+
 
 class OutputConfig(_Section):
     path: str | None = None
@@ -107,12 +163,20 @@ class OutputConfig(_Section):
     # Finish reasons that make an answered row a failed one (e.g. length, content_filter).
     fail_on_finish: list[str] = Field(default_factory=list)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @field_validator("path")
+    @classmethod
+    def _parquet_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().endswith(".parquet"):
+            raise ValueError("must end in .parquet (the output is a Parquet file)")
+        return value
 
 
 class ImagesConfig(_Section):
     max_edge_px: int | None = Field(default=1568, ge=16)
     max_bytes: int = Field(default=5_000_000, ge=1024)
+    allow_outside_root: bool = False
 
 
 class PriceConfig(_Section):
@@ -122,7 +186,7 @@ class PriceConfig(_Section):
 
 
 class JobConfig(_Section):
-    name: str
+    name: str = Field(max_length=200)
     input: InputConfig
     request: RequestConfig
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
@@ -131,6 +195,15 @@ class JobConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if not _SAFE_NAME.fullmatch(value):
+            raise ValueError(
+                "must be a plain file name: no '/' or '\\', not starting with '.', not empty"
+            )
+        return value
 
 
 class Job:
@@ -169,12 +242,16 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: job file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read job file: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     raw = _substitute_env(raw, source, ())
@@ -185,6 +262,42 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
     return Job(config, source.resolve())
+
+
+class _JobLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping instead of keeping the last."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_JobLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML with duplicate keys refused (PyYAML silently keeps the last one)."""
+    return yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass: safe
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` on one line (PyYAML's own text spans five to eight)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if mark is not None:
+            return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        return problem
+    return " ".join(str(exc).split())
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -198,7 +311,10 @@ def describe_validation_error(exc: ValidationError) -> str:
             lines.append(f"{where}: required key is missing")
         else:
             message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message} (got {error.get('input')!r})")
+            given = error.get("input")
+            # A whole section as "got" would be a wall of text; its message names the keys.
+            got = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"{where}: {message}{got}")
     return "; ".join(lines)
 
 
@@ -225,10 +341,14 @@ def _apply_override(raw: dict[str, Any], override: str, source: Path) -> None:
     if not sep or not dotted:
         raise ConfigError(f"--set {override!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = load_yaml(text) if text else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}: value is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"--set {dotted}: value is not valid YAML: {describe_yaml_error(exc)}"
+        ) from None
     parts = dotted.split(".")
+    # Substituted like the file's own values, so --set behaves as if written there.
+    value = _substitute_env(value, source, tuple(parts))
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})

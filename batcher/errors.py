@@ -14,7 +14,8 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── BudgetReachedError       limits.max_cost_usd would be crossed
         ├── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
         ├── CheckpointError          the checkpoint could not be written or read mid-run
-        └── OutputError              the output could not be written; a rerun rebuilds it
+        ├── OutputError              the output could not be written; a rerun rebuilds it
+        └── InputError               the input could not be read past a row, mid-run
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
@@ -101,6 +102,16 @@ class CheckpointError(AbortError):
 
 class OutputError(AbortError):
     """The output file could not be written; the checkpoint still holds every answer."""
+
+
+class InputError(AbortError):
+    """The input failed to read after the run started (a value that does not parse as its
+    declared ``input.dtypes`` type, a damaged line); rows before ``row`` are usable."""
+
+    def __init__(self, message: str, *, row: int | None = None, column: str | None = None):
+        super().__init__(message)
+        self.row = row
+        self.column = column
 
 
 class AttemptError(Exception):

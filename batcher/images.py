@@ -11,11 +11,15 @@ import base64
 import binascii
 import hashlib
 import io
+import os
+import re
+import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from batcher.config import ImagesConfig
 from batcher.request import ImagePart
@@ -24,6 +28,21 @@ ACCEPTED = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "im
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"})
 _HEIF_BRANDS = frozenset({b"mif1", b"msf1", b"heif"})
 _JPEG_QUALITIES = (90, 80, 70, 60, 50, 40)
+# Pillow names its buffer in some messages ("<_io.BytesIO object at 0x7f...>"): noise that
+# differs per run and says nothing to the reader.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+# Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that; the warning filter is
+# process-wide state, so the few lines that turn it into an error run one thread at a time.
+_WARNINGS_LOCK = threading.Lock()
+# What Pillow raises for an image it cannot or will not decode: each fails its row alone.
+_UNREADABLE = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 class ImageError(Exception):
@@ -79,9 +98,11 @@ class ImageLoader:
         for column in columns:
             value = row.get(column)
             values = value if isinstance(value, list) else [value]
+            if not values:
+                return "empty"
             for item in values:
-                if item is None or item == "":
-                    continue
+                if item is None or (isinstance(item, str) and not item.strip()):
+                    return "empty"  # sending the row without its image would answer wrongly
                 try:
                     parts.append(self._describe_one(str(item)))
                 except ImageError as exc:
@@ -117,8 +138,19 @@ class ImageLoader:
         return ImagePart(url=url, digest=digest, width=width, height=height)
 
     def resolve(self, reference: str) -> Path:
+        """The file a cell names, which must lie inside the image root unless the job allows
+        otherwise: an input from elsewhere must not send any file of this machine."""
         path = Path(reference).expanduser()
-        return path if path.is_absolute() else self.root / path
+        full = path if path.is_absolute() else self.root / path
+        if not self.config.allow_outside_root:
+            root = os.path.normpath(self.root)
+            inside = os.path.normpath(full)
+            if os.path.commonpath([root, inside]) != root:
+                raise ImageError(
+                    f"{reference}: outside input.image_root (images.allow_outside_root: true "
+                    "allows it)"
+                )
+        return full
 
     def _dimensions(self, name: str, data: bytes) -> tuple[int, int]:
         """Size after the configured downscale; checks the file is a readable image."""
@@ -127,10 +159,10 @@ class ImageLoader:
             edge = self.config.max_edge_px or 1568
             return edge, edge  # cannot read the header without pillow-heif: assume the cap
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with _open(data) as image:
                 width, height = image.size
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except _UNREADABLE as exc:
             raise ImageError(f"{name}: not a readable image ({_reason(exc)})") from None
         return _fit(width, height, self.config.max_edge_px)
 
@@ -161,7 +193,7 @@ class ImageLoader:
                 "pip install 'batcher[heif]'"
             )
         try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = _open(data)  # reads the header only
             too_big = max_edge is not None and max(image.size) > max_edge
             if mime in ACCEPTED and not too_big and len(data) <= self.config.max_bytes:
                 return mime or "image/png", data
@@ -170,9 +202,9 @@ class ImageLoader:
                 # covers the target: a quarter of the pixels to decode and hold, or fewer.
                 image.draft("RGB", _fit(image.width, image.height, max_edge))
             image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return self._reencode(name, image, mime)
+        except _UNREADABLE as exc:
             raise ImageError(f"{name}: not a readable image ({_reason(exc)})") from None
-        return self._reencode(name, image, mime)
 
     def _reencode(self, name: str, image: Image.Image, mime: str | None) -> tuple[str, bytes]:
         image = ImageOps.exif_transpose(image)
@@ -201,6 +233,14 @@ class ImageLoader:
             )
 
 
+def _open(data: bytes) -> ImageFile.ImageFile:
+    """Open (header only), with Pillow's decompression-bomb warning raised as an error, so an
+    image over the pixel limit fails its row the same way in every process."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def _save(image: Image.Image, target: str, quality: int | None) -> bytes:
     buffer = io.BytesIO()
     if target == "JPEG" and image.mode not in ("RGB", "L"):
@@ -220,4 +260,5 @@ def _fit(width: int, height: int, max_edge: int | None) -> tuple[int, int]:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
+    return text or type(exc).__name__

@@ -52,6 +52,12 @@ class OutputParser:
         elif self.mode == "json":
             if config.output.json_schema is None:
                 raise ConfigError("output.schema: required with output.parse: json")
+            if not config.output.json_schema:
+                # {} accepts any reply and yields no columns: always a mistake with parse: json.
+                raise ConfigError(
+                    "output.schema: is empty; give the JSON Schema of the reply "
+                    "(type: object with properties)"
+                )
             self.schema = config.output.json_schema
         if self.schema:
             try:

@@ -25,6 +25,10 @@ from batcher.journal import Previous
 from batcher.request import ImagePart, RequestBuilder, RowRequest
 from batcher.source import Source
 
+# Pre-flight renders up to this many rows: a template error on all of them is the template's,
+# not a row's, and is reported before anything is sent.
+PREFLIGHT_ROWS = 100
+
 
 @dataclass(frozen=True, slots=True)
 class RowFailure:
@@ -67,7 +71,7 @@ class Plan:
         config = job.config
         self.job = job
         self.limit = limit
-        self.source = Source(job.input_path, config.input.id_column)
+        self.source = Source(job.input_path, config.input.id_column, config.input.dtypes)
         columns = set(self.source.columns)
         try:
             self.builder = RequestBuilder(config.request, config.endpoint.base_url)
@@ -108,11 +112,46 @@ class Plan:
         self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
         self.source.check_keys()
         self.input_rows = self.source.count_rows(limit)
+        if self.input_rows == 0 and limit != 0:
+            raise ConfigError(f"{job.input_path}: the input has no rows: there is nothing to send")
         if limit is not None and limit > self.input_rows:
             self.limit = None  # past the input's end it limits nothing (nor overflows polars)
         self.total_rows = self.input_rows * len(self.models)  # output rows
+        self.allow_nulls = config.input.allow_nulls
+        self._check_rendering(where)
         self.api_key = read_api_key(job, required=api_key_required)
         self.output_path = job.output_path
+
+    def _check_rendering(self, where: str) -> None:
+        """Render the first rows: an error every one of them meets (``{{ text.foo.bar }}``)
+        would fail every row of the run, so it stops the run here instead."""
+        columns = self.builder.columns or [self.source.key_column]
+        try:
+            sample = self.source.frame().select(columns).head(PREFLIGHT_ROWS).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise ConfigError(str(self.source.read_error(exc))) from None
+        first: tuple[str, Exception] | None = None
+        for row in sample.iter_rows(named=True):
+            if self._null_column(row) is not None:
+                continue  # that row fails alone as input_error
+            failed = self.builder.render_error(row)
+            if failed is None:
+                return
+            first = first or failed
+        if first is not None:
+            template, error = first
+            hint = ""
+            if isinstance(error, TypeError) and self.source.format == "csv":
+                hint = " (CSV columns are text unless input.dtypes declares a type)"
+            raise ConfigError(
+                f"{where}: {template}: rendering the input's first rows fails: "
+                f"{type(error).__name__}: {error}{hint}"
+            )
+
+    def _null_column(self, row: dict[str, Any]) -> str | None:
+        if self.allow_nulls:
+            return None
+        return next((c for c in self.builder.columns if row[c] is None), None)
 
     def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
         return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
@@ -189,6 +228,9 @@ class Plan:
         digest: bytes | None,
         model: str,
     ) -> RowRequest | RowFailure:
+        null = self._null_column(row)
+        if null is not None:
+            return _failure(key, "input_error", f"{null} is null", row, digest)
         if isinstance(images, str):
             return _failure(key, "image_error", images, row)
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from batcher.config import PriceConfig, describe_validation_error
+from batcher.config import PriceConfig, describe_validation_error, describe_yaml_error, load_yaml
 from batcher.errors import ConfigError
 
 _REPOSITORY_TABLE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
@@ -60,9 +60,9 @@ class PriceTable:
             text = resources.files("batcher").joinpath("prices.yaml").read_text(encoding="utf-8")
             where = "batcher/prices.yaml"
         try:
-            parsed = _PriceFile.model_validate(yaml.safe_load(text))
+            parsed = _PriceFile.model_validate(load_yaml(text))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{where}: not valid YAML: {describe_yaml_error(exc)}") from None
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
         models = {**parsed.models, **(overrides or {})}
@@ -72,9 +72,20 @@ class PriceTable:
     def get(self, model: str | None) -> Price | None:
         return self.prices.get(model) if model else None
 
+    def require_for_budget(self, model: str, max_cost_usd: float | None) -> None:
+        """A budget needs the model's price, or it would count nothing and stop nothing."""
+        if max_cost_usd is not None and self.get(model) is None:
+            raise ConfigError(
+                f"limits.max_cost_usd: model {model} has no price, so the budget cannot be "
+                f"counted; add it under prices: ({model}: {{input: ..., output: ...}}, "
+                "USD per million tokens)"
+            )
+
 
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prices {path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"--prices {path}: cannot read: {exc.strerror}") from None

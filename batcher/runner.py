@@ -85,6 +85,12 @@ class Run:
                 "existing output columns; rename them or drop them from output.keep_columns"
             )
         self.prices = PriceTable.load(options.prices_path, config.prices)
+        try:
+            self.layout.check_input_columns()
+            for model in config.request.models:
+                self.prices.require_for_budget(model, config.limits.max_cost_usd)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
         self.tally = Tally()
         request = config.request
         for model in request.models if request.reasoning_effort not in (None, "none") else ():
@@ -144,7 +150,10 @@ class Run:
         if failure is not None:
             self.stop_dispatch(failure)
         self.writing = True
-        return await self._write(journal.path)
+        written = await self._write(journal.path)
+        if written.stopped is not None and self.abort is None:
+            self.abort = written.stopped  # the input broke at a row: what is before it stands
+        return written
 
     def _identity(self) -> tuple[dict[str, str], dict[str, str]]:
         """The checkpoint's identity, its paths relative to the job file so a moved project

@@ -13,7 +13,7 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batcher.errors import ConfigError, OutputError
+from batcher.errors import ConfigError, InputError, OutputError
 from batcher.journal import Previous, connect, fetch_outcomes
 from batcher.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 
@@ -60,6 +60,8 @@ class Written:
     ok: int
     failed: int
     cost_usd: float
+    # The input stopped reading at a bad row: the output holds the rows before it.
+    stopped: InputError | None = None
 
 
 def check_output_target(job_source: Path, target: Path) -> None:
@@ -121,6 +123,25 @@ class OutputLayout:
         names += [c.meta.output_name() for c in self.result_columns()[: -len(self.parsed) or None]]
         return names
 
+    def check_input_columns(self) -> None:
+        """Input columns written to the output may not take a name the output or the rebuild
+        uses: the join would rename or shadow one of them (a kept ``ok`` once miscounted the
+        summary). Template columns that are not kept never reach the join, so they may."""
+        reserved = {_KEY, _FINGERPRINT, *OUTCOME_TYPES}
+        reserved.update(c.meta.output_name() for c in self.result_columns())
+        key = self.plan.source.key_column
+        if key in reserved:
+            raise ConfigError(
+                f"input.id_column {key!r} has the name of an output column; rename it in the input"
+            )
+        clashes = [c for c in self.plan.keep_columns if c in reserved]
+        if clashes:
+            names = ", ".join(repr(c) for c in clashes)
+            raise ConfigError(
+                f"input column(s) {names} have the names of output columns; leave them out "
+                "with output.keep_columns or rename them in the input"
+            )
+
     def result_columns(self) -> list[pl.Expr]:
         extra = pl.col("extra").str.json_decode(self.extra_type)
         columns = [pl.col("response")]
@@ -160,11 +181,19 @@ def write_output(
     """Rebuild the output from the input and the journal (blocking: run in a thread).
 
     Every answered row is written, ``--limit`` or not: the limit bounds what is sent, and a
-    limited rerun must not shrink an output that holds more. Raises OutputError on a fault
-    (disk full, folder gone or read-only, checkpoint unreadable).
+    limited rerun must not shrink an output that holds more. An input that fails to read at a
+    known row is written up to that row, so every answer before it is kept (and paid for
+    once); the rows from it on wait for a fixed input. Raises OutputError on a fault (disk
+    full, folder gone or read-only, checkpoint unreadable).
     """
     try:
-        return _write_output(plan, layout, journal_file, batch_rows)
+        try:
+            return _write_output(plan, layout, journal_file, None, batch_rows)
+        except InputError as exc:
+            if exc.row is None:
+                raise
+            written = _write_output(plan, layout, journal_file, exc.row, batch_rows)
+            return replace(written, stopped=exc)
     except (OSError, sqlite3.Error, pl.exceptions.PolarsError) as exc:
         raise OutputError(f"{plan.output_path}: cannot write the output ({_reason(exc)})") from None
 
@@ -179,7 +208,9 @@ def _reason(exc: Exception) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
-def _write_output(plan: Plan, layout: OutputLayout, journal_file: Path, batch_rows: int) -> Written:
+def _write_output(
+    plan: Plan, layout: OutputLayout, journal_file: Path, read_rows: int | None, batch_rows: int
+) -> Written:
     source = plan.source
     key = source.key_column
     key_type = source.schema[key] if key in source.schema else pl.Int64()
@@ -197,7 +228,7 @@ def _write_output(plan: Plan, layout: OutputLayout, journal_file: Path, batch_ro
     cost = 0.0
     offset = 0
     try:
-        for batch in source.batches(needed, batch_rows=batch_rows):
+        for batch in source.batches(needed, limit=read_rows, batch_rows=batch_rows):
             frame = _answered(plan, batch, connection, key_type, offset)
             offset += batch.height
             rows += frame.height
@@ -250,7 +281,8 @@ def _answered(
         stored, schema={_KEY: _journal_key_type(plan, key_type), **OUTCOME_TYPES}, orient="row"
     )
     fingerprints = [item.fingerprint for _, item, _ in prepared]
-    positioned = batch.with_columns(
+    # Only what the output keeps meets the journal's columns in the join.
+    positioned = batch.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns]).with_columns(
         pl.int_range(offset, offset + batch.height, dtype=pl.Int64).alias(_POSITION)
     )
     return (

@@ -42,6 +42,30 @@ def fails_before_sending(
         ({"output": {"keep_columns": ["ghost"]}}, "ghost"),
         ({"request": {"images": ["photo"]}}, "request.images names column 'photo'"),
         ({"surprise": 1}, "surprise: unknown key"),
+        ({"limits": {"concurrency": True}}, "limits.concurrency: takes auto or a whole number"),
+        ({"request": {"stream": 1}}, "request.stream: Input should be a valid boolean"),
+        ({"request": {"model": ""}}, "request.model: a model name cannot be empty"),
+        ({"output": {"path": "x.csv"}}, "output.path: must end in .parquet"),
+        ({"output": {"parse": "json", "schema": {}}}, "output.schema: is empty"),
+        ({"endpoint": {"base_url": ""}}, "endpoint.base_url: must start with http://"),
+        ({"endpoint": {"base_url": "ftp://host/v1"}}, "endpoint.base_url: must start with"),
+        ({"endpoint": {"base_url": "localhost:8000/v1"}}, "endpoint.base_url: must start with"),
+        ({"endpoint": {"base_url": "http://127.0.0.1: 80/v1"}}, "must not contain spaces"),
+        ({"endpoint": {"base_url": "http://127.0.0.1:99999/v1"}}, "has an invalid port"),
+        ({"endpoint": {"base_url": "http:///v1"}}, "endpoint.base_url: has no host name"),
+        (
+            {"retry": {"initial_backoff_s": 2, "max_backoff_s": 1}},
+            "retry: max_backoff_s (1) is below initial_backoff_s (2)",
+        ),
+        ({"input": {"dtypes": {"stars": "integer"}}}, "input.dtypes.stars"),
+        ({"input": {"dtypes": {"ghost": "int64"}}}, "input.dtypes names column 'ghost'"),
+        ({"input": {"allow_nulls": "yes"}}, "input.allow_nulls"),
+        ({"images": {"allow_outside_root": 1}}, "images.allow_outside_root"),
+        ({"request": {"prompt": "{{ text.foo.bar }}"}}, "request.prompt: rendering the input"),
+        (
+            {"request": {"model": "claude-3-5-haiku-latest"}, "limits": {"max_cost_usd": 0.01}},
+            "add it under prices:",
+        ),
     ],
 )
 def test_configuration_errors(
@@ -94,7 +118,51 @@ def test_unreadable_csv(
 def test_not_yaml(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: [unclosed\n")
-    assert "not valid YAML" in fails_before_sending(job, sim, capsys)
+    err = fails_before_sending(job, sim, capsys)
+    assert "not valid YAML: line 2, column 1: expected ','" in err
+    assert err.count("\n") == 1
+
+
+def test_duplicate_yaml_key(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, sim.url)
+    job.write_text(job.read_text() + "name: second\n")
+    err = fails_before_sending(job, sim, capsys)
+    assert "duplicate key 'name'" in err
+    assert err.count("\n") == 1
+
+
+def test_not_utf8(tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, sim.url)
+    job.write_bytes(job.read_bytes() + b"# caf\xe9\n")
+    err = fails_before_sending(job, sim, capsys)
+    assert "not UTF-8 text (byte 0xe9" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", ""])
+def test_name_is_a_plain_file_name(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    job = write_job(tmp_path, sim.url)
+    err = fails_before_sending(job, sim, capsys, "--set", f"name={name}")
+    assert "name: must be a plain file name" in err
+
+
+def test_override_substitutes_environment(
+    tmp_path: Path,
+    sim: SimulatorThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATCHER_TEST_NAME", "../escape")
+    job = write_job(tmp_path, sim.url)
+    err = fails_before_sending(job, sim, capsys, "--set", "name=${BATCHER_TEST_NAME}")
+    assert "(got '../escape')" in err
+    monkeypatch.delenv("BATCHER_TEST_NAME")
+    err = fails_before_sending(job, sim, capsys, "--set", "name=${BATCHER_TEST_NAME}")
+    assert "name: environment variable BATCHER_TEST_NAME is not set" in err
 
 
 def test_missing_job_file(

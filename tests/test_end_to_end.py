@@ -38,7 +38,9 @@ def test_job_writes_every_row_in_order_with_usage(
     tmp_path: Path, sim: SimulatorThread, fmt: str
 ) -> None:
     data = reviews(50)
-    job = write_job(tmp_path, sim.url, data=data, fmt=fmt)
+    # CSV columns are text unless declared; Parquet ones keep their type (the cast is a no-op).
+    inputs = {"path": f"data.{fmt}", "dtypes": {"stars": "int64"}}
+    job = write_job(tmp_path, sim.url, data=data, fmt=fmt, input=inputs)
     assert run(job) == 0
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert out.columns == ["id", "title", "text", "stars", *OUTPUT_COLUMNS]

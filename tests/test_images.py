@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,109 @@ def test_heic_that_needs_resizing_asks_for_the_extra(
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert "pip install 'batcher[heif]'" in out["error"][0]
     assert server.simulator.requests == 0
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size in its header and holds no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_images_over_the_pixel_limit_fail_only_their_row(
+    tmp_path: Path, pics: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = sim_factory()
+    # A small limit stands in for Pillow's ~89 million pixels: between it and twice it Pillow
+    # only warns, above twice it raises; both fail the row, in any warning configuration.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    picture(pics / "good.png", (50, 50), "PNG")
+    picture(pics / "warned.png", (150, 100), "PNG")
+    picture(pics / "refused.png", (300, 100), "PNG")
+    (pics / "claims.png").write_bytes(_png_header(100_000, 100_000))
+    rows = [
+        {"id": name, "photo": f"{name}.png"} for name in ("good", "warned", "refused", "claims")
+    ]
+    job = image_job(tmp_path, server.url, rows)
+    assert main(["run", str(job), "--quiet"]) == 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    errors = dict(zip(out["id"], out["error"], strict=True))
+    assert errors["good"] is None
+    for name in ("warned", "refused", "claims"):
+        assert errors[name].startswith(f"image_error: {name}.png: not a readable image (")
+        assert "exceeds limit" in errors[name]
+    assert server.simulator.requests == 1
+
+
+def test_image_messages_carry_no_memory_addresses(tmp_path: Path, pics: Path, sim_factory) -> None:
+    server = sim_factory()
+    (pics / "noise.png").write_bytes(b"neither a PNG nor anything else")
+    job = image_job(tmp_path, server.url, [{"id": "n", "photo": "noise.png"}])
+    assert main(["run", str(job), "--quiet"]) == 1
+    error = pl.read_parquet(tmp_path / "out/result.parquet")["error"][0]
+    assert error.startswith("image_error: noise.png: not a readable image (")
+    assert error == "image_error: noise.png: not a readable image (cannot identify image file)"
+
+
+def test_an_empty_or_null_image_cell_fails_its_row(tmp_path: Path, pics: Path, sim_factory) -> None:
+    server = sim_factory()
+    picture(pics / "good.png", (10, 10), "PNG")
+    rows = [
+        {"id": "good", "photo": "good.png"},
+        {"id": "null", "photo": None},
+        {"id": "blank", "photo": ""},
+    ]
+    job = image_job(tmp_path, server.url, rows)
+    assert main(["run", str(job), "--quiet"]) == 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    errors = dict(zip(out["id"], out["error"], strict=True))
+    assert errors == {"good": None, "null": "image_error: empty", "blank": "image_error: empty"}
+    assert server.simulator.requests == 1
+
+
+def test_image_paths_stay_inside_the_image_root(
+    tmp_path: Path, pics: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = sim_factory()
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    picture(pics / "inside.png", (10, 10), "PNG")
+    (pics / "sub").mkdir()
+    picture(pics / "sub" / "deeper.png", (10, 10), "PNG")
+    secret = picture(tmp_path / "secret.png", (10, 10), "PNG")
+    picture(home / "private.png", (10, 10), "PNG")
+    rows = [
+        {"id": "inside", "photo": "inside.png"},
+        {"id": "dotted", "photo": "sub/../sub/deeper.png"},
+        {"id": "absolute-inside", "photo": str(pics / "inside.png")},
+        {"id": "parent", "photo": "../secret.png"},
+        {"id": "absolute", "photo": str(secret)},
+        {"id": "home", "photo": "~/private.png"},
+    ]
+    job = image_job(tmp_path, server.url, rows)
+    assert main(["run", str(job), "--quiet"]) == 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    errors = dict(zip(out["id"], out["error"], strict=True))
+    assert errors["inside"] is None
+    assert errors["dotted"] is None
+    assert errors["absolute-inside"] is None
+    assert errors["parent"] == (
+        "image_error: ../secret.png: outside input.image_root "
+        "(images.allow_outside_root: true allows it)"
+    )
+    assert errors["absolute"].startswith(f"image_error: {secret}: outside input.image_root")
+    assert errors["home"].startswith("image_error: ~/private.png: outside input.image_root")
+    assert server.simulator.requests == 3
+
+    job = image_job(tmp_path, server.url, rows, images={"allow_outside_root": True})
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert server.simulator.requests == 6

@@ -239,8 +239,10 @@ def test_limit_bounds_what_is_sent_not_the_output(
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert out["id"].to_list() == reviews(30)["id"].to_list()
     assert server.simulator.requests == 30
-    assert main(["run", str(job), "--quiet", "--limit", str(10**20)]) == 0
+    assert main(["run", str(job), "--quiet", "--limit", "1000"]) == 0  # past the end
     assert "rows: 30 ok, 0 failed, 0 pending of 30" in capsys.readouterr().err
+    assert main(["run", str(job), "--quiet", "--limit", str(10**20)]) == 2
+    assert "argument --limit: must be 0 to 4294967295" in capsys.readouterr().err
 
 
 def _big_output_job(folder: Path, base_url: str) -> Path:

@@ -156,4 +156,5 @@ def test_preview_shows_rows_that_fail_before_sending(
     shown = preview_json(capsys, str(job))
     assert shown[0]["body"] is None
     assert shown[0]["error"].startswith("image_error: missing.png")
-    assert shown[1]["body"]["messages"][-1]["content"] == "Describe."  # no image: plain text
+    assert shown[1]["body"] is None  # an empty image cell fails its row, as in a run
+    assert shown[1]["error"] == "image_error: empty"

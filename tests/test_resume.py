@@ -133,7 +133,8 @@ def test_edit_template_resends_only_changed_rows(tmp_path: Path, sim_factory) ->
         .equals(first.drop("latency_s"))
     )
 
-    changed = "Review {{ id }}: {{ text }}{% if stars == 5 %} (five stars){% endif %}"
+    # CSV columns are text: the template compares with "5" (input.dtypes would make it 5).
+    changed = 'Review {{ id }}: {{ text }}{% if stars == "5" %} (five stars){% endif %}'
     job = write_job(tmp_path, server.url, data=data, request={"prompt": changed})
     assert main(["run", str(job), "--quiet"]) == 0
     five = data.filter(pl.col("stars") == 5).height
