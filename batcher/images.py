@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batcher.config import ImagesConfig
-from batcher.request import ImagePart
+from batcher.request import ImagePart, RowRequest
 
 ACCEPTED = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"})
@@ -221,3 +221,23 @@ def _fit(width: int, height: int, max_edge: int | None) -> tuple[int, int]:
 
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def inline_images(request: RowRequest, loader: ImageLoader) -> dict[str, Any]:
+    """The body with each local image's data URL in place of its digest (blocking).
+
+    Raises ImageError for a file that is missing or cannot be encoded.
+    """
+    urls = {part.digest: loader.encode(part) for part in request.images}
+    messages = [dict(m) for m in request.body["messages"]]
+    content = [
+        {
+            "type": "image_url",
+            "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])},
+        }
+        if p.get("type") == "image_url"
+        else p
+        for p in messages[-1]["content"]
+    ]
+    messages[-1]["content"] = content
+    return {**request.body, "messages": messages}

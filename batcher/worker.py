@@ -9,18 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import orjson
 from tenacity import RetryCallState
 
 from batcher.client import ChatClient, Reply, shorten
 from batcher.config import JobConfig
 from batcher.errors import AttemptError
-from batcher.images import ImageError, ImageLoader
+from batcher.images import ImageError, ImageLoader, inline_images
 from batcher.journal import Outcome
 from batcher.limiter import RateLimiter
+from batcher.outcome import OutcomeBuilder
 from batcher.parse import OutputParser
 from batcher.plan import RowFailure
-from batcher.prices import Price, PriceTable
+from batcher.prices import PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.retry import Sleep, retrying
 from batcher.tally import Tally
@@ -61,7 +61,7 @@ class RowWorker:
         self.requests_per_row = requests_per_row
         self._sleep = sleep
         self._clock = clock
-        self._unpriced: set[str] = set()
+        self.outcomes = OutcomeBuilder(config, prices, tally)
         # Decoding and resizing are CPU work: more at once than cores only multiplies the
         # decoded pixels held in memory, so image encoding gets one slot per core.
         self._image_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
@@ -85,8 +85,12 @@ class RowWorker:
                 parsed = parsed if parsed is not None else parsed_one
         except _RowFailed as failure:
             attempts += failure.attempts
-            return self._failed(request, failure.error, attempts, started, replies + wasted)
-        return self._answered(request, replies, wasted, parsed, attempts, started)
+            return self.outcomes.failed(
+                request, failure.error, attempts, self._clock() - started, replies + wasted
+            )
+        return self.outcomes.answered(
+            request, replies, wasted, parsed, attempts, self._clock() - started
+        )
 
     async def _request(
         self, request: RowRequest, started: float, wasted: list[Reply]
@@ -194,21 +198,9 @@ class RowWorker:
     def _with_images(self, request: RowRequest) -> dict[str, Any]:
         """The body with each local image's data URL in place of its digest (blocking)."""
         try:
-            urls = {part.digest: self.images.encode(part) for part in request.images}
+            return inline_images(request, self.images)
         except ImageError as exc:
             raise AttemptError("image_error", str(exc), retryable=False) from None
-        messages = [dict(m) for m in request.body["messages"]]
-        content = [
-            {
-                "type": "image_url",
-                "image_url": {"url": urls.get(p["image_url"]["url"], p["image_url"]["url"])},
-            }
-            if p.get("type") == "image_url"
-            else p
-            for p in messages[-1]["content"]
-        ]
-        messages[-1]["content"] = content
-        return {**request.body, "messages": messages}
 
     # -- budget -------------------------------------------------------------------------------
 
@@ -238,119 +230,8 @@ class RowWorker:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _price_for(self, model: str | None) -> Price | None:
-        price = self.prices.get(model) or self._price
-        if price is None:
-            name = model or self.config.request.model
-            if name not in self._unpriced:
-                self._unpriced.add(name)
-                self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
-        return price
-
     def _cost_of(self, replies: list[Reply]) -> float | None:
-        total = 0.0
-        for reply in replies:
-            price = self._price_for(reply.model)
-            if price is None:
-                return None
-            total += price.cost(
-                reply.prompt_tokens or 0, reply.completion_tokens or 0, reply.cached_tokens or 0
-            )
-        return total
-
-    def _answered(
-        self,
-        request: RowRequest,
-        replies: list[Reply],
-        wasted: list[Reply],
-        parsed: dict[str, Any] | None,
-        attempts: int,
-        started: float,
-    ) -> Outcome:
-        first = replies[0]
-        paid = replies + wasted
-        choices = [choice for reply in replies for choice in reply.choices]
-        wanted = self.config.request.n or 1
-        if len(choices) < wanted:
-            self.tally.warnings[f"asked for n={wanted} choices, a reply carried fewer"] += 1
-        message = choices[0].get("message") or {}
-        extra: dict[str, Any] = {}
-        if message.get("tool_calls"):
-            extra["tool_calls"] = orjson.dumps(message["tool_calls"]).decode()
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if reasoning:
-            extra["reasoning"] = reasoning
-        if wanted > 1:
-            extra["responses"] = [(c.get("message") or {}).get("content") for c in choices]
-            extra["all_tool_calls"] = [
-                orjson.dumps(calls).decode()
-                if (calls := (c.get("message") or {}).get("tool_calls"))
-                else None
-                for c in choices
-            ]
-        if first.ttft_s is not None:
-            extra["ttft_s"] = first.ttft_s
-        if parsed is not None:
-            extra["parsed"] = parsed
-        self.tally.ok += 1
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=True,
-            error_kind=None,
-            response=message.get("content"),
-            finish_reason=choices[0].get("finish_reason"),
-            model=first.model,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid),
-            completion_tokens=_sum(r.completion_tokens for r in paid),
-            total_tokens=_sum(r.total_tokens for r in paid),
-            cached_tokens=_sum(r.cached_tokens for r in paid),
-            cost_usd=self._cost_of(paid),
-            latency_s=self._clock() - started,
-            attempts=attempts,
-            error=None,
-            response_id=first.response_id,
-            extra=extra or None,
-            input_digest=request.input_digest,
-        )
-
-    def _failed(
-        self,
-        request: RowRequest,
-        error: AttemptError,
-        attempts: int,
-        started: float,
-        paid: list[Reply],
-    ) -> Outcome:
-        self.tally.failed += 1
-        self.tally.errors[f"final:{error.kind}"] += 1
-        raw = None
-        if error.kind == "invalid_output" and paid:
-            # The raw reply stays in `response` so the user can see what did not parse.
-            message = paid[-1].first.get("message") or {}
-            raw = message.get("content")
-            if raw is None and message.get("tool_calls"):
-                raw = orjson.dumps(message["tool_calls"]).decode()
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=False,
-            error_kind=error.kind,
-            response=raw,
-            finish_reason=None,
-            model=paid[-1].model if paid else None,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid) if paid else None,
-            completion_tokens=_sum(r.completion_tokens for r in paid) if paid else None,
-            total_tokens=_sum(r.total_tokens for r in paid) if paid else None,
-            cached_tokens=_sum(r.cached_tokens for r in paid) if paid else None,
-            cost_usd=self._cost_of(paid) if paid else None,
-            latency_s=self._clock() - started,
-            attempts=attempts,
-            error=f"{error.kind}: {shorten(error.message)}",
-            response_id=None,
-            extra=None,
-            input_digest=request.input_digest,
-        )
+        return self.outcomes.cost_of(replies)
 
 
 def failure_outcome(failure: RowFailure) -> Outcome:
@@ -382,8 +263,3 @@ class _RowFailed(Exception):  # noqa: N818 - internal control flow
         super().__init__(str(error))
         self.error = error
         self.attempts = attempts
-
-
-def _sum(values: Any) -> int | None:
-    present = [v for v in values if v is not None]
-    return sum(present) if present else None
