@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
+    run.add_argument(
+        "--cancel",
+        action="store_true",
+        help="batch mode: cancel the job's batches in flight and collect what they finished",
+    )
+
+    cancel = commands.add_parser(
+        "cancel", help="batch mode: cancel a job's batches in flight, keep what they finished"
+    )
+    _job_arguments(cancel)
+    cancel.add_argument("--quiet", action="store_true", help="no progress bar")
 
     status = commands.add_parser("status", help="how far a job is, from its checkpoint")
     _job_arguments(status)
@@ -102,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "run":
             return _run(arguments, argv)
+        if arguments.command == "cancel":
+            return _cancel(arguments)
         if arguments.command == "status":
             job = load_job(arguments.job, arguments.overrides)
             for line in job_status(job, arguments.limit).lines():
@@ -135,12 +148,25 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         quiet=arguments.quiet,
         prices_path=arguments.prices,
         resume_command=resume,
+        cancel=arguments.cancel,
     )
     job = load_job(arguments.job, arguments.overrides)
     summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary.exit_code
+
+
+def _cancel(arguments: argparse.Namespace) -> int:
+    job = load_job(arguments.job, arguments.overrides)
+    if job.config.endpoint.mode != "batch":
+        print(f"error: {job.source}: endpoint.mode: cancel is for batch mode", file=sys.stderr)
+        return 2
+    options = RunOptions(limit=arguments.limit, quiet=arguments.quiet, cancel=True)
+    summary = anyio.run(lambda: arun(job, options))
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return 0
 
 
 def _estimate(arguments: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── KeyRefusedError          401/403: the API key was refused
         ├── AccountError             402 or an exhausted balance
         ├── InterruptedRunError      Ctrl-C / SIGTERM
-        └── BudgetReachedError       limits.max_cost_usd would be crossed
+        ├── BudgetReachedError       limits.max_cost_usd would be crossed
+        └── BatchApiError            the Batch API refused a file or batch operation
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
@@ -64,6 +65,10 @@ class InterruptedRunError(AbortError):
 
 class BudgetReachedError(AbortError):
     """Dispatching stopped because ``limits.max_cost_usd`` would be crossed."""
+
+
+class BatchApiError(AbortError):
+    """The provider Batch API refused an operation on a file or batch (batch mode)."""
 
 
 class AttemptError(Exception):

@@ -56,6 +56,7 @@ class RunOptions:
     positions: frozenset[int] | None = None  # only these row positions (estimate --sample)
     resume_command: str | None = None
     grace_s: float = GRACE_S
+    cancel: bool = False  # batch mode: cancel the batches in flight instead of submitting
     notify: Callable[[str], None] = _stderr
 
 
@@ -320,6 +321,12 @@ async def arun(
     options = replace(options or RunOptions(), **kwargs)
     job, plan = prepare(job, options)
     run = Run(job, options, plan)
+    if job.config.endpoint.mode == "batch":
+        from batcher.batch import BatchRun
+
+        batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
+        async with endpoint(job, options.simulate) as base_url:
+            return await batch_run.execute(base_url)
     async with endpoint(job, options.simulate) as base_url:
         return await run.execute(base_url)
 

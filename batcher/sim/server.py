@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from batcher.images import sniff_mime
+from batcher.sim.batches import BatchService
 from batcher.sim.replies import build_reply, count_tokens, digest, user_text
 
 FAULT_KINDS = (
@@ -50,6 +51,15 @@ class SimSettings:
     retry_after_s: float = 0.1
     cached_share: float = 0.0  # share of prompt tokens reported as cached
     seed: int = 0
+    # The Batch API (batcher.sim.batches): whether it is served, how long a batch takes, the
+    # share of lines whose first submission fails with 500, which batches (1-based, in order
+    # of creation) expire half done, and the upload and batch sizes it refuses.
+    batch_api: bool = True
+    batch_delay_s: float = 0.0
+    batch_fail_share: float = 0.0
+    batch_expire: tuple[int, ...] = ()
+    batch_max_file_bytes: int | None = None
+    batch_max_lines: int | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +98,7 @@ class Simulator:
         self.settings = settings or SimSettings()
         self._random = random.Random(self.settings.seed)
         self.reset()
+        self.batches = BatchService(self)
 
     def reset(self) -> None:
         s = self.settings
@@ -148,6 +159,8 @@ class Simulator:
         app.router.add_post("/chat/completions", self._handle)
         app.router.add_get("/sim/stats", self._stats)
         app.router.add_post("/sim/reset", self._reset)
+        if self.settings.batch_api:
+            self.batches.register(app)
         return app
 
     async def _stats(self, _: web.Request) -> web.Response:
