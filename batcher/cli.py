@@ -11,7 +11,7 @@ import anyio
 import orjson
 
 from batcher.config import load_job
-from batcher.errors import BatcherError
+from batcher.errors import BatcherError, ConfigError
 from batcher.estimate import estimate, estimate_with_sample
 from batcher.ledger import read_ledger
 from batcher.runner import RunOptions, arun
@@ -151,6 +151,8 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         cancel=arguments.cancel,
     )
     job = load_job(arguments.job, arguments.overrides)
+    if arguments.cancel and job.config.endpoint.mode != "batch":
+        raise ConfigError(f"{job.source}: endpoint.mode: --cancel is for endpoint.mode: batch")
     summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)
@@ -160,8 +162,7 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
 def _cancel(arguments: argparse.Namespace) -> int:
     job = load_job(arguments.job, arguments.overrides)
     if job.config.endpoint.mode != "batch":
-        print(f"error: {job.source}: endpoint.mode: cancel is for batch mode", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{job.source}: endpoint.mode: cancel is for endpoint.mode: batch")
     options = RunOptions(limit=arguments.limit, quiet=arguments.quiet, cancel=True)
     summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():

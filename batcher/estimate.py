@@ -38,6 +38,11 @@ class Estimate:
     duration_s: float
     sampled_rows: int = 0
     note: str | None = None
+    # The same at Batch API prices (endpoint.mode: batch).
+    batch_low_usd: float | None = None
+    batch_expected_usd: float | None = None
+    batch_high_usd: float | None = None
+    completion_window: str = "24h"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +52,9 @@ class Estimate:
             "low_usd": self.low_usd,
             "expected_usd": self.expected_usd,
             "high_usd": self.high_usd,
+            "batch_low_usd": self.batch_low_usd,
+            "batch_expected_usd": self.batch_expected_usd,
+            "batch_high_usd": self.batch_high_usd,
             "duration_s": self.duration_s,
         }
 
@@ -58,9 +66,13 @@ class Estimate:
             f"rows: {self.rows}",
             f"prompt tokens (estimated): {self.prompt_tokens:,}",
             f"completion tokens (at most): {self.completion_tokens_high:,}",
-            f"cost: low {usd(self.low_usd)}, expected {usd(self.expected_usd)}, "
+            f"cost, live:  low {usd(self.low_usd)}, expected {usd(self.expected_usd)}, "
             f"high {usd(self.high_usd)}",
-            f"duration: about {_duration(self.duration_s)} at the job's limits",
+            f"cost, batch: low {usd(self.batch_low_usd)}, expected "
+            f"{usd(self.batch_expected_usd)}, high {usd(self.batch_high_usd)} "
+            f"(endpoint.mode: batch)",
+            f"duration: about {_duration(self.duration_s)} live at the job's limits; "
+            f"batch: up to the {self.completion_window} completion window per batch",
         ]
         if self.sampled_rows:
             lines.append(f"from {self.sampled_rows} rows run for real (checkpointed)")
@@ -110,16 +122,35 @@ def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = No
     completion_high = rows * plan.builder.completion_tokens
     price = prices.get(job.config.request.model)
     note = None
-    low = expected = high = None
+    costs: list[float | None] = [None] * 6
     if price is None:
         note = f"no price for model {job.config.request.model}: dollars unknown"
     else:
-        low = price.cost(prompt, 0)
-        expected = price.cost(prompt, completion_high // 2)
-        high = price.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
+        costs = [
+            each.cost(tokens_in, tokens_out)
+            for each in (price, price.for_batch())
+            for tokens_in, tokens_out in (
+                (prompt, 0),
+                (prompt, completion_high // 2),
+                (math.ceil(prompt * PROMPT_MARGIN), completion_high),
+            )
+        ]
     per_row = (prompt + completion_high) / rows if rows else 0.0
     duration = duration_s(job, rows, per_row, ASSUMED_LATENCY_S, plan.builder.requests_per_row)
-    return Estimate(rows, prompt, completion_high, low, expected, high, duration, note=note)
+    return Estimate(
+        rows,
+        prompt,
+        completion_high,
+        low_usd=costs[0],
+        expected_usd=costs[1],
+        high_usd=costs[2],
+        duration_s=duration,
+        note=note,
+        batch_low_usd=costs[3],
+        batch_expected_usd=costs[4],
+        batch_high_usd=costs[5],
+        completion_window=job.config.batch.completion_window,
+    )
 
 
 async def estimate_with_sample(
@@ -152,11 +183,25 @@ async def estimate_with_sample(
     margin = 1.96 * spread / math.sqrt(len(costs)) * correction
     latency = sum(latencies) / len(latencies)
     per_row_tokens = sum(tokens) / len(tokens)
+    # Sampled rows run live, at list price; batch figures scale by the heuristic's ratio.
+    ratio = (
+        base.batch_expected_usd / base.expected_usd
+        if base.batch_expected_usd is not None and base.expected_usd
+        else None
+    )
+    low, expected, high = (
+        max(mean - margin, 0.0) * base.rows,
+        mean * base.rows,
+        (mean + margin) * base.rows,
+    )
     return replace(
         base,
-        low_usd=max(mean - margin, 0.0) * base.rows,
-        expected_usd=mean * base.rows,
-        high_usd=(mean + margin) * base.rows,
+        low_usd=low,
+        expected_usd=expected,
+        high_usd=high,
+        batch_low_usd=low * ratio if ratio is not None else None,
+        batch_expected_usd=expected * ratio if ratio is not None else None,
+        batch_high_usd=high * ratio if ratio is not None else None,
         duration_s=duration_s(
             job, base.rows, per_row_tokens, latency, plan.builder.requests_per_row
         ),

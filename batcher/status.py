@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batcher.batch.book import describe
 from batcher.config import Job
 from batcher.journal import connect, journal_path
 from batcher.source import Source
@@ -19,6 +20,7 @@ class JobStatus:
     cost_usd: float
     failed_by_kind: dict[str, int] = field(default_factory=dict)
     journal: str | None = None
+    batches: list[str] = field(default_factory=list)  # batch mode: what is in flight
 
     @property
     def rows_pending(self) -> int:
@@ -39,7 +41,7 @@ class JobStatus:
                 f"{kind} {count}" for kind, count in sorted(self.failed_by_kind.items())
             )
             lines.append(f"failed by error: {kinds}")
-        return lines
+        return lines + self.batches
 
 
 def job_status(job: Job, limit: int | None = None) -> JobStatus:
@@ -53,6 +55,7 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
             "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
             "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
         ).fetchall()
+        batches = describe(connection)
     finally:
         connection.close()
     ok = failed = prompt = completion = 0
@@ -67,4 +70,4 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
         else:
             failed += count
             kinds[kind or "unknown"] = count
-    return JobStatus(total, ok, failed, prompt, completion, cost, kinds, str(path))
+    return JobStatus(total, ok, failed, prompt, completion, cost, kinds, str(path), batches)

@@ -1,0 +1,294 @@
+"""Batch mode: the same job through the simulator's Batch API, over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batcher.batch.lines import custom_id
+from batcher.cli import main
+from batcher.prices import PriceTable
+from batcher.sim import SimulatorThread
+from tests.conftest import MODEL, prompt_of, reviews, write_job
+
+COMPARED = ["id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+
+
+def batch_job(
+    folder: Path, url: str, data: pl.DataFrame, limits: dict[str, Any] | None = None, **batch: Any
+) -> Path:
+    settings = {"poll_s": 0.2, **batch}
+    return write_job(
+        folder, url, data=data, endpoint={"mode": "batch"}, batch=settings, limits=limits or {}
+    )
+
+
+def row_of(identifier: str) -> str:
+    """The row part of a custom_id (the rest counts its submissions)."""
+    return identifier.rsplit("-", 1)[0]
+
+
+def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
+    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
+    stream = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
+        stdout=stream,
+        stderr=stream,
+    )
+
+
+def wait_for(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_custom_ids_are_unique_and_valid_everywhere() -> None:
+    keys: list[Any] = [0, 1, "0", "a key with spaces/and+symbols", "é" * 500, None]
+    ids = [custom_id(key, n) for key in keys for n in (1, 2, 12)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", i) for i in ids)
+
+
+def test_thousand_rows_with_line_failures_and_an_expired_batch(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    data = reviews(1000)
+    server = sim_factory(batch_fail_share=0.05, batch_expire=(2,), seed=3)
+    job = batch_job(tmp_path, server.url, data, max_lines=250)
+    assert main(["run", str(job), "--quiet"]) == 0
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    service = server.simulator.batches
+
+    # Every row answered exactly once, in input order.
+    assert output.get_column("id").to_list() == data.get_column("id").to_list()
+    assert output.get_column("error").null_count() == 1000
+    answered = service.answered_by_prompt
+    assert len(answered) == 1000
+    assert set(answered.values()) == {1}
+    assert all(lines <= 250 for lines in service.batch_lines)
+    assert service.batch_lines[:4] == [250, 250, 250, 250]
+
+    # Only failed or expired lines were resubmitted, and `attempts` counts submissions.
+    submissions: dict[str, list[str]] = {}
+    for identifier in sorted(service.uploaded, key=lambda i: int(i.rsplit("-", 1)[1])):
+        assert service.uploaded[identifier] == 1
+        submissions.setdefault(row_of(identifier), []).append(identifier)
+    fates = service.fates
+    expired = [i for i, fate in fates.items() if fate == "expired"]
+    failed = [i for i, fate in fates.items() if fate == "500"]
+    assert len(expired) == 125
+    assert 20 <= len(failed) <= 90
+    for tries in submissions.values():
+        assert all(fates[i] in ("500", "expired") for i in tries[:-1])
+        assert fates[tries[-1]] == "ok"
+    resubmitted = {r for r, tries in submissions.items() if len(tries) > 1}
+    assert resubmitted == {row_of(i) for i in expired + failed}
+    attempts = dict(zip(data.get_column("id"), output.get_column("attempts"), strict=True))
+    by_row = {custom_id(k, 1).rsplit("-", 1)[0]: k for k in data.get_column("id")}
+    for row, tries in submissions.items():
+        assert attempts[by_row[row]] == len(tries)
+
+    # cost_usd is half of the live price for the same tokens.
+    live_folder = tmp_path / "live"
+    live_folder.mkdir()
+    live_server = sim_factory()
+    live_job = write_job(live_folder, live_server.url, data=data)
+    assert main(["run", str(live_job), "--quiet"]) == 0
+    live = pl.read_parquet(live_folder / "out/result.parquet")
+    for column in ("prompt_tokens", "completion_tokens", "response"):
+        assert output.get_column(column).to_list() == live.get_column(column).to_list()
+    price = PriceTable.load().get(MODEL)
+    assert price is not None
+    for row, live_row in zip(output.iter_rows(named=True), live.iter_rows(named=True), strict=True):
+        list_cost = price.cost(row["prompt_tokens"], row["completion_tokens"])
+        assert live_row["cost_usd"] == pytest.approx(list_cost)
+        assert row["cost_usd"] == pytest.approx(list_cost / 2)
+
+
+def test_sigkill_after_submission_then_rerun(tmp_path: Path, sim_factory: Any) -> None:
+    data = reviews(600)
+    baseline_folder = tmp_path / "baseline"
+    baseline_folder.mkdir()
+    baseline = sim_factory()
+    assert main(["run", str(batch_job(baseline_folder, baseline.url, data, max_lines=100))]) == 0
+    expected = pl.read_parquet(baseline_folder / "out/result.parquet").select(COMPARED)
+
+    server = sim_factory(batch_delay_s=1.5)
+    job = batch_job(tmp_path, server.url, data, max_lines=100)
+    process = start(job, capture=False)
+    service = server.simulator.batches
+    wait_for(lambda: len(service.batches) == 6 or process.poll() is not None)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(service.batches) == 6, "killed too late: the run had ended"
+    status = subprocess.run(
+        [sys.executable, "-m", "batcher.cli", "status", str(job)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "batches in flight: 6" in status.stdout
+
+    assert main(["run", str(job), "--quiet"]) == 0
+    result = pl.read_parquet(tmp_path / "out/result.parquet").select(COMPARED)
+    assert result.equals(expected)
+    # The rerun re-attached to the six batches: no line was uploaded twice.
+    assert len(service.batches) == 6
+    assert len(service.uploaded) == 600
+    assert set(service.uploaded.values()) == {1}
+    assert len({row_of(i) for i in service.uploaded}) == 600
+
+
+def test_a_file_over_max_bytes_is_never_uploaded(tmp_path: Path, sim_factory: Any) -> None:
+    data = reviews(120).with_columns(
+        pl.when(pl.col("id") == "k00007")
+        .then(pl.lit("x" * 5000))
+        .when(pl.col("id") == "k00011")
+        .then(pl.lit("[[sim:400]] refused"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    server = sim_factory()
+    job = batch_job(tmp_path, server.url, data, max_bytes=4096)
+    assert main(["run", str(job), "--quiet"]) == 1
+    service = server.simulator.batches
+    assert len(service.file_sizes) > 5
+    assert max(service.file_sizes) <= 4096
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    errors = dict(zip(output.get_column("id"), output.get_column("error"), strict=True))
+    # A single line over the limit fails its row and is never sent.
+    assert errors["k00007"].startswith("too_large: the request is")
+    assert prompt_of("k00007", "x" * 5000) not in service.uploaded_prompts
+    # A 4xx line fails its row with the server's message, at once.
+    assert errors["k00011"] == "http_400: messages: this request was refused as invalid"
+    attempts = dict(zip(output.get_column("id"), output.get_column("attempts"), strict=True))
+    assert attempts["k00011"] == 1
+    assert sum(e is None for e in errors.values()) == 118
+
+
+@pytest.mark.parametrize(
+    "limits", [{"batch_max_lines": 40}, {"batch_max_file_bytes": 6000}], ids=["lines", "bytes"]
+)
+def test_a_batch_the_server_refuses_as_too_large_is_split(
+    tmp_path: Path, sim_factory: Any, limits: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = reviews(200)
+    server = sim_factory(**limits)
+    job = batch_job(tmp_path, server.url, data, max_lines=100)
+    assert main(["run", str(job), "--quiet"]) == 0
+    service = server.simulator.batches
+    assert service.refused_batches + service.refused_uploads >= 1
+    assert "splitting into batches" in capsys.readouterr().err
+    if "batch_max_lines" in limits:
+        assert max(service.batch_lines) <= 40
+    else:
+        assert max(service.file_sizes) <= 6000
+    assert sum(service.batch_lines) == 200  # every row ran in exactly one created batch
+    assert set(service.answered_by_prompt.values()) == {1}
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("error").null_count() == 200
+    assert set(output.get_column("attempts").to_list()) == {1}
+
+
+def test_an_endpoint_without_batch_api_is_exit_2_before_any_row(
+    tmp_path: Path, sim_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = sim_factory(batch_api=False)
+    job = batch_job(tmp_path, server.url, reviews(20))
+    assert main(["run", str(job), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {job}: endpoint.mode: ")
+    assert "does not serve the Batch API" in error
+    assert "endpoint.mode: live" in error
+    assert "\n" not in error
+    assert server.simulator.requests == 0
+    assert not server.simulator.batches.uploaded
+
+
+def test_budget_counts_each_batch_at_its_upper_bound(tmp_path: Path, sim_factory: Any) -> None:
+    data = reviews(300)
+    server = sim_factory()
+    cap = 0.004
+    job = batch_job(tmp_path, server.url, data, {"max_cost_usd": cap}, max_lines=50)
+    assert main(["run", str(job), "--quiet"]) == 3
+    service = server.simulator.batches
+    sent = len(service.uploaded)
+    assert 0 < sent < 300
+    # At max_tokens=32 and a prompt bounded at 1.5x the estimate, a line costs at least this.
+    price = PriceTable.load().get(MODEL)
+    assert price is not None
+    assert sent * price.for_batch().cost(0, 32) <= cap
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.height == sent
+    assert output.get_column("cost_usd").sum() <= cap
+
+
+def test_interrupt_leaves_batches_running_and_cancel_stops_them(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    data = reviews(90)
+    server = sim_factory(batch_delay_s=60)
+    job = batch_job(tmp_path, server.url, data, max_lines=30)
+    service = server.simulator.batches
+    process = start(job)
+    wait_for(lambda: len(service.batches) == 3 or process.poll() is not None)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 3
+    assert "3 batch(es) keep running on the server" in stderr.decode()
+    assert "batcher cancel" in stderr.decode()
+    assert service.stats()["statuses"] == {"in_progress": 3}
+
+    assert main(["cancel", str(job), "--quiet"]) == 0
+    assert service.cancel_requests == 3
+    assert service.stats()["statuses"] == {"cancelled": 3}
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.height == 0  # cancelled lines are pending, not failed
+
+    # Cancelled on purpose: not counted as attempts, submitted again by the next run.
+    server.simulator.settings.batch_delay_s = 0
+    assert main(["run", str(job), "--quiet"]) == 0
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("error").null_count() == 90
+    assert set(output.get_column("attempts").to_list()) == {1}
+    assert Counter(service.uploaded.values()) == {1: 180}
+
+
+def test_batch_mode_refuses_what_the_batch_api_cannot_do(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = batch_job(tmp_path, sim.url, reviews(5))
+    assert main(["run", str(job), "--quiet", "--set", "request.stream=true"]) == 2
+    assert f"error: {job}: request.stream: the Batch API does not stream" in capsys.readouterr().err
+    assert main(["run", str(job), "--set", "batch.max_lines=50001"]) == 2
+    assert "batch.max_lines" in capsys.readouterr().err
+    assert sim.simulator.requests == 0
+    assert not sim.simulator.batches.uploaded
+
+
+def test_estimate_shows_live_and_batch_cost(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, sim.url, data=reviews(50))
+    assert main(["estimate", str(job), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for name in ("low", "expected", "high"):
+        assert figures[f"batch_{name}_usd"] == pytest.approx(figures[f"{name}_usd"] / 2)
+    assert main(["estimate", str(job)]) == 0
+    text = capsys.readouterr().out
+    assert "cost, live:" in text
+    assert "cost, batch:" in text
