@@ -292,3 +292,44 @@ def test_estimate_shows_live_and_batch_cost(
     text = capsys.readouterr().out
     assert "cost, live:" in text
     assert "cost, batch:" in text
+
+
+@pytest.mark.parametrize("moment", ["upload", "create"])
+def test_sigkill_before_the_server_answers_never_uploads_twice(
+    tmp_path: Path, sim_factory: Any, moment: str
+) -> None:
+    """Killed after the server stored a file (or a batch) but before the reply was journaled:
+    the rerun finds it by name (or metadata) instead of uploading (or creating) it again."""
+    data = reviews(300)
+    server = sim_factory(batch_reply_delay_s=3)
+    service = server.simulator.batches
+    job = batch_job(tmp_path, server.url, data, max_lines=100)
+    process = start(job, capture=False)
+    stored = service.file_objects if moment == "upload" else service.batches
+    wait_for(lambda: len(stored) >= 1 or process.poll() is not None)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(service.file_objects) == 1
+    assert len(service.batches) == (1 if moment == "create" else 0)
+
+    server.simulator.settings.batch_reply_delay_s = 0
+    assert main(["run", str(job), "--quiet"]) == 0
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("error").null_count() == 300
+    assert len(service.batches) == 3
+    assert len(service.uploaded) == 300
+    assert set(service.uploaded.values()) == {1}
+    assert set(service.answered_by_prompt.values()) == {1}
+
+
+def test_a_lost_reply_is_not_retried_blindly(tmp_path: Path, sim_factory: Any) -> None:
+    """Uploads and creates whose replies time out are looked up before they are retried."""
+    data = reviews(200)
+    server = sim_factory(batch_reply_delay_s=1.0)
+    service = server.simulator.batches
+    job = batch_job(tmp_path, server.url, data, max_lines=100)
+    assert main(["run", str(job), "--quiet", "--set", "endpoint.timeout_s=0.3"]) == 0
+    assert len(service.file_objects) == 2 + 2  # two inputs, two outputs
+    assert len(service.batches) == 2
+    assert set(service.uploaded.values()) == {1}
+    assert set(service.answered_by_prompt.values()) == {1}

@@ -7,6 +7,7 @@ Few requests (an upload and a create per batch, then a status poll), so a plain
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -21,7 +22,7 @@ from batcher.retry import retrying
 
 CHAT_URL = "/v1/chat/completions"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-_TOO_LARGE = re.compile(r"too (large|big|many)|exceed|maximum|limit", re.IGNORECASE)
+_TOO_LARGE = re.compile(r"too (large|big|many)|exceed|maximum", re.IGNORECASE)
 
 
 class NoBatchApiError(Exception):
@@ -63,40 +64,53 @@ class BatchApi:
         await self._client.__aexit__(kind, exc, tb)
 
     async def _call(
-        self, method: str, path: str, *, upload: Path | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        upload: Path | None = None,
+        once: bool = False,
+        **kwargs: Any,
     ) -> httpx.Response:
         """One call, retried on transient failures; raises for anything else.
 
-        ``upload`` is a file sent as the multipart ``file`` field, opened afresh per attempt so
-        a retried upload starts from its first byte.
+        ``upload`` is a file sent as the multipart ``file`` field. ``once`` makes a single
+        attempt and lets a transient failure through as AttemptError, for callers that check
+        whether the server did act before they try again.
         """
-        async for attempt in retrying(self._retry):
-            with attempt:
-                try:
-                    if upload is None:
-                        response = await self._client.request(method, path, **kwargs)
-                    else:
-                        with upload.open("rb") as handle:
-                            files = {"file": (upload.name, handle, "application/jsonl")}
-                            response = await self._client.request(
-                                method, path, files=files, **kwargs
-                            )
-                except httpx.TransportError as exc:
-                    raise AttemptError(
-                        "connection", shorten(str(exc) or type(exc).__name__), retryable=True
-                    ) from None
-                if response.status_code < 300:
-                    return response
-                if response.status_code in (404, 405):
-                    raise NoBatchApiError(f"{method} /{path}", response.status_code)
-                error = classify_status(
-                    response, response.content, self._endpoint.api_key_env, self._secret
-                )
-                if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
-                    raise TooLargeError(error.message)
-                if error.retryable:
-                    raise error
-                raise BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
+        policy = self._retry.model_copy(update={"max_attempts": 1}) if once else self._retry
+        try:
+            async for attempt in retrying(policy):
+                with attempt:
+                    try:
+                        if upload is None:
+                            response = await self._client.request(method, path, **kwargs)
+                        else:
+                            with upload.open("rb") as handle:
+                                files = {"file": (upload.name, handle, "application/jsonl")}
+                                response = await self._client.request(
+                                    method, path, files=files, **kwargs
+                                )
+                    except httpx.TransportError as exc:
+                        raise AttemptError(
+                            "connection", shorten(str(exc) or type(exc).__name__), retryable=True
+                        ) from None
+                    if response.status_code < 300:
+                        return response
+                    if response.status_code in (404, 405):
+                        raise NoBatchApiError(f"{method} /{path}", response.status_code)
+                    error = classify_status(
+                        response, response.content, self._endpoint.api_key_env, self._secret
+                    )
+                    if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
+                        raise TooLargeError(error.message)
+                    if error.retryable:
+                        raise error
+                    raise BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
+        except AttemptError as exc:  # still failing after retry.max_attempts
+            if once:
+                raise
+            raise BatchApiError(f"{method} /{path}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -114,10 +128,34 @@ class BatchApi:
         await self._call("GET", "files", params={"purpose": "batch", "limit": 1})
         await self._call("GET", "batches", params={"limit": 1})
 
+    async def _idempotent(
+        self, send: Callable[[], Awaitable[str]], find: Callable[[], Awaitable[str | None]]
+    ) -> str:
+        """``send``, retried on transient failures; before each retry ``find`` asks whether the
+        server acted on an attempt whose reply was lost (a timeout, a dropped connection), so
+        a file is never uploaded, nor a batch created, twice."""
+        first = True
+        try:
+            async for attempt in retrying(self._retry):
+                with attempt:
+                    if not first and (found := await find()) is not None:
+                        return found
+                    first = False
+                    return await send()
+        except AttemptError as exc:
+            raise BatchApiError(str(exc)) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
     async def upload(self, path: Path) -> str:
         """Upload a JSONL file with purpose=batch under its own name; its file id."""
-        data = await self._json("POST", "files", upload=path, data={"purpose": "batch"})
-        return str(data["id"])
+
+        async def send() -> str:
+            data = await self._json(
+                "POST", "files", upload=path, once=True, data={"purpose": "batch"}
+            )
+            return str(data["id"])
+
+        return await self._idempotent(send, lambda: self.find_file(path.name))
 
     async def find_file(self, filename: str) -> str | None:
         """The id of an uploaded batch file by name (after a kill between upload and commit)."""
@@ -127,17 +165,28 @@ class BatchApi:
                 return str(item["id"])
         return None
 
-    async def create(self, file_id: str, completion_window: str, chunk: str) -> dict[str, Any]:
-        return await self._json(
-            "POST",
-            "batches",
-            json={
-                "input_file_id": file_id,
-                "endpoint": CHAT_URL,
-                "completion_window": completion_window,
-                "metadata": {"batcher_chunk": chunk},
-            },
-        )
+    async def create(self, file_id: str, completion_window: str, chunk: str) -> str:
+        """Create the batch of an uploaded file, tagged with its chunk; the batch id."""
+
+        async def send() -> str:
+            data = await self._json(
+                "POST",
+                "batches",
+                once=True,
+                json={
+                    "input_file_id": file_id,
+                    "endpoint": CHAT_URL,
+                    "completion_window": completion_window,
+                    "metadata": {"batcher_chunk": chunk},
+                },
+            )
+            return str(data["id"])
+
+        async def find() -> str | None:
+            found = await self.find_batch(chunk)
+            return str(found["id"]) if found is not None else None
+
+        return await self._idempotent(send, find)
 
     async def find_batch(self, chunk: str, pages: int = 10) -> dict[str, Any] | None:
         """A batch created for ``chunk`` (after a kill between create and commit)."""

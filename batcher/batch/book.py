@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS batch_rows (
 );
 CREATE INDEX IF NOT EXISTS batch_rows_chunk ON batch_rows (chunk);
 """
+_SHOWN = 10  # batches named by `batcher status`
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,14 +324,12 @@ class BatchRun:
 
     async def _create(self, name: str, path: Path, file_id: str, lines: int, size: int) -> bool:
         try:
-            batch = await self.api.create(file_id, self.config.batch.completion_window, name)
+            batch_id = await self.api.create(file_id, self.config.batch.completion_window, name)
         except TooLargeError as exc:
             await self._too_large(name, path, lines, size, str(exc), lines_refused=True)
             return False
-        status = batch.get("status")
-        await anyio.to_thread.run_sync(
-            self.book.set_submitted, name, str(batch["id"]), str(status) if status else None
-        )
+        await anyio.to_thread.run_sync(self.book.set_submitted, name, batch_id, None)
+        self._statuses["submitted"] += 1
         await anyio.Path(path).unlink(missing_ok=True)
         return True
 
@@ -489,4 +487,4 @@ def _errors_text(batch: dict[str, Any]) -> str:
 def _refused_as_too_large(batch: dict[str, Any]) -> bool:
     errors = (batch.get("errors") or {}).get("data") or []
     text = " ".join(f"{e.get('code')} {e.get('message')}" for e in errors if isinstance(e, dict))
-    return any(word in text.lower() for word in ("too large", "too many", "exceed", "limit"))
+    return any(word in text.lower() for word in ("too large", "too many", "exceed"))

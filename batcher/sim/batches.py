@@ -5,11 +5,14 @@ reply the live endpoint would give (same tokens), except a ``batch_fail_share`` 
 first submission fails with 500, and the batches named in ``batch_expire`` expire with only
 their first half done. Output and error lines come shuffled, as a real server may return them.
 Uploads over ``batch_max_file_bytes`` are refused with 413 and batches over
-``batch_max_lines`` with 400, both as too large. ``GET /sim/batches`` reports what it saw.
+``batch_max_lines`` with 400, both as too large. ``batch_reply_delay_s`` holds the reply to
+an upload or a create after the file or batch is stored, so a test can kill the client in
+between. ``GET /sim/batches`` reports what it saw.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -102,6 +105,7 @@ class BatchService:
             self.uploaded[line["custom_id"]] += 1
             self.uploaded_prompts[user_text(line["body"]["messages"])] += 1
         self.file_objects[file_id] = _file_object(file_id, filename, len(content), "batch")
+        await asyncio.sleep(self.settings.batch_reply_delay_s)
         return _json(self.file_objects[file_id])
 
     async def _list_files(self, request: web.Request) -> web.Response:
@@ -145,6 +149,7 @@ class BatchService:
         }
         self._started[batch_id] = time.monotonic()
         self._ordinal[batch_id] = len(self.batches)
+        await asyncio.sleep(self.settings.batch_reply_delay_s)
         return _json(self.batches[batch_id])
 
     async def _list_batches(self, request: web.Request) -> web.Response:

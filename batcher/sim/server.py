@@ -53,9 +53,11 @@ class SimSettings:
     seed: int = 0
     # The Batch API (batcher.sim.batches): whether it is served, how long a batch takes, the
     # share of lines whose first submission fails with 500, which batches (1-based, in order
-    # of creation) expire half done, and the upload and batch sizes it refuses.
+    # of creation) expire half done, the upload and batch sizes it refuses, and how long it
+    # waits between storing an upload or a batch and answering (for kills in between).
     batch_api: bool = True
     batch_delay_s: float = 0.0
+    batch_reply_delay_s: float = 0.0
     batch_fail_share: float = 0.0
     batch_expire: tuple[int, ...] = ()
     batch_max_file_bytes: int | None = None
