@@ -105,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--cached-share", type=float, default=0.0, help="share of prompt tokens reported cached"
     )
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--no-batch-api", action="store_true", help="answer 404 on the Batch API")
+    sim.add_argument(
+        "--batch-delay-s", type=float, default=0.0, help="how long a batch takes to finish"
+    )
+    sim.add_argument(
+        "--batch-fail-share",
+        type=float,
+        default=0.0,
+        help="share of batch lines whose first submission fails with 500",
+    )
+    sim.add_argument(
+        "--batch-expire",
+        default="",
+        metavar="N,M",
+        help="batches (1-based, in order of creation) that expire half done",
+    )
+    sim.add_argument("--batch-max-file-bytes", type=int, help="refuse larger uploads with 413")
+    sim.add_argument("--batch-max-lines", type=int, help="refuse larger batches with 400")
     return parser
 
 
@@ -204,6 +222,12 @@ def _sim(arguments: argparse.Namespace) -> int:
         retry_after_s=arguments.retry_after_s,
         cached_share=arguments.cached_share,
         seed=arguments.seed,
+        batch_api=not arguments.no_batch_api,
+        batch_delay_s=arguments.batch_delay_s,
+        batch_fail_share=arguments.batch_fail_share,
+        batch_expire=tuple(int(n) for n in arguments.batch_expire.split(",") if n),
+        batch_max_file_bytes=arguments.batch_max_file_bytes,
+        batch_max_lines=arguments.batch_max_lines,
     )
     unknown = set(settings.faults) - set(FAULT_KINDS)
     if unknown:
