@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from batcher.batch import BatchRun
 from batcher.client import ChatClient
 from batcher.config import Job, load_job
 from batcher.errors import (
@@ -322,8 +323,6 @@ async def arun(
     job, plan = prepare(job, options)
     run = Run(job, options, plan)
     if job.config.endpoint.mode == "batch":
-        from batcher.batch import BatchRun
-
         batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
         async with endpoint(job, options.simulate) as base_url:
             return await batch_run.execute(base_url)

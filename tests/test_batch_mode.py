@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from PIL import Image
 
 from batcher.batch.lines import custom_id
 from batcher.cli import main
@@ -333,3 +334,46 @@ def test_a_lost_reply_is_not_retried_blindly(tmp_path: Path, sim_factory: Any) -
     assert len(service.batches) == 2
     assert set(service.uploaded.values()) == {1}
     assert set(service.answered_by_prompt.values()) == {1}
+
+
+def test_a_line_refused_for_credit_stops_submitting_and_stays_pending(
+    tmp_path: Path, sim_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = reviews(20).with_columns(
+        pl.when(pl.col("id") == "k00004")
+        .then(pl.lit("[[sim:402]] no money"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    server = sim_factory()
+    job = batch_job(tmp_path, server.url, data)
+    assert main(["run", str(job), "--quiet"]) == 3
+    assert "the account cannot pay" in capsys.readouterr().err
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.height == 19
+    assert "k00004" not in output.get_column("id").to_list()
+    assert len(server.simulator.batches.batches) == 1  # not resubmitted
+
+
+def test_images_go_inline_in_batch_lines(tmp_path: Path, sim_factory: Any) -> None:
+    for number in range(4):
+        Image.new("RGB", (64 + number, 48), (number * 60, 90, 160)).save(tmp_path / f"{number}.png")
+    data = pl.DataFrame(
+        {"id": [f"p{n}" for n in range(4)], "photo": [f"{n}.png" for n in range(4)]}
+    )
+    server = sim_factory()
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=data,
+        endpoint={"mode": "batch"},
+        batch={"poll_s": 0.2},
+        request={"prompt": "Caption {{ id }}", "images": ["photo"]},
+    )
+    assert main(["run", str(job), "--quiet"]) == 0
+    seen = server.simulator.images
+    assert [(image["sniffed"], image["width"]) for image in seen] == [
+        ("image/png", 64 + n) for n in range(4)
+    ]
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("error").null_count() == 4

@@ -248,8 +248,12 @@ class BatchService:
         messages = body.get("messages") or []
         prompt = user_text(messages)
         self.line_attempts[prompt] += 1
-        if "[[sim:400]]" in prompt:
-            return 400, _error_body("messages: this request was refused as invalid")
+        for marker, status, message in (
+            ("[[sim:400]]", 400, "messages: this request was refused as invalid"),
+            ("[[sim:402]]", 402, "Your credit balance is too low"),
+        ):
+            if marker in prompt:
+                return status, _error_body(message)
         s = self.settings
         h = digest(orjson.dumps(body), s.seed, "batch")
         if (h % 10_000) / 10_000 < s.batch_fail_share and self.line_attempts[prompt] == 1:
