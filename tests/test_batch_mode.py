@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -229,10 +230,20 @@ def test_budget_counts_each_batch_at_its_upper_bound(tmp_path: Path, sim_factory
     service = server.simulator.batches
     sent = len(service.uploaded)
     assert 0 < sent < 300
-    # At max_tokens=32 and a prompt bounded at 1.5x the estimate, a line costs at least this.
+    # Each line counted at its upper bound: the prompt estimate (characters / 4) with its 1.5
+    # margin, max_tokens=32 of completion, at batch price; the first line left out would have
+    # crossed the cap.
     price = PriceTable.load().get(MODEL)
     assert price is not None
-    assert sent * price.for_batch().cost(0, 32) <= cap
+
+    def upper(row: dict[str, Any]) -> float:
+        tokens = (len(prompt_of(row["id"], row["text"])) + 3) // 4
+        return price.for_batch().cost(math.ceil(tokens * 1.5), 32)
+
+    rows = list(data.iter_rows(named=True))
+    assert [prompt_of(r["id"], r["text"]) for r in rows[:sent]] == list(service.uploaded_prompts)
+    bound = sum(upper(row) for row in rows[:sent])
+    assert bound <= cap < bound + upper(rows[sent])
     output = pl.read_parquet(tmp_path / "out/result.parquet")
     assert output.height == sent
     assert output.get_column("cost_usd").sum() <= cap

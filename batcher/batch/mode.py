@@ -152,6 +152,7 @@ class BatchRun:
         self.stopped = True
 
     async def _main(self) -> None:
+        await self._show(await anyio.to_thread.run_sync(self.book.active))
         if self.options.cancel:
             await self._cancel_all()
         else:
@@ -198,7 +199,7 @@ class BatchRun:
             try:
                 while not refused:
                     closed, more = await anyio.to_thread.run_sync(self._fill, batches, writer)
-                    if not more and not self.stopped:
+                    if not more:  # the input's end, or the budget's: send what fits
                         last = writer.close()
                         closed += [last] if last is not None else []
                     for chunk in closed:
@@ -355,7 +356,12 @@ class BatchRun:
 
     async def _recover(self) -> None:
         """Finish what a killed run left between journal and server: never upload twice."""
-        for chunk in await anyio.to_thread.run_sync(self.book.active):
+        active = await anyio.to_thread.run_sync(self.book.active)
+        kept = {f"batcher-{chunk.name}.jsonl" for chunk in active}
+        async for stale in anyio.Path(self.folder).glob("batcher-*"):
+            if stale.name not in kept:  # written, never journaled: its rows were not sent
+                await stale.unlink(missing_ok=True)
+        for chunk in active:
             path = self.folder / f"batcher-{chunk.name}.jsonl"
             if chunk.state == "prepared":
                 file_id = await self.api.find_file(path.name)
