@@ -82,6 +82,7 @@ class Submitter:
         self._position = 0
         self._seen = 0
         self._committed_usd = 0.0
+        self._failed_here: set[Any] = set()  # keys whose line could not be written, this run
 
     async def submit_pending(self) -> None:
         """Scan the input; every row that needs an answer and is not in flight is submitted."""
@@ -120,7 +121,6 @@ class Submitter:
         booked = self.book.rows([key for key, _, _ in prepared])
         closed: list[Chunk] = []
         failures: list[Outcome] = []
-        cap = self.config.limits.max_cost_usd
         for key, item, previous in prepared:
             fresh = self._position >= self._seen  # first time this run looks at the row
             self._position += 1
@@ -138,46 +138,61 @@ class Submitter:
                 if fresh:
                     failures.append(self._failed_before(failure_outcome(item)))
                 continue
+            if key in self._failed_here:
+                continue  # its line could not be written (image, size): failed this run
             row = booked.get(key)
             if row is not None and row.state == "submitted":
                 continue  # in a batch in flight: its result will come
             if row is not None and row.state == "done" and self._settled_now(row):
                 continue  # finally failed in this run: a rerun tries it again
-            attempt = row.attempts + 1 if row is not None and row.state == "retry" else 1
-            submission = row.submissions + 1 if row is not None else 1
-            try:
-                body = inline_images(item, self.plan.images) if item.images else item.body
-            except ImageError as exc:
-                failures.append(self._failed_before(_line_failure(item, "image_error", str(exc))))
+            made = self._line(key, item, row, writer)
+            if isinstance(made, Outcome):
+                self._failed_here.add(key)
+                failures.append(self._failed_before(made))
                 continue
-            identifier = custom_id(key, submission)
-            line = encode_line(identifier, body)
-            if not writer.fits_alone(line):
-                message = (
-                    f"the request is {len(line):,} bytes, over batch.max_bytes={self.max_bytes:,}"
-                )
-                failures.append(self._failed_before(_line_failure(item, "too_large", message)))
-                continue
-            upper = self._upper_cost(item)
-            if cap is not None and self.tally.cost_usd + self._committed_usd + upper > cap:
-                self.control.stop(
-                    BudgetReachedError(
-                        f"the budget limits.max_cost_usd={cap:g} would be crossed "
-                        f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
-                        "held for batches at their upper bound); raise it and run again to resume"
-                    )
-                )
+            line, line_row = made
+            if self._over_budget(line_row.upper_cost_usd):
                 break
-            self._committed_usd += upper
-            row_line = LineRow(
-                key, identifier, item.fingerprint, item.input_digest, attempt, submission, upper
-            )
-            done = writer.add(line, row_line)
+            self._committed_usd += line_row.upper_cost_usd
+            done = writer.add(line, line_row)
             if done is not None:
                 closed.append(done)
         if failures:
             self.book.record_failures(failures)
         return closed, not self.control.stopped
+
+    def _line(
+        self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
+    ) -> tuple[bytes, LineRow] | Outcome:
+        """A row's JSONL line, or the failure that keeps it from being sent."""
+        attempt = row.attempts + 1 if row is not None and row.state == "retry" else 1
+        submission = row.submissions + 1 if row is not None else 1
+        try:
+            body = inline_images(item, self.plan.images) if item.images else item.body
+        except ImageError as exc:
+            return _line_failure(item, "image_error", str(exc))
+        identifier = custom_id(key, submission)
+        line = encode_line(identifier, body)
+        if not writer.fits_alone(line):
+            message = f"the request is {len(line):,} bytes, over batch.max_bytes={self.max_bytes:,}"
+            return _line_failure(item, "too_large", message)
+        upper = self._upper_cost(item)
+        fingerprint, digest = item.fingerprint, item.input_digest
+        return line, LineRow(key, identifier, fingerprint, digest, attempt, submission, upper)
+
+    def _over_budget(self, upper_usd: float) -> bool:
+        """Would this line cross limits.max_cost_usd, with every batch at its upper bound?"""
+        cap = self.config.limits.max_cost_usd
+        if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
+            return False
+        self.control.stop(
+            BudgetReachedError(
+                f"the budget limits.max_cost_usd={cap:g} would be crossed "
+                f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
+                "held for batches at their upper bound); raise it and run again to resume"
+            )
+        )
+        return True
 
     def _settled_now(self, row: BookRow) -> bool:
         return row.settled_at is not None and row.settled_at >= self._started_wall
@@ -234,7 +249,7 @@ class Submitter:
             raise BatchApiError(f"the server refuses even a one-request batch: {message}")
         await anyio.to_thread.run_sync(self.book.drop_chunk, name)
         await anyio.Path(path).unlink(missing_ok=True)
-        self.tally.requests -= lines
+        self.tally.requests = max(self.tally.requests - lines, 0)
         if lines_refused:
             self.max_lines = max(1, min(self.max_lines, lines // 2))
         self.max_bytes = max(1024, min(self.max_bytes, size // 2))
