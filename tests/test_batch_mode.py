@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -388,3 +389,23 @@ def test_images_go_inline_in_batch_lines(tmp_path: Path, sim_factory: Any) -> No
     ]
     output = pl.read_parquet(tmp_path / "out/result.parquet")
     assert output.get_column("error").null_count() == 4
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_batches_and_rows_by_state(
+    tmp_path: Path, sim_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    server = sim_factory(batch_delay_s=0.5, batch_expire=(1,))
+    job = batch_job(tmp_path, server.url, reviews(40), max_lines=20, poll_s=0.1)
+    assert main(["run", str(job)]) == 0
+    text = screen.getvalue()
+    assert "batches: in_progress=2 | rows: submitted=40 retry=0 ok=0" in text
+    # The expired half of the first batch, in a batch of its own.
+    assert "batches: in_progress=1 | rows: submitted=10 retry=0 ok=30" in text
+    assert "40/40" in text
