@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher.batch.lines import custom_id
+from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.cli import main
 from batcher.prices import PriceTable
 from batcher.sim import SimulatorThread
@@ -409,3 +409,46 @@ def test_progress_shows_batches_and_rows_by_state(
     # The expired half of the first batch, in a batch of its own.
     assert "batches: in_progress=1 | rows: submitted=10 retry=0 ok=30" in text
     assert "40/40" in text
+
+
+def test_simulate_runs_batch_mode_in_process(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        "http://unused.invalid/v1",
+        data=reviews(30),
+        endpoint={"mode": "batch"},
+        batch={"poll_s": 0.1, "max_lines": 7},
+    )
+    assert main(["run", str(job), "--simulate", "--quiet"]) == 0
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("error").null_count() == 30
+
+
+def test_cancel_is_for_batch_mode(
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, sim.url)
+    assert main(["run", str(job), "--cancel"]) == 2
+    assert main(["cancel", str(job)]) == 2
+    assert capsys.readouterr().err.count("is for endpoint.mode: batch") == 2
+    assert sim.simulator.requests == 0
+
+
+def test_chunks_respect_both_limits(tmp_path: Path) -> None:
+    writer = ChunkWriter(tmp_path, max_lines=4, max_bytes=300)
+    chunks = []
+    for number in range(40):
+        line = encode_line(custom_id(number, 1), {"messages": [{"content": "x" * (number % 9)}]})
+        row = LineRow(number, custom_id(number, 1), b"", None, 1, 1, 0.0)
+        closed = writer.add(line, row)
+        chunks += [closed] if closed else []
+    last = writer.close()
+    chunks += [last] if last else []
+    assert [row.key for chunk in chunks for row in chunk.rows] == list(range(40))
+    for chunk in chunks:
+        content = chunk.path.read_bytes()
+        assert len(content) == chunk.bytes <= 300
+        assert len(content.splitlines()) == len(chunk.rows) <= 4
+        ids = [json.loads(line)["custom_id"] for line in content.splitlines()]
+        assert ids == [row.custom_id for row in chunk.rows]
+    assert not list(tmp_path.glob("*.partial"))
