@@ -18,10 +18,17 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from batcher.batch.book import BookRow
 from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
+from batcher.batch.results import Collector, read_results
 from batcher.cli import main
+from batcher.config import load_job
+from batcher.errors import AccountError
+from batcher.outcome import OutcomeBuilder
+from batcher.parse import OutputParser
 from batcher.prices import PriceTable
 from batcher.sim import SimulatorThread
+from batcher.tally import Tally
 from tests.conftest import MODEL, prompt_of, reviews, write_job
 
 COMPARED = ["id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
@@ -452,3 +459,63 @@ def test_chunks_respect_both_limits(tmp_path: Path) -> None:
         ids = [json.loads(line)["custom_id"] for line in content.splitlines()]
         assert ids == [row.custom_id for row in chunk.rows]
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/v1", retry={"max_attempts": 3}))
+    tally = Tally()
+    builder = OutcomeBuilder(job.config, PriceTable.load().for_batch(), tally)
+    collector = Collector(job.config, builder, OutputParser(job.config), secret=None)
+
+    def row(key: str, attempts: int = 1) -> BookRow:
+        return BookRow(
+            key, f"id-{key}", "c", "submitted", b"f", None, attempts, attempts, None, 0.0, None
+        )
+
+    def line(key: str, status: int, body: dict[str, Any]) -> bytes:
+        response = {"status_code": status, "body": body}
+        return json.dumps({"custom_id": f"id-{key}", "response": response, "error": None}).encode()
+
+    reply = {
+        "id": "r1",
+        "model": MODEL,
+        "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
+    }
+    expired = {"custom_id": "id-e", "response": None, "error": {"code": "batch_expired"}}
+    output = b"\n".join([line("ok", 200, reply), b'{"custom_id": "id-torn", "resp'])
+    errors = b"\n".join(
+        [
+            line("five", 500, {"error": {"message": "overloaded"}}),
+            line("last", 503, {"error": {"message": "down"}}),
+            line("bad", 400, {"error": {"message": "max_tokens is too large"}}),
+            line("poor", 402, {"error": {"message": "Your credit balance is too low"}}),
+            json.dumps(expired).encode(),
+            line("stranger", 200, reply),
+        ]
+    )
+    rows = [row(k) for k in ("ok", "torn", "five", "bad", "poor", "e", "lost")]
+    rows.append(row("last", attempts=3))
+    collected = collector.collect(rows, read_results(output, errors), "completed", False)
+
+    states = {u.key: (u.state, u.attempts, u.error) for u in collected.updates}
+    assert states["ok"] == ("done", 1, None)
+    assert states["five"] == ("retry", 1, "http_500: overloaded")
+    assert states["e"][:2] == ("retry", 1)
+    assert states["torn"][:2] == states["lost"][:2] == ("retry", 1)  # no usable line: again
+    assert states["poor"][:2] == ("retry", 0)  # the account's fault: not counted
+    assert states["bad"] == ("done", 1, None)
+    assert states["last"] == ("done", 3, None)  # retry.max_attempts reached
+    assert "stranger" not in states
+    outcomes = {o.key: o for o in collected.outcomes}
+    assert outcomes["ok"].cost_usd == pytest.approx((1000 * 0.4 + 100 * 2) / 1_000_000)
+    assert outcomes["bad"].error == "http_400: max_tokens is too large"
+    assert outcomes["last"].error == "http_503: down"
+    assert isinstance(collected.stop, AccountError)
+    assert tally.ok == 1
+    assert tally.failed == 2
+
+    cancelled = collector.collect([row("c1", 2)], {}, "cancelled", True)
+    assert [(u.state, u.attempts) for u in cancelled.updates] == [("retry", 1)]
+    theirs = collector.collect([row("c2", 2)], {}, "cancelled", False)
+    assert [(u.state, u.attempts) for u in theirs.updates] == [("retry", 2)]
