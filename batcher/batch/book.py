@@ -217,9 +217,10 @@ class BatchBook:
             insert_outcomes(self._db, outcomes)
 
     def collect(
-        self, chunk: str, status: str, outcomes: list[Outcome], updates: list[RowUpdate]
+        self, chunk: str, status: str | None, outcomes: list[Outcome], updates: list[RowUpdate]
     ) -> None:
-        """A finished batch's rows, their outcomes and the chunk's end, in one transaction."""
+        """Rows of a finished batch with their outcomes, in one transaction; with ``status``
+        (the last rows) the chunk is collected."""
         now = time.time()
         with self._db:
             insert_outcomes(self._db, outcomes)
@@ -228,10 +229,11 @@ class BatchBook:
                 "settled_at = CASE WHEN ? = 'done' THEN ? ELSE NULL END WHERE key = ?",
                 [(u.state, u.attempts, u.error, u.state, now, u.key) for u in updates],
             )
-            self._db.execute(
-                "UPDATE batch_chunks SET state = 'collected', status = ? WHERE chunk = ?",
-                (status, chunk),
-            )
+            if status is not None:
+                self._db.execute(
+                    "UPDATE batch_chunks SET state = 'collected', status = ? WHERE chunk = ?",
+                    (status, chunk),
+                )
 
 
 def _row_values(row: LineRow, chunk: str, now: float) -> tuple[Any, ...]:

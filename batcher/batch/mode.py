@@ -36,6 +36,8 @@ from batcher.summary import RunSummary
 if TYPE_CHECKING:
     from batcher.runner import Run
 
+COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
+
 
 def check_batch_job(run: Run) -> None:
     """What the Batch API cannot do, found before anything is sent."""
@@ -179,14 +181,24 @@ class BatchRun:
             if batch.get(field):
                 contents.append(await self.api.content(str(batch[field])))
         results = read_results(*contents)
+        del contents
         rows = await anyio.to_thread.run_sync(self.book.rows_in, chunk.name)
-        collected = self.collector.collect(rows, results, status, chunk.cancel_requested)
-        await anyio.to_thread.run_sync(
-            self.book.collect, chunk.name, status, collected.outcomes, collected.updates
-        )
-        self.progress.advance(len(collected.outcomes))
-        if collected.stop is not None:
-            self.control.stop(collected.stop)
+        # In slices, each committed with its rows' states: a 50,000-line batch's outcomes are
+        # never all in memory, and a run killed midway collects only the rest next time.
+        for start in range(0, max(len(rows), 1), COLLECT_ROWS):
+            part = rows[start : start + COLLECT_ROWS]
+            collected = self.collector.collect(part, results, status, chunk.cancel_requested)
+            last = start + COLLECT_ROWS >= len(rows)
+            await anyio.to_thread.run_sync(
+                self.book.collect,
+                chunk.name,
+                status if last else None,
+                collected.outcomes,
+                collected.updates,
+            )
+            self.progress.advance(len(collected.outcomes))
+            if collected.stop is not None:
+                self.control.stop(collected.stop)
 
     async def _cancel_all(self) -> None:
         """``--cancel``: cancel every batch in flight and forget chunks never created."""

@@ -38,13 +38,24 @@ _MISSING = {
 @dataclass(frozen=True, slots=True)
 class LineResult:
     status: int | None  # the response's status_code; None when the line has only an error
-    body: bytes  # the response body, or the error object
+    line: bytes  # the line as it came: parsed again when collected, a slice at a time
     code: str | None = None
     message: str | None = None
 
+    @property
+    def body(self) -> bytes:
+        """The response body (or the error object) as JSON."""
+        data = orjson.loads(self.line)
+        response = data.get("response")
+        return orjson.dumps(response.get("body") if isinstance(response, dict) else data["error"])
+
 
 def read_results(*contents: bytes) -> dict[str, LineResult]:
-    """Every line of output and error files by custom_id (they come in any order)."""
+    """Every line of output and error files by custom_id (they come in any order).
+
+    Lines are kept as they came: re-encoding every body up front held ten times the file's
+    size in memory (orjson's output buffers), measured on a 50,000-line batch.
+    """
     results: dict[str, LineResult] = {}
     for content in contents:
         for raw in content.splitlines():
@@ -59,12 +70,11 @@ def read_results(*contents: bytes) -> dict[str, LineResult]:
             response = line.get("response")
             error = line.get("error")
             if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-                body = orjson.dumps(response.get("body"))
-                results[line["custom_id"]] = LineResult(response["status_code"], body)
+                results[line["custom_id"]] = LineResult(response["status_code"], raw)
             elif isinstance(error, dict):
                 results[line["custom_id"]] = LineResult(
                     None,
-                    orjson.dumps(error),
+                    raw,
                     code=str(error.get("code") or "batch_error"),
                     message=str(error.get("message") or ""),
                 )
