@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher.batch.book import BookRow
+from batcher.batch import mode
+from batcher.batch.book import BatchBook, BookRow
 from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.batch.results import Collector, read_results
 from batcher.cli import main
@@ -519,3 +520,34 @@ def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
     assert [(u.state, u.attempts) for u in cancelled.updates] == [("retry", 1)]
     theirs = collector.collect([row("c2", 2)], {}, "cancelled", False)
     assert [(u.state, u.attempts) for u in theirs.updates] == [("retry", 2)]
+
+
+def test_a_collect_cut_short_is_finished_by_the_rerun(
+    tmp_path: Path, sim_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collected a slice at a time: a crash between slices loses nothing, repeats nothing."""
+    monkeypatch.setattr(mode, "COLLECT_ROWS", 7)
+    original = BatchBook.collect
+    calls = {"count": 0}
+
+    def crash_on_third_slice(self: BatchBook, *arguments: Any) -> None:
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise RuntimeError("power cut")
+        original(self, *arguments)
+
+    monkeypatch.setattr(BatchBook, "collect", crash_on_third_slice)
+    data = reviews(30)
+    server = sim_factory()
+    job = batch_job(tmp_path, server.url, data)
+    with pytest.raises(ExceptionGroup) as crash:
+        main(["run", str(job), "--quiet"])
+    assert crash.group_contains(RuntimeError, match="power cut")
+    monkeypatch.setattr(BatchBook, "collect", original)
+    assert main(["run", str(job), "--quiet"]) == 0
+    output = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert output.get_column("id").to_list() == data.get_column("id").to_list()
+    assert output.get_column("error").null_count() == 30
+    service = server.simulator.batches
+    assert len(service.batches) == 1
+    assert set(service.uploaded.values()) == {1}

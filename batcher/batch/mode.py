@@ -25,6 +25,7 @@ from batcher.batch.submit import RunControl, Submitter
 from batcher.errors import (
     AbortError,
     BatchApiError,
+    BatcherError,
     ConfigError,
     InterruptedRunError,
 )
@@ -108,10 +109,10 @@ class BatchRun:
                 try:
                     await api.probe()
                 except NoBatchApiError as exc:
-                    raise ConfigError(
-                        f"{self.job.source}: endpoint.mode: {base_url} does not serve the Batch "
-                        f"API ({exc}); set endpoint.mode: live to send the rows one by one"
-                    ) from None
+                    raise self._no_batch_api(base_url, exc) from None
+                # anyio wraps what a task group's body raises in an ExceptionGroup: run
+                # failures are taken out here and raised as they are, after the group.
+                failure: BatcherError | None = None
                 async with anyio.create_task_group() as group:
                     if threading.current_thread() is threading.main_thread():
                         group.start_soon(self._watch_signals, group.cancel_scope)
@@ -119,7 +120,13 @@ class BatchRun:
                         await self._main()
                     except AbortError as exc:
                         self.control.stop(exc)
+                    except NoBatchApiError as exc:
+                        failure = self._no_batch_api(base_url, exc)
+                    except BatcherError as exc:
+                        failure = exc
                     group.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
         finally:
             self.progress.close()
             await anyio.to_thread.run_sync(self.book.close)
@@ -129,6 +136,12 @@ class BatchRun:
             lambda: write_output(self.plan, run.layout, journal_file)
         )
         return self._summary(written.rows, written.ok, written.cost_usd, started)
+
+    def _no_batch_api(self, base_url: str, exc: NoBatchApiError) -> ConfigError:
+        return ConfigError(
+            f"{self.job.source}: endpoint.mode: {base_url} does not serve the Batch API "
+            f"({exc}); set endpoint.mode: live to send the rows one by one"
+        )
 
     async def _main(self) -> None:
         await self._show(await anyio.to_thread.run_sync(self.book.active))
