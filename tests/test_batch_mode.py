@@ -551,3 +551,20 @@ def test_a_collect_cut_short_is_finished_by_the_rerun(
     service = server.simulator.batches
     assert len(service.batches) == 1
     assert set(service.uploaded.values()) == {1}
+
+
+def test_a_job_can_set_its_own_batch_prices(tmp_path: Path, sim_factory: Any) -> None:
+    server = sim_factory()
+    prices = {MODEL: {"input": 1.0, "output": 2.0, "batch_input": 0.1, "batch_output": 0.5}}
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(10),
+        endpoint={"mode": "batch"},
+        batch={"poll_s": 0.1},
+        prices=prices,
+    )
+    assert main(["run", str(job), "--quiet"]) == 0
+    for row in pl.read_parquet(tmp_path / "out/result.parquet").iter_rows(named=True):
+        expected = (row["prompt_tokens"] * 0.1 + row["completion_tokens"] * 0.5) / 1_000_000
+        assert row["cost_usd"] == pytest.approx(expected)
