@@ -22,6 +22,7 @@ from batcher.ledger import read_ledger
 from batcher.preview import DEFAULT_ROWS, preview
 from batcher.runner import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
+from batcher.sim.limits import LIMITER_KINDS
 from batcher.status import job_status
 
 _MAX_ROWS = 2**32 - 1  # polars slices by a 32-bit row index
@@ -90,7 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep rows answered before, whatever their request is now; send the rest",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--progress-every",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="without a terminal, a status line every S seconds (0: none; default 30)",
+    )
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
+    run.add_argument(
+        "--cancel",
+        action="store_true",
+        help="batch mode: cancel the job's batches in flight and collect what they finished",
+    )
+
+    cancel = commands.add_parser(
+        "cancel", help="batch mode: cancel a job's batches in flight, keep what they finished"
+    )
+    _job_arguments(cancel)
+    cancel.add_argument("--quiet", action="store_true", help="no progress bar")
 
     status = commands.add_parser("status", help="how far a job is, from its checkpoint")
     _job_arguments(status)
@@ -143,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preview.add_argument("--json", action="store_true", help="print JSON for machines")
 
-    sim = commands.add_parser("sim", help="serve the simulator on 127.0.0.1")
+    _sim_arguments(commands.add_parser("sim", help="serve the simulator on 127.0.0.1"))
+    return parser
+
+
+def _sim_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--latency-s", type=float, default=0.0, help="fixed latency per request")
     sim.add_argument(
@@ -174,7 +197,77 @@ def build_parser() -> argparse.ArgumentParser:
         "--cached-share", type=float, default=0.0, help="share of prompt tokens reported cached"
     )
     sim.add_argument("--seed", type=int, default=0)
-    return parser
+    sim.add_argument(
+        "--limiter",
+        choices=LIMITER_KINDS,
+        default="bucket",
+        help="how limits are enforced: token bucket, fixed window or sliding window",
+    )
+    sim.add_argument("--window-s", type=float, default=60.0, help="the windows' length")
+    sim.add_argument(
+        "--limit-retry-after-s",
+        type=float,
+        help="Retry-After of limit 429s (default: the exact wait until there is room)",
+    )
+    sim.add_argument(
+        "--no-limit-retry-after", action="store_true", help="limit 429s carry no Retry-After"
+    )
+    sim.add_argument(
+        "--ratelimit-headers",
+        choices=("openai", "anthropic"),
+        help="advertise the limits in every reply's headers, in this style",
+    )
+    sim.add_argument(
+        "--random-429-share",
+        type=float,
+        default=0.0,
+        help="answer this share of requests 429 whatever the rate (Retry-After --retry-after-s)",
+    )
+    sim.add_argument(
+        "--schedule",
+        type=_schedule,
+        default=(),
+        metavar="S:RPM,...",
+        help="change --requests-per-minute to RPM at S seconds after the first request",
+    )
+    sim.add_argument("--no-batch-api", action="store_true", help="answer 404 on the Batch API")
+    sim.add_argument(
+        "--batch-delay-s", type=float, default=0.0, help="how long a batch takes to finish"
+    )
+    sim.add_argument(
+        "--batch-fail-share",
+        type=float,
+        default=0.0,
+        help="share of batch lines whose first submission fails with 500",
+    )
+    sim.add_argument(
+        "--batch-expire",
+        default="",
+        metavar="N,M",
+        help="batches (1-based, in order of creation) that expire half done",
+    )
+    sim.add_argument("--batch-max-file-bytes", type=int, help="refuse larger uploads with 413")
+    sim.add_argument("--batch-max-lines", type=int, help="refuse larger batches with 400")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
+    return value
+
+
+def _schedule(text: str) -> tuple[tuple[float, float], ...]:
+    try:
+        steps = [tuple(float(n) for n in step.split(":")) for step in text.split(",") if step]
+    except ValueError:
+        steps = [()]
+    if any(len(step) != 2 or step[0] < 0 or step[1] <= 0 for step in steps):
+        raise argparse.ArgumentTypeError(f"expected SECONDS:RPM,... got {text!r}")
+    return tuple((step[0], step[1]) for step in steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,6 +305,8 @@ def _main(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         if arguments.command == "run":
             return _run(arguments, argv)
+        if arguments.command == "cancel":
+            return _cancel(arguments)
         if arguments.command == "status":
             job = load_job(arguments.job, arguments.overrides)
             for line in job_status(job, arguments.limit).lines():
@@ -256,8 +351,12 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         quiet=arguments.quiet,
         prices_path=arguments.prices,
         resume_command=resume,
+        progress_every_s=arguments.progress_every,
+        cancel=arguments.cancel,
     )
     job = load_job(arguments.job, arguments.overrides)
+    if arguments.cancel and job.config.endpoint.mode != "batch":
+        raise ConfigError(f"{job.source}: endpoint.mode: --cancel is for endpoint.mode: batch")
     summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)
@@ -276,6 +375,17 @@ def _agree(arguments: argparse.Namespace) -> int:
         print(orjson.dumps(result.as_json()).decode())
     else:
         print("\n".join(result.lines()))
+    return 0
+
+
+def _cancel(arguments: argparse.Namespace) -> int:
+    job = load_job(arguments.job, arguments.overrides)
+    if job.config.endpoint.mode != "batch":
+        raise ConfigError(f"{job.source}: endpoint.mode: cancel is for endpoint.mode: batch")
+    options = RunOptions(limit=arguments.limit, quiet=arguments.quiet, cancel=True)
+    summary = anyio.run(lambda: arun(job, options))
+    for line in summary.lines():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -313,6 +423,19 @@ def _sim(arguments: argparse.Namespace) -> int:
         retry_after_s=arguments.retry_after_s,
         cached_share=arguments.cached_share,
         seed=arguments.seed,
+        limiter=arguments.limiter,
+        window_s=arguments.window_s,
+        limit_retry_after_s=arguments.limit_retry_after_s,
+        send_retry_after=not arguments.no_limit_retry_after,
+        ratelimit_headers=arguments.ratelimit_headers,
+        random_429_share=arguments.random_429_share,
+        schedule=arguments.schedule,
+        batch_api=not arguments.no_batch_api,
+        batch_delay_s=arguments.batch_delay_s,
+        batch_fail_share=arguments.batch_fail_share,
+        batch_expire=tuple(int(n) for n in arguments.batch_expire.split(",") if n),
+        batch_max_file_bytes=arguments.batch_max_file_bytes,
+        batch_max_lines=arguments.batch_max_lines,
     )
     unknown = set(settings.faults) - set(FAULT_KINDS)
     if unknown:

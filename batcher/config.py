@@ -54,6 +54,7 @@ class EndpointConfig(_Section):
     timeout_s: float = Field(default=120, gt=0)
     stream_idle_timeout_s: float = Field(default=30, gt=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    mode: Literal["live", "batch"] = "live"
 
     @field_validator("base_url")
     @classmethod
@@ -173,6 +174,15 @@ class OutputConfig(_Section):
         return value
 
 
+class BatchConfig(_Section):
+    """The provider Batch API (``endpoint.mode: batch``): how rows are split and watched."""
+
+    max_lines: int = Field(default=50_000, ge=1, le=50_000)
+    max_bytes: int = Field(default=190_000_000, ge=1024)
+    completion_window: str = "24h"
+    poll_s: float = Field(default=30, ge=0.05)
+
+
 class ImagesConfig(_Section):
     max_edge_px: int | None = Field(default=1568, ge=16)
     max_bytes: int = Field(default=5_000_000, ge=1024)
@@ -183,6 +193,8 @@ class PriceConfig(_Section):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cache_read: float | None = Field(default=None, ge=0)
+    batch_input: float | None = Field(default=None, ge=0)  # default: half of input
+    batch_output: float | None = Field(default=None, ge=0)  # default: half of output
 
 
 class JobConfig(_Section):
@@ -194,6 +206,7 @@ class JobConfig(_Section):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -15,7 +15,8 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
         ├── CheckpointError          the checkpoint could not be written or read mid-run
         ├── OutputError              the output could not be written; a rerun rebuilds it
-        └── InputError               the input could not be read past a row, mid-run
+        ├── InputError               the input could not be read past a row, mid-run
+        └── BatchApiError            the Batch API refused a file or batch operation
 
 ``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
 caught by the retry policy, never by the user.
@@ -112,6 +113,10 @@ class InputError(AbortError):
         super().__init__(message)
         self.row = row
         self.column = column
+
+
+class BatchApiError(AbortError):
+    """The provider Batch API refused an operation on a file or batch (batch mode)."""
 
 
 class AttemptError(Exception):

@@ -41,6 +41,11 @@ class Estimate:
     note: str | None = None
     # With a model list: the heuristic's figures for each model, split by request_model.
     by_model: list[dict[str, Any]] = field(default_factory=list)
+    # The same at Batch API prices (endpoint.mode: batch).
+    batch_low_usd: float | None = None
+    batch_expected_usd: float | None = None
+    batch_high_usd: float | None = None
+    completion_window: str = "24h"
 
     def as_json(self) -> dict[str, Any]:
         split = {"by_request_model": self.by_model} if self.by_model else {}
@@ -51,6 +56,9 @@ class Estimate:
             "low_usd": self.low_usd,
             "expected_usd": self.expected_usd,
             "high_usd": self.high_usd,
+            "batch_low_usd": self.batch_low_usd,
+            "batch_expected_usd": self.batch_expected_usd,
+            "batch_high_usd": self.batch_high_usd,
             "duration_s": self.duration_s,
             **split,
         }
@@ -63,9 +71,13 @@ class Estimate:
             f"rows: {self.rows}",
             f"prompt tokens (estimated): {self.prompt_tokens:,}",
             f"completion tokens (at most): {self.completion_tokens_high:,}",
-            f"cost: low {usd(self.low_usd)}, expected {usd(self.expected_usd)}, "
+            f"cost, live:  low {usd(self.low_usd)}, expected {usd(self.expected_usd)}, "
             f"high {usd(self.high_usd)}",
-            f"duration: about {_duration(self.duration_s)} at the job's limits",
+            f"cost, batch: low {usd(self.batch_low_usd)}, expected "
+            f"{usd(self.batch_expected_usd)}, high {usd(self.batch_high_usd)} "
+            f"(endpoint.mode: batch)",
+            f"duration: about {_duration(self.duration_s)} live at the job's limits; "
+            f"batch: up to the {self.completion_window} completion window per batch",
         ]
         for group in self.by_model:
             lines.append(
@@ -147,21 +159,39 @@ def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = No
             group["low_usd"] = price.cost(prompt, 0)
             group["expected_usd"] = price.cost(prompt, completion_high // 2)
             group["high_usd"] = price.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
+            batch = price.for_batch()
+            group["batch_low_usd"] = batch.cost(prompt, 0)
+            group["batch_expected_usd"] = batch.cost(prompt, completion_high // 2)
+            group["batch_high_usd"] = batch.cost(math.ceil(prompt * PROMPT_MARGIN), completion_high)
         groups.append(group)
     prompt = sum(g["prompt_tokens"] for g in groups)
     rows = sum(g["rows"] for g in groups)
     completion_high = sum(g["completion_tokens_high"] for g in groups)
     note = None
     low = expected = high = None
+    batch_usd: list[float | None] = [None, None, None]
     if unpriced:
         note = f"no price for model {', '.join(unpriced)}: dollars unknown"
     else:
         low, expected, high = (sum(g[f] for g in groups) for f in _DOLLARS)
+        batch_usd = [sum(g["batch_" + f] for g in groups) for f in _DOLLARS]
     per_row = (prompt + completion_high) / rows if rows else 0.0
     duration = duration_s(job, rows, per_row, ASSUMED_LATENCY_S, plan.builder.requests_per_row)
     by_model = groups if plan.multiple_models else []
     return Estimate(
-        rows, prompt, completion_high, low, expected, high, duration, note=note, by_model=by_model
+        rows,
+        prompt,
+        completion_high,
+        low,
+        expected,
+        high,
+        duration,
+        note=note,
+        by_model=by_model,
+        batch_low_usd=batch_usd[0],
+        batch_expected_usd=batch_usd[1],
+        batch_high_usd=batch_usd[2],
+        completion_window=job.config.batch.completion_window,
     )
 
 
@@ -195,11 +225,25 @@ async def estimate_with_sample(
     margin = 1.96 * spread / math.sqrt(len(costs)) * correction
     latency = sum(latencies) / len(latencies)
     per_row_tokens = sum(tokens) / len(tokens)
+    # Sampled rows run live, at list price; batch figures scale by the heuristic's ratio.
+    ratio = (
+        base.batch_expected_usd / base.expected_usd
+        if base.batch_expected_usd is not None and base.expected_usd
+        else None
+    )
+    low, expected, high = (
+        max(mean - margin, 0.0) * base.rows,
+        mean * base.rows,
+        (mean + margin) * base.rows,
+    )
     return replace(
         base,
-        low_usd=max(mean - margin, 0.0) * base.rows,
-        expected_usd=mean * base.rows,
-        high_usd=(mean + margin) * base.rows,
+        low_usd=low,
+        expected_usd=expected,
+        high_usd=high,
+        batch_low_usd=low * ratio if ratio is not None else None,
+        batch_expected_usd=expected * ratio if ratio is not None else None,
+        batch_high_usd=high * ratio if ratio is not None else None,
         duration_s=duration_s(
             job, base.rows, per_row_tokens, latency, plan.builder.requests_per_row
         ),

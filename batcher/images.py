@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from batcher.config import ImagesConfig
-from batcher.request import ImagePart
+from batcher.request import ImagePart, RowRequest, with_image_urls
 
 ACCEPTED = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"})
@@ -262,3 +262,11 @@ def _fit(width: int, height: int, max_edge: int | None) -> tuple[int, int]:
 def _reason(exc: BaseException) -> str:
     text = _OBJECT_REPR.sub("", str(exc)).strip()
     return text or type(exc).__name__
+
+
+def inline_images(request: RowRequest, loader: ImageLoader) -> dict[str, Any]:
+    """The body with each local image's data URL in place of its digest (blocking).
+
+    Raises ImageError for a file that is missing or cannot be encoded.
+    """
+    return with_image_urls(request.body, {p.digest: loader.encode(p) for p in request.images})

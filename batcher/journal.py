@@ -330,3 +330,9 @@ def fetch_outcomes(connection: sqlite3.Connection, keys: Iterable[Any]) -> list[
         "WHERE key IN (SELECT value FROM json_each(?))",
         (orjson.dumps(list(keys)).decode(),),
     ).fetchall()
+
+
+def insert_outcomes(connection: sqlite3.Connection, outcomes: Iterable[Outcome]) -> None:
+    """Write outcomes inside the caller's transaction (batch mode commits them together with
+    the state of the batch they came from)."""
+    connection.executemany(_INSERT, [outcome.as_row() for outcome in outcomes])

@@ -1,4 +1,8 @@
-"""Prices: the shipped list-price table, a job's overrides, and the cost of one reply."""
+"""Prices: the shipped list-price table, a job's overrides, and the cost of one reply.
+
+Each model has a list price and a batch price (the provider Batch API's, by default half of
+list, which is what Anthropic's and OpenAI's batch offers charge).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ class Price:
     input: float
     output: float
     cache_read: float | None = None
+    batch_input: float | None = None
+    batch_output: float | None = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         cached = min(cached_tokens, prompt_tokens)
@@ -38,6 +44,14 @@ class Price:
             + cached * cache_price
             + completion_tokens * self.output
         ) / 1_000_000
+
+    def for_batch(self) -> Price:
+        """The Batch API's price: the table's batch figures, else half of list (cache too)."""
+        return Price(
+            self.input / 2 if self.batch_input is None else self.batch_input,
+            self.output / 2 if self.batch_output is None else self.batch_output,
+            None if self.cache_read is None else self.cache_read / 2,
+        )
 
 
 class PriceTable:
@@ -66,8 +80,15 @@ class PriceTable:
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
         models = {**parsed.models, **(overrides or {})}
-        prices = {name: Price(p.input, p.output, p.cache_read) for name, p in models.items()}
+        prices = {
+            name: Price(p.input, p.output, p.cache_read, p.batch_input, p.batch_output)
+            for name, p in models.items()
+        }
         return cls(prices, str(parsed.taken) if parsed.taken else None)
+
+    def for_batch(self) -> PriceTable:
+        """The same models at their Batch API prices."""
+        return PriceTable({name: p.for_batch() for name, p in self.prices.items()}, self.taken)
 
     def get(self, model: str | None) -> Price | None:
         return self.prices.get(model) if model else None

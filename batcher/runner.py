@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from batcher.batch import BatchRun
 from batcher.client import ChatClient
 from batcher.config import Job, load_job
 from batcher.errors import (
@@ -62,6 +63,7 @@ class RunOptions:
     resume_command: str | None = None
     grace_s: float = GRACE_S
     progress_every_s: float = 30.0  # status lines when stderr is not a terminal; 0: none
+    cancel: bool = False  # batch mode: cancel the batches in flight instead of submitting
     notify: Callable[[str], None] = _stderr
 
 
@@ -413,6 +415,10 @@ async def arun(
     options = replace(options or RunOptions(), **kwargs)
     job, plan = prepare(job, options)
     run = Run(job, options, plan)
+    if job.config.endpoint.mode == "batch":
+        batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
+        async with endpoint(job, options.simulate) as base_url:
+            return await batch_run.execute(base_url)
     async with endpoint(job, options.simulate) as base_url:
         return await run.execute(base_url)
 

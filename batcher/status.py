@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 
+from batcher.batch.book import describe
 from batcher.config import Job
 from batcher.errors import ConfigError
 from batcher.journal import connect, corrupt, journal_path, verify
@@ -21,6 +22,7 @@ class JobStatus:
     cost_usd: float
     failed_by_kind: dict[str, int] = field(default_factory=dict)
     journal: str | None = None
+    batches: list[str] = field(default_factory=list)  # batch mode: what is in flight
 
     @property
     def rows_pending(self) -> int:
@@ -41,7 +43,7 @@ class JobStatus:
                 f"{kind} {count}" for kind, count in sorted(self.failed_by_kind.items())
             )
             lines.append(f"failed by error: {kinds}")
-        return lines
+        return lines + self.batches
 
 
 def job_status(job: Job, limit: int | None = None) -> JobStatus:
@@ -60,6 +62,7 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
             "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
             "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
         ).fetchall()
+        batches = describe(connection)
     except sqlite3.OperationalError as exc:
         raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from None
     except sqlite3.DatabaseError as exc:
@@ -78,4 +81,4 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
         else:
             failed += count
             kinds[kind or "unknown"] = count
-    return JobStatus(total, ok, failed, prompt, completion, cost, kinds, str(path))
+    return JobStatus(total, ok, failed, prompt, completion, cost, kinds, str(path), batches)

@@ -9,20 +9,20 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import orjson
 from tenacity import RetryCallState
 
 from batcher.client import ChatClient, Reply, shorten
 from batcher.config import JobConfig
 from batcher.errors import AttemptError
 from batcher.flow import FlowController
-from batcher.images import ImageError, ImageLoader
+from batcher.images import ImageError, ImageLoader, inline_images
 from batcher.journal import Outcome
 from batcher.limiter import Cost
+from batcher.outcome import OutcomeBuilder, asked_model
 from batcher.parse import OutputParser
 from batcher.plan import RowFailure
-from batcher.prices import Price, PriceTable
-from batcher.request import PROMPT_MARGIN, RowRequest, with_image_urls
+from batcher.prices import PriceTable
+from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.retry import Sleep, retrying
 from batcher.tally import Tally
 
@@ -62,7 +62,7 @@ class RowWorker:
         self.requests_per_row = requests_per_row
         self._sleep = sleep
         self._clock = clock
-        self._unpriced: set[str] = set()
+        self.outcomes = OutcomeBuilder(config, prices, tally)
         # Decoding and resizing are CPU work: more at once than cores only multiplies the
         # decoded pixels held in memory, so image encoding gets one slot per core.
         self._image_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
@@ -86,8 +86,12 @@ class RowWorker:
                 parsed = parsed if parsed is not None else parsed_one
         except _RowFailed as failure:
             attempts += failure.attempts
-            return self._failed(request, failure.error, attempts, started, replies + wasted)
-        return self._answered(request, replies, wasted, parsed, attempts, started)
+            return self.outcomes.failed(
+                request, failure.error, attempts, self._clock() - started, replies + wasted
+            )
+        return self.outcomes.answered(
+            request, replies, wasted, parsed, attempts, self._clock() - started
+        )
 
     async def _request(
         self, request: RowRequest, started: float, wasted: list[Reply]
@@ -193,22 +197,23 @@ class RowWorker:
             self.tally.inflight_cost_usd -= estimated_cost
         self.tally.prompt_tokens += reply.prompt_tokens or 0
         self.tally.completion_tokens += reply.completion_tokens or 0
-        self.tally.cost_usd += self._cost_of([reply], _asked(request)) or 0.0
+        self.tally.cost_usd += self._cost_of([reply], asked_model(request)) or 0.0
         return reply
 
     def _with_images(self, request: RowRequest) -> tuple[dict[str, Any], int]:
         """The body with each local image's data URL in place of its digest, and the bytes
         of those URLs (blocking)."""
         try:
-            urls = {part.digest: self.images.encode(part) for part in request.images}
+            body = inline_images(request, self.images)
         except ImageError as exc:
             raise AttemptError("image_error", str(exc), retryable=False) from None
-        return with_image_urls(request.body, urls), sum(map(len, urls.values()))
+        parts = body["messages"][-1]["content"]
+        return body, sum(len(p["image_url"]["url"]) for p in parts if p.get("type") == "image_url")
 
     # -- budget -------------------------------------------------------------------------------
 
     def _estimated_cost(self, request: RowRequest) -> float:
-        price = self.prices.get(_asked(request))
+        price = self.prices.get(asked_model(request))
         if self.config.limits.max_cost_usd is None or price is None:
             return 0.0
         # An upper bound: the prompt with the heuristic's margin, every choice at max_tokens.
@@ -234,137 +239,8 @@ class RowWorker:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _price_for(self, model: str | None, asked: str) -> Price | None:
-        # The model the server answered with, else the one asked: each row at its own price.
-        price = self.prices.get(model) or self.prices.get(asked)
-        if price is None:
-            name = model or asked
-            if name not in self._unpriced:
-                self._unpriced.add(name)
-                self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
-        return price
-
     def _cost_of(self, replies: list[Reply], asked: str) -> float | None:
-        total = 0.0
-        for reply in replies:
-            price = self._price_for(reply.model, asked)
-            if price is None:
-                return None
-            total += price.cost(
-                reply.prompt_tokens or 0, reply.completion_tokens or 0, reply.cached_tokens or 0
-            )
-        return total
-
-    def _answered(
-        self,
-        request: RowRequest,
-        replies: list[Reply],
-        wasted: list[Reply],
-        parsed: dict[str, Any] | None,
-        attempts: int,
-        started: float,
-    ) -> Outcome:
-        first = replies[0]
-        paid = replies + wasted
-        choices = [choice for reply in replies for choice in reply.choices]
-        failing = self._failing_finish(choices)
-        if failing is not None:
-            # Not retried: the same request ends the same way. The text stays in `response`.
-            error = AttemptError("finish_reason", failing, retryable=False)
-            content = (choices[0].get("message") or {}).get("content")
-            return self._failed(request, error, attempts, started, paid, response=content)
-        wanted = self.config.request.n or 1
-        if len(choices) < wanted:
-            self.tally.warnings[f"asked for n={wanted} choices, a reply carried fewer"] += 1
-        message = choices[0].get("message") or {}
-        extra: dict[str, Any] = {}
-        if message.get("tool_calls"):
-            extra["tool_calls"] = orjson.dumps(message["tool_calls"]).decode()
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if reasoning:
-            extra["reasoning"] = reasoning
-        if wanted > 1:
-            extra["responses"] = [(c.get("message") or {}).get("content") for c in choices]
-            extra["all_tool_calls"] = [
-                orjson.dumps(calls).decode()
-                if (calls := (c.get("message") or {}).get("tool_calls"))
-                else None
-                for c in choices
-            ]
-        if first.ttft_s is not None:
-            extra["ttft_s"] = first.ttft_s
-        if parsed is not None:
-            extra["parsed"] = parsed
-        self.tally.ok += 1
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=True,
-            error_kind=None,
-            response=message.get("content"),
-            finish_reason=choices[0].get("finish_reason"),
-            model=first.model,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid),
-            completion_tokens=_sum(r.completion_tokens for r in paid),
-            total_tokens=_sum(r.total_tokens for r in paid),
-            cached_tokens=_sum(r.cached_tokens for r in paid),
-            cost_usd=self._cost_of(paid, _asked(request)),
-            latency_s=self._clock() - started,
-            attempts=attempts,
-            error=None,
-            response_id=first.response_id,
-            extra=extra or None,
-            input_digest=request.input_digest,
-        )
-
-    def _failing_finish(self, choices: list[dict[str, Any]]) -> str | None:
-        """The first finish reason among ``choices`` that output.fail_on_finish names."""
-        failing = self.config.output.fail_on_finish
-        for choice in choices if failing else ():
-            reason = choice.get("finish_reason")
-            if reason in failing:
-                return str(reason)
-        return None
-
-    def _failed(
-        self,
-        request: RowRequest,
-        error: AttemptError,
-        attempts: int,
-        started: float,
-        paid: list[Reply],
-        *,
-        response: str | None = None,
-    ) -> Outcome:
-        self.tally.failed += 1
-        self.tally.errors[f"final:{error.kind}"] += 1
-        raw = response
-        if error.kind == "invalid_output" and paid:
-            # The raw reply stays in `response` so the user can see what did not parse.
-            message = paid[-1].first.get("message") or {}
-            raw = message.get("content")
-            if raw is None and message.get("tool_calls"):
-                raw = orjson.dumps(message["tool_calls"]).decode()
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=False,
-            error_kind=error.kind,
-            response=raw,
-            finish_reason=error.message if error.kind == "finish_reason" else None,
-            model=paid[-1].model if paid else None,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid) if paid else None,
-            completion_tokens=_sum(r.completion_tokens for r in paid) if paid else None,
-            total_tokens=_sum(r.total_tokens for r in paid) if paid else None,
-            cached_tokens=_sum(r.cached_tokens for r in paid) if paid else None,
-            cost_usd=self._cost_of(paid, _asked(request)) if paid else None,
-            latency_s=self._clock() - started,
-            attempts=attempts,
-            error=f"{error.kind}: {shorten(error.message)}",
-            response_id=None,
-            extra=None,
-            input_digest=request.input_digest,
-        )
+        return self.outcomes.cost_of(replies, asked)
 
 
 def failure_outcome(failure: RowFailure) -> Outcome:
@@ -396,13 +272,3 @@ class _RowFailed(Exception):  # noqa: N818 - internal control flow
         super().__init__(str(error))
         self.error = error
         self.attempts = attempts
-
-
-def _asked(request: RowRequest) -> str:
-    """The model a row's request asks for."""
-    return str(request.body.get("model"))
-
-
-def _sum(values: Any) -> int | None:
-    present = [v for v in values if v is not None]
-    return sum(present) if present else None

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from batcher.images import sniff_mime
+from batcher.sim.batches import BatchService
 from batcher.sim.limits import Meter, advertise, meter
 from batcher.sim.replies import build_reply, count_tokens, digest, user_text
 
@@ -60,6 +61,17 @@ class SimSettings:
     # (seconds after the first request, requests/minute from then on): a limit that moves
     schedule: tuple[tuple[float, float], ...] = ()
     record_bodies: bool = False  # keep every request body, for tests that compare them
+    # The Batch API (batcher.sim.batches): whether it is served, how long a batch takes, the
+    # share of lines whose first submission fails with 500, which batches (1-based, in order
+    # of creation) expire half done, the upload and batch sizes it refuses, and how long it
+    # waits between storing an upload or a batch and answering (for kills in between).
+    batch_api: bool = True
+    batch_delay_s: float = 0.0
+    batch_reply_delay_s: float = 0.0
+    batch_fail_share: float = 0.0
+    batch_expire: tuple[int, ...] = ()
+    batch_max_file_bytes: int | None = None
+    batch_max_lines: int | None = None
 
 
 class Simulator:
@@ -69,6 +81,7 @@ class Simulator:
         self.settings = settings or SimSettings()
         self._random = random.Random(self.settings.seed)
         self.reset()
+        self.batches = BatchService(self)
 
     def reset(self) -> None:
         s = self.settings
@@ -144,6 +157,8 @@ class Simulator:
         app.router.add_get("/sim/stats", self._stats)
         app.router.add_post("/sim/reset", self._reset)
         app.router.add_post("/sim/limits", self._set_limits)
+        if self.settings.batch_api:
+            self.batches.register(app)
         return app
 
     async def _stats(self, _: web.Request) -> web.Response:

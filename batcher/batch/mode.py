@@ -1,0 +1,303 @@
+"""``endpoint.mode: batch``: the same job through the provider Batch API, at batch prices.
+
+The submitter turns pending rows into batches (``submit.py``); this module runs the whole:
+it polls the batches every ``batch.poll_s``, collects a finished one by custom_id
+(``results.py``), sends the rows that hit a retryable error in new batches, and writes the
+output at the end, whatever the end was. A rerun re-attaches to every batch the checkpoint
+knows; Ctrl-C leaves the batches running on the server; ``--cancel`` cancels them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from batcher.batch.api import TERMINAL, BatchApi, NoBatchApiError
+from batcher.batch.book import BatchBook, ChunkState
+from batcher.batch.progress import BatchProgress
+from batcher.batch.results import Collector, read_results
+from batcher.batch.submit import RunControl, Submitter
+from batcher.errors import (
+    AbortError,
+    BatchApiError,
+    BatcherError,
+    ConfigError,
+    InterruptedRunError,
+)
+from batcher.journal import Journal, journal_path
+from batcher.outcome import OutcomeBuilder
+from batcher.sink import write_output
+from batcher.summary import RunSummary
+
+if TYPE_CHECKING:
+    from batcher.runner import Run
+
+COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
+
+
+def check_batch_job(run: Run) -> None:
+    """What the Batch API cannot do, found before anything is sent."""
+    job = run.job
+    request = job.config.request
+    if request.stream:
+        raise ConfigError(
+            f"{job.source}: request.stream: the Batch API does not stream; "
+            "set it to false with endpoint.mode: batch"
+        )
+    if request.n_mode == "fanout" and (request.n or 1) > 1:
+        raise ConfigError(
+            f"{job.source}: request.n_mode: fanout sends several requests per row, which batch "
+            "mode does not; use n_mode: native with endpoint.mode: batch"
+        )
+    if len(request.models) > 1:
+        raise ConfigError(
+            f"{job.source}: request.model: batch mode takes one model per job; "
+            "run a job per model, or use endpoint.mode: live for a list"
+        )
+
+
+class BatchRun:
+    """One execution of a job in batch mode; ``execute`` returns its summary."""
+
+    def __init__(self, run: Run) -> None:
+        check_batch_job(run)
+        self.run = run
+        self.job = run.job
+        self.options = run.options
+        self.plan = run.plan
+        self.config = run.job.config
+        self.tally = run.tally
+        self.prices = run.prices.for_batch()
+        builder = OutcomeBuilder(self.config, self.prices, self.tally)
+        self.collector = Collector(self.config, builder, run.parser, self.plan.api_key)
+        self.folder = self.job.checkpoint_dir / "batches"
+        self.control = RunControl()  # stops submitting: budget, refusal, interrupt, --cancel
+        self.cancelled = 0
+        self._statuses: Counter[str] = Counter()
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def execute(self, base_url: str) -> RunSummary:
+        started = time.monotonic()
+        journal_file = journal_path(self.job.checkpoint_dir)
+        identity = {
+            "input": self.job.input_path,
+            "output": str(self.job.output_path),
+            "key_column": self.plan.source.key_column,
+        }
+        fresh = self.options.fresh
+        if fresh and journal_file.exists():
+            self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
+        # The journal checks the checkpoint's identity and answers "which rows are done";
+        # in batch mode every write goes through the book, in its own transactions.
+        self.journal = await anyio.to_thread.run_sync(
+            lambda: Journal(journal_file, identity, fresh=fresh)
+        )
+        self.book = await anyio.to_thread.run_sync(BatchBook, journal_file)
+        if fresh:
+            for stale in self.folder.glob("*"):
+                stale.unlink(missing_ok=True)
+        total = self.plan.total_rows
+        self.progress = BatchProgress(self.tally, total, quiet=self.options.quiet)
+        endpoint = self.config.endpoint.model_copy(update={"base_url": base_url})
+        try:
+            async with BatchApi(endpoint, self.plan.api_key, self.config.retry) as api:
+                self.api = api
+                self.submitter = Submitter(
+                    self.run, self.journal, self.book, api, self.progress, self.prices, self.control
+                )
+                try:
+                    await api.probe()
+                except NoBatchApiError as exc:
+                    raise self._no_batch_api(base_url, exc) from None
+                # anyio wraps what a task group's body raises in an ExceptionGroup: run
+                # failures are taken out here and raised as they are, after the group.
+                failure: BatcherError | None = None
+                async with anyio.create_task_group() as group:
+                    if threading.current_thread() is threading.main_thread():
+                        group.start_soon(self._watch_signals, group.cancel_scope)
+                    try:
+                        await self._main()
+                    except AbortError as exc:
+                        self.control.stop(exc)
+                    except NoBatchApiError as exc:
+                        failure = self._no_batch_api(base_url, exc)
+                    except BatcherError as exc:
+                        failure = exc
+                    group.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
+        finally:
+            self.progress.close()
+            await anyio.to_thread.run_sync(self.book.close)
+            await anyio.to_thread.run_sync(self.journal.close)
+        run = self.run
+        written = await anyio.to_thread.run_sync(
+            lambda: write_output(self.plan, run.layout, journal_file)
+        )
+        return self._summary(written.rows, written.ok, written.cost_usd, started)
+
+    def _no_batch_api(self, base_url: str, exc: NoBatchApiError) -> ConfigError:
+        return ConfigError(
+            f"{self.job.source}: endpoint.mode: {base_url} does not serve the Batch API "
+            f"({exc}); set endpoint.mode: live to send the rows one by one"
+        )
+
+    async def _main(self) -> None:
+        await self._show(await anyio.to_thread.run_sync(self.book.active))
+        if self.options.cancel:
+            await self._cancel_all()
+        else:
+            await self.submitter.recover()
+            await self.submitter.submit_pending()
+        while True:
+            active = await anyio.to_thread.run_sync(self.book.active)
+            await self._show(active)
+            if not active:
+                return
+            await anyio.sleep(self.config.batch.poll_s)
+            finished = 0
+            for chunk in active:
+                if chunk.batch_id is None:
+                    continue
+                batch = await self.api.get(chunk.batch_id)
+                status = str(batch.get("status"))
+                if status != chunk.status:
+                    await anyio.to_thread.run_sync(self.book.set_status, chunk.name, status)
+                if status in TERMINAL:
+                    await self._finish(chunk, batch)
+                    finished += 1
+            if finished and not self.control.stopped:
+                rows = await anyio.to_thread.run_sync(self.book.rows_by_state)
+                if rows.get("retry"):
+                    await self.submitter.submit_pending()
+
+    async def _show(self, active: list[ChunkState]) -> None:
+        self._statuses = Counter(c.status or c.state for c in active)
+        self.submitter.created.clear()  # counted in the statuses from now on
+        rows = await anyio.to_thread.run_sync(self.book.rows_by_state)
+        self.progress.show(self._statuses, rows)
+
+    async def _finish(self, chunk: ChunkState, batch: dict[str, Any]) -> None:
+        """Collect a batch that ended: every line that completed is kept, whatever the end."""
+        status = str(batch.get("status"))
+        counts = batch.get("request_counts") or {}
+        if status == "failed" and not counts.get("completed") and _refused_as_too_large(batch):
+            message = _errors_text(batch)
+            path = self.folder / f"batcher-{chunk.name}.jsonl"
+            await self.submitter.too_large(
+                chunk.name, path, chunk.lines, chunk.bytes, message, lines_refused=True
+            )
+            return
+        contents = []
+        for field in ("output_file_id", "error_file_id"):
+            if batch.get(field):
+                contents.append(await self.api.content(str(batch[field])))
+        results = read_results(*contents)
+        del contents
+        rows = await anyio.to_thread.run_sync(self.book.rows_in, chunk.name)
+        # In slices, each committed with its rows' states: a 50,000-line batch's outcomes are
+        # never all in memory, and a run killed midway collects only the rest next time.
+        for start in range(0, max(len(rows), 1), COLLECT_ROWS):
+            part = rows[start : start + COLLECT_ROWS]
+            collected = self.collector.collect(part, results, status, chunk.cancel_requested)
+            last = start + COLLECT_ROWS >= len(rows)
+            await anyio.to_thread.run_sync(
+                self.book.collect,
+                chunk.name,
+                status if last else None,
+                collected.outcomes,
+                collected.updates,
+            )
+            self.progress.advance(len(collected.outcomes))
+            if collected.stop is not None:
+                self.control.stop(collected.stop)
+
+    async def _cancel_all(self) -> None:
+        """``--cancel``: cancel every batch in flight and forget chunks never created."""
+        self.control.stop(AbortError("cancelled"))
+        for chunk in await anyio.to_thread.run_sync(self.book.active):
+            batch_id = chunk.batch_id
+            if batch_id is None and chunk.state == "uploaded":
+                found = await self.api.find_batch(chunk.name)
+                if found is not None:
+                    batch_id = str(found["id"])
+                    await anyio.to_thread.run_sync(
+                        self.book.set_submitted, chunk.name, batch_id, found.get("status")
+                    )
+            if batch_id is None:
+                await anyio.to_thread.run_sync(self.book.drop_chunk, chunk.name)
+                stale = anyio.Path(self.folder / f"batcher-{chunk.name}.jsonl")
+                await stale.unlink(missing_ok=True)
+                continue
+            # Journal first: the rows of a batch we cancel come back uncounted.
+            await anyio.to_thread.run_sync(self.book.set_cancel_requested, chunk.name)
+            try:
+                await self.api.cancel(batch_id)
+            except BatchApiError as exc:
+                self.options.notify(f"cannot cancel batch {batch_id}: {exc}")
+                continue
+            self.cancelled += 1
+        self.control.abort = AbortError(
+            f"cancelled {self.cancelled} batch(es) in flight as asked; "
+            "rerun without --cancel to submit their rows again"
+        )
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                name = signal.Signals(received).name
+                running = sum(self._statuses.values()) + sum(self.submitter.created.values())
+                message = (
+                    f"interrupted by {name}: {running} batch(es) keep running on the server and "
+                    "will be billed; rerun the same command to collect them, or cancel them with "
+                    f"`batcher cancel {self.job.source}`"
+                )
+                self.control.stop(InterruptedRunError(message))
+                self.options.notify(message)
+                scope.cancel()
+                return
+
+    def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
+        t = self.tally
+        total = self.plan.total_rows
+        resume = None
+        abort = self.control.abort
+        if abort is not None:
+            resume = self.options.resume_command or f"batcher run {self.job.source}"
+        return RunSummary(
+            output_path=self.plan.output_path,
+            rows_total=total,
+            rows_ok=ok,
+            rows_failed=rows - ok,
+            rows_pending=total - rows,
+            rows_skipped=t.skipped,
+            requests=t.requests,
+            retries=t.retries,
+            rate_limited=t.rate_limited,
+            prompt_tokens=t.prompt_tokens,
+            completion_tokens=t.completion_tokens,
+            cost_usd=t.cost_usd,
+            output_cost_usd=output_cost,
+            wall_s=time.monotonic() - started,
+            errors=dict(t.errors),
+            warnings=dict(t.warnings),
+            aborted=str(abort) if abort is not None else None,
+            resume_command=resume,
+        )
+
+
+def _errors_text(batch: dict[str, Any]) -> str:
+    errors = (batch.get("errors") or {}).get("data") or []
+    return "; ".join(str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict))
+
+
+def _refused_as_too_large(batch: dict[str, Any]) -> bool:
+    errors = (batch.get("errors") or {}).get("data") or []
+    text = " ".join(f"{e.get('code')} {e.get('message')}" for e in errors if isinstance(e, dict))
+    return any(word in text.lower() for word in ("too large", "too many", "exceed"))
