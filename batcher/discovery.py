@@ -36,7 +36,7 @@ FLOOR = 0.25  # one cut never goes below this share of the rate before it
 PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
 DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
-Z_SUSPECT = 3.0  # how far above the noise share the recent 429 share must be
+Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
 Z_FELL = 2.0  # how significantly the share must fall after a cut to call it congestion
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
@@ -44,7 +44,7 @@ REFUSING = 0.5  # a server refusing more than this share is congested, never noi
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
 NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
 NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
-_NOISE_DECAY = 0.1  # noise share moves this far towards a lower measured share per window
+_NOISE_DRIFT = 0.05  # the noise share moves this far towards the measured share a second
 
 
 @dataclass(slots=True)
@@ -137,9 +137,10 @@ class Discovery:
         # find one that was raised.
         scale = (1 - CUT_SHARE) / PLATEAU_S**3 if t < 0 else 1 / DOUBLING_S**3
         self.rate_rps = max(self.rate_rps, self._peak * (1 + scale * t**3))
-        if len(self._recent) >= 100 and self._recent_limited / len(self._recent) < self.noise_share:
+        if self.noise_share and len(self._recent) >= 100 and not self._suspect():
+            # Noise drifts: follow it while no congestion is suspected.
             share = self._recent_limited / len(self._recent)
-            self.noise_share += (share - self.noise_share) * _NOISE_DECAY
+            self.noise_share += (share - self.noise_share) * _NOISE_DRIFT
 
     def release(self) -> None:
         """The discovered rate climbed past every other limit: forget it."""
@@ -194,7 +195,9 @@ class Discovery:
         if trial.limited >= 4 and trial.answers >= 10 and after >= max(before, SHALLOW):
             self._settle(now, proven=False)  # as many 429s as before the cut: cut deeper now
             return False
-        if now - trial.started < TRIAL_MIN_S or trial.answers < TRIAL_MIN_ANSWERS:
+        # Enough answers that, were nothing changed, about four 429s would be among them.
+        needed = max(TRIAL_MIN_ANSWERS, math.ceil(4 / max(before, MIN_SHARE)))
+        if now - trial.started < TRIAL_MIN_S or trial.answers < needed:
             return False
         pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
         spread = math.sqrt(

@@ -1,4 +1,4 @@
-"""The limiter's maths on an injected clock: spacing, budgets, pauses, adaptation."""
+"""The pacer's maths on an injected clock: spacing, budgets, settling, pauses, cuts."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batcher.client import parse_retry_after
-from batcher.limiter import RateLimiter
+from batcher.limiter import Cost, RateLimiter
 
 
 class FakeTime:
+    """A clock that moves only when someone sleeps."""
+
     def __init__(self) -> None:
         self.now = 0.0
 
@@ -26,42 +28,66 @@ class FakeTime:
         await anyio.lowlevel.checkpoint()
 
 
-def limiter(time: FakeTime, **kwargs: object) -> RateLimiter:
-    return RateLimiter(clock=time.clock, sleep=time.sleep, **kwargs)  # type: ignore[arg-type]
+def pacer(time: FakeTime, **rates: float) -> RateLimiter:
+    limiter = RateLimiter(clock=time.clock, sleep=time.sleep)
+    for budget, per_s in rates.items():
+        limiter.set_rate(budget, per_s)
+    return limiter
 
 
 @pytest.mark.anyio
 async def test_requests_are_spread_evenly_without_an_initial_burst() -> None:
     time = FakeTime()
-    pacer = limiter(time, requests_per_minute=600)
+    limiter = pacer(time, requests=10)
     starts = []
     for _ in range(50):
-        await pacer.acquire()
+        await limiter.acquire()
         starts.append(time.now)
-    gaps = {round(b - a, 9) for a, b in itertools.pairwise(starts)}
-    assert gaps == {0.1}
+    assert {round(b - a, 9) for a, b in itertools.pairwise(starts)} == {0.1}
 
 
 @pytest.mark.anyio
-async def test_tokens_budget_and_correction() -> None:
+async def test_unpaced_budgets_never_wait() -> None:
     time = FakeTime()
-    pacer = limiter(time, tokens_per_minute=6000)  # 100 tokens/s
-    await pacer.acquire(100)
-    await pacer.acquire(100)
-    assert time.now == pytest.approx(1.0)
-    pacer.settle(estimated_tokens=100, actual_tokens=300)  # the server counted more
-    await pacer.acquire(100)
-    assert time.now == pytest.approx(4.0)
+    limiter = pacer(time)
+    for _ in range(100):
+        await limiter.acquire(Cost(1000, 1000))
+    assert time.now == 0.0
+    assert limiter.waits == 0
 
 
 @pytest.mark.anyio
-async def test_pause_holds_every_worker() -> None:
+async def test_token_budgets_count_their_own_part_and_settle() -> None:
     time = FakeTime()
-    pacer = limiter(time, requests_per_minute=6000)
-    await pacer.acquire()
-    pacer.pause(5.0)
-    await pacer.acquire()
+    limiter = pacer(time, input_tokens=100, output_tokens=10)  # per second
+    await limiter.acquire(Cost(100, 10))
+    await limiter.acquire(Cost(100, 10))
+    assert time.now == pytest.approx(1.0)  # both budgets allow one such request a second
+    limiter.settle(Cost(100, 10), Cost(100, 40))  # the server counted more output
+    await limiter.acquire(Cost(100, 10))
+    assert time.now == pytest.approx(5.0)  # 30 more output tokens at 10/s pushed it 3 s out
+
+
+@pytest.mark.anyio
+async def test_pause_holds_every_request_until_the_server_says() -> None:
+    time = FakeTime()
+    limiter = pacer(time, requests=100)
+    await limiter.acquire()
+    limiter.pause_until(5.0)
+    await limiter.acquire()
     assert time.now >= 5.0
+
+
+@pytest.mark.anyio
+async def test_a_cut_gives_up_slots_reserved_at_the_old_rate() -> None:
+    time = FakeTime()
+    limiter = pacer(time, requests=1)
+    await limiter.acquire()  # slot at 0; the next would be at 1 s
+    limiter.set_rate("requests", 0.5)
+    await limiter.acquire()
+    await limiter.acquire()
+    # The new spacing starts at the cut: 0, then 2 s apart, not the old 1 s.
+    assert time.now == pytest.approx(2.0)
 
 
 @given(
@@ -72,52 +98,20 @@ async def test_pause_holds_every_worker() -> None:
 @settings(max_examples=60, deadline=None)
 def test_budget_is_never_exceeded_in_any_window(rpm: float, tpm: float, costs: list[int]) -> None:
     time = FakeTime()
-    pacer = limiter(time, requests_per_minute=rpm, tokens_per_minute=tpm)
+    limiter = pacer(time, requests=rpm / 60, tokens=tpm / 60)
     starts: list[float] = []
 
     async def drive() -> None:
         for cost in costs:
-            await pacer.acquire(cost)
+            await limiter.acquire(Cost(cost, 0))
             starts.append(time.now)
 
     anyio.run(drive)
-    window = 60.0
     for i, begin in enumerate(starts):
-        inside = [j for j in range(i, len(starts)) if starts[j] < begin + window]
+        inside = [j for j in range(i, len(starts)) if starts[j] < begin + 60.0]
         assert len(inside) <= rpm + 1
         # Tokens charged inside a minute: at most the budget plus the request that opened it.
         assert sum(costs[j] for j in inside) <= tpm + max(costs) + 1e-6
-
-
-def test_adaptive_cut_needs_real_congestion_and_recovers() -> None:
-    time = FakeTime()
-    pacer = limiter(time, requests_per_minute=3600)  # 60/s configured
-    for _ in range(100):  # a few 429s among many answers: incidental
-        time.now += 0.05
-        pacer.on_success(10)
-    pacer.on_rate_limited()
-    pacer.on_rate_limited()
-    assert pacer.scale == 1.0
-    for _ in range(20):  # the server serves 20/s and refuses the rest
-        time.now += 0.05
-        pacer.on_success(10)
-        pacer.on_rate_limited()
-        pacer.on_rate_limited()
-    assert pacer.requests_per_s is not None
-    assert pacer.requests_per_s < 42  # cut at least to DECREASE of 60/s
-    cut = pacer.requests_per_s
-    for _ in range(200):  # quiet time raises it again
-        time.now += 0.1
-        pacer.on_success(10)
-    assert pacer.requests_per_s > cut
-
-
-def test_not_adaptive_never_changes_rate() -> None:
-    time = FakeTime()
-    pacer = limiter(time, requests_per_minute=600, adaptive=False)
-    for _ in range(50):
-        pacer.on_rate_limited()
-    assert pacer.requests_per_s == 10
 
 
 def test_retry_after_forms() -> None:
