@@ -14,7 +14,8 @@ change of rate. So every suspected congestion is a trial:
    and steeper beyond it, so a stable limit is probed gently and a raised one is found within
    a minute. If the share did not fall, the 429s are noise (a pooled upstream, other tenants):
    the cut is undone and the measured share becomes the noise floor later suspicions are
-   judged against. A share above ``REFUSING`` is never noise.
+   judged against (up to ``NOISE_MAX``; a server refusing more than that is still suspected,
+   and each suspicion is a new trial, never a spiral of cuts).
 
 Growth pauses while the pace is not what holds requests back (too few rows, concurrency),
 since probing a rate that is not used proves nothing. Pure: time comes in as arguments.
@@ -40,7 +41,6 @@ Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
 Z_FELL = 2.0  # how significantly the share must fall after a cut to call it congestion
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
-REFUSING = 0.5  # a server refusing more than this share is congested, never noisy
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
 NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
 NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
@@ -175,6 +175,10 @@ class Discovery:
         target = CUT_SHARE * served
         if pacing_rps is not None:
             target = min(max(target, FLOOR * pacing_rps), CUT_SHARE * pacing_rps)
+        elif self._recent:
+            # Unpaced: never below a share of what was being sent (answers of any kind).
+            span = max(now - self._recent[0][0], MIN_SPAN_S)
+            target = max(target, FLOOR * len(self._recent) / span)
         self._trial = _Trial(
             now,
             len(self._recent),
@@ -207,7 +211,7 @@ class Discovery:
         if z > Z_FELL:
             self._settle(now, proven=True)  # the share fell with the rate: congestion
             return False
-        if after > REFUSING or z < -Z_FELL:
+        if z < -Z_FELL:
             self._settle(now, proven=False)  # too shallow a cut: the next one goes on
             return False
         if trial.answers < max(NOISE_MIN_ANSWERS, trial.before_answers):

@@ -242,7 +242,7 @@ class FlowController:
             return "server"
         if self.pacer.waiting:
             return "rate" if self._binding_source() == "job" else "server"
-        if self._gate.statistics().tasks_waiting:
+        if self._gate.available_tokens <= 0:  # every place in flight is taken
             held = self.sizer.held_by if self.sizer.auto else "cap"
             if held == "rate":
                 return "rate" if self._binding_source() == "job" else "server"
