@@ -121,6 +121,11 @@ class Discovery:
             return self._cut(now, pacing())
         return False
 
+    def refused_in_trial(self) -> bool:
+        """A trial is running and its cut is plainly too shallow so far."""
+        trial = self._trial
+        return trial is not None and trial.limited >= 4 and trial.limited >= SHALLOW * trial.answers
+
     def suspects(self, now: float) -> bool:
         """The recent 429 share is above the noise: a 429 now is likely congestion."""
         self._forget(now)

@@ -28,6 +28,7 @@ from batcher.discovery import Discovery
 from batcher.limiter import Clock, Cost, RateLimiter, Sleep
 from batcher.server_limits import BUDGETS, ServerLimits
 
+HEADER_SHARE = 0.98  # of a limit the server states in headers, what is used
 _REFUSING_WINDOW = 20  # answers the "server refuses nearly everything" share is judged on
 
 
@@ -175,6 +176,10 @@ class FlowController:
         refused, answers = sum(self._recent), len(self._recent)
         if answers >= 10 and refused > answers / 2:
             return True  # the server refuses nearly everything: a wall, not noise
+        if self.discovery.trial_running:
+            # The cut is the answer to what was suspected; pausing too would slow the trial
+            # and, were the 429s noise, the run. Only a plainly too shallow cut pauses.
+            return self.discovery.refused_in_trial()
         return self.discovery.suspicious(refused, answers) or self.discovery.suspects(now)
 
     def _progressed(self, limits: ServerLimits | None) -> None:
@@ -190,7 +195,9 @@ class FlowController:
         if key != self._header_key:
             self._header_key = key
             self.header_style = limits.style
-            self.headers = {name: per_minute / 60 for name, per_minute in key}
+            # A little under the stated limit: an unpaced start (before any header was seen)
+            # may have emptied the server's bucket, and replies arrive bunched.
+            self.headers = {name: per_minute / 60 * HEADER_SHARE for name, per_minute in key}
             self._apply()
         requests = limits.budgets.get("requests")
         if requests is not None and requests.remaining is not None and requests.remaining < 1:
@@ -264,7 +271,7 @@ class FlowController:
         lowest = self.discovery.lowest_rps
         return FlowReport(
             job={b: r * 60 for b, r in self.job.items()},
-            headers={b: r * 60 for b, r in self.headers.items()},
+            headers={b: r * 60 / HEADER_SHARE for b, r in self.headers.items()},
             header_style=self.header_style,
             discovered_rpm=found * 60 if found is not None else None,
             lowest_discovered_rpm=lowest * 60 if lowest is not None else None,

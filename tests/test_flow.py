@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from batcher.config import LimitsConfig
-from batcher.flow import FlowController
+from batcher.flow import HEADER_SHARE, FlowController
 from batcher.limiter import Cost
 from batcher.server_limits import Budget, ServerLimits
 from tests.test_limiter import FakeTime
@@ -34,12 +34,13 @@ async def test_server_headers_pace_when_the_job_states_nothing() -> None:
     flow = controller(time)
     assert flow.requests_per_s is None
     await answer(flow, time, limits=stated(600))
-    assert flow.requests_per_s == pytest.approx(10)
+    assert flow.requests_per_s == pytest.approx(10 * HEADER_SHARE)
     assert flow.status().source == "headers"
+    assert flow.report().headers == {"requests": pytest.approx(600)}
     started = time.now
     for _ in range(20):
         await answer(flow, time, latency_s=0.0, limits=stated(600))
-    assert time.now - started == pytest.approx(2.0, abs=0.11)  # 10 a second
+    assert time.now - started == pytest.approx(2.0 / HEADER_SHARE, abs=0.11)
 
 
 @pytest.mark.anyio

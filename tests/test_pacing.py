@@ -20,7 +20,7 @@ from tests.conftest import reviews, write_job
 TARGETS = {
     "rpm at limit": (600, 0.95, 0.0),
     "tpm at limit": (600, 0.95, 0.0),
-    "rpm 3x adaptive": (600, 0.85, 0.03),
+    "rpm 3x adaptive": (600, 0.85, 0.05),  # the first seconds dominate 600 rows
     "tpm 3x adaptive": (600, 0.85, 0.05),
     "no rate, bucket": (600, 0.85, 0.08),
     "headers openai": (450, 0.90, 0.02),

@@ -1,0 +1,149 @@
+"""The flow controller against a third-party OpenAI-compatible test server: llmock (PyPI, MIT).
+
+The project's own simulator (``batcher.sim``) was written with the controller in mind; llmock
+was not. It runs in a background thread on a loopback port and answers
+``/v1/chat/completions`` for any model, without a key. Two of its behaviours are used here:
+
+- chaos 429s: a share of requests, drawn at random, answered 429 with ``retry-after: 1`` and
+  ``retry-after-ms: 1000`` and no rate-limit headers (429s the pace does not cause);
+- an enforced limit: a token bucket per API key that starts full (a burst of a minute's
+  budget), refills at ``rpm / 60`` per second, and states the limit on every reply in OpenAI's
+  ``x-ratelimit-{limit,remaining,reset}-requests`` headers, with ``retry-after`` on its 429s.
+
+Rates are measured from llmock's own request journal (``time.monotonic()`` in this process),
+from the first request the server saw to the last answer, so the run's start-up and output
+writing do not count against it.
+
+llmock registers a pytest plugin when installed (the ``llmock`` and ``llmock_server``
+fixtures); these tests do not use it and start ``LLMockServer`` themselves, one per test, so
+the limiter's buckets and the journal belong to one run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+from llmock.chaos import ChaosSettings
+from llmock.journal import RequestRecord
+from llmock.ratelimit import LimitSettings
+from llmock.testing import LLMockServer
+
+from batcher import RunSummary, run
+from bench.pacing import write_job, write_rows
+
+LATENCY_MS = 200  # llmock answers at once by default; a real server takes a while
+
+
+@pytest.fixture(autouse=True)
+def _no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No key is sent to a loopback base URL without one, so every request lands in llmock's
+    # bucket for the empty key (the one the drained case empties).
+    monkeypatch.delenv("BATCHER_API_KEY", raising=False)
+
+
+def _run(folder: Path, server: LLMockServer, rows: int, limits: dict[str, int]) -> RunSummary:
+    write_rows(rows, folder)
+    job = write_job(folder, server.base_url("openai"), limits)
+    summary = run(job, quiet=True, fresh=True)
+    out = pl.read_parquet(folder / "out.parquet")
+    assert out.height == rows
+    assert out["error"].null_count() == rows, out.filter(pl.col("error").is_not_null())["error"]
+    return summary
+
+
+def _journal(server: LLMockServer) -> list[RequestRecord]:
+    return server.state.journal.records(wait=2.0)
+
+
+def _per_minute(answers: int, seconds: float) -> float:
+    return answers / max(seconds, 1e-9) * 60
+
+
+@pytest.mark.slow
+def test_random_429s_are_noise_and_the_job_rate_is_kept(tmp_path: Path) -> None:
+    """8 % of requests refused at random (Retry-After 1 s) at a job rate of 1,200/min: every
+    row is answered, the 429s are judged noise and no cut is kept, and the pace stays near the
+    job's rate instead of collapsing to what discovery would make of the 429s."""
+    rows = 400
+    chaos = ChaosSettings(error_rate_429=0.08, latency_ms=LATENCY_MS)
+    with LLMockServer(chaos=chaos) as server:
+        summary = _run(tmp_path, server, rows, {"requests_per_minute": 1200})
+        records = _journal(server)
+
+    assert summary.exit_code == 0
+    assert summary.rows_ok == rows
+    assert summary.rows_failed == 0
+    limited = [r for r in records if r.status == 429]
+    answered = [r for r in records if r.status == 200]
+    assert len(answered) == rows
+    assert limited, "llmock sent no 429: the test proves nothing"
+    assert summary.rate_limited == len(limited)
+
+    flow = summary.flow
+    assert flow is not None
+    assert flow.noise_share > 0, flow  # the 429s were judged noise...
+    assert flow.cuts == 0, flow  # ...and no cut was kept as congestion
+
+    # The job paces attempts at 1,200/min, and 429s are attempts too, so answers top out at
+    # about 1,200 * 0.92 ≈ 1,100/min; the noise trials (each 429 pauses everyone until the
+    # verdict) cost some of that at the start.
+    span = max(r.ended_at for r in answered) - min(r.started_at for r in records)
+    achieved = _per_minute(len(answered), span)
+    assert achieved >= 0.70 * 1200, f"{achieved:.0f}/min over {span:.1f} s; {flow}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bucket", ["full", "drained"])
+def test_rate_stated_in_headers_is_found_and_kept(tmp_path: Path, bucket: str) -> None:
+    """llmock enforces 600 requests/min and says so in OpenAI-style headers; the job states no
+    rate. Every row is answered, the stated limit is read from the headers, few requests are
+    refused, and the pace after the start is the stated limit.
+
+    What is fair to measure: llmock's bucket starts full, so for a minute a client could send
+    far faster than 600/min without a single 429. "full" keeps that start (as a real provider
+    would have it); there a low 429 share proves nothing, so the steady rate (answers from 5 s
+    after the first request on, past the requests sent unpaced before the first reply came
+    back) must be the stated limit from both sides: at least 85 % of it, and at most 110 %, as
+    the controller paces at the stated limit and never rides a minute's burst (README, "How it
+    behaves"). "drained" empties the bucket before the run, so the limit is a wall from the
+    first request and the 429 share is a real test of reading the headers."""
+    rows, rpm = 300, 600
+    with LLMockServer(chaos=ChaosSettings(latency_ms=LATENCY_MS)) as server:
+        server.state.limiter.configure(LimitSettings(rpm=rpm))
+        if bucket == "drained":
+            while server.state.limiter.admit("openai", "", 0).allowed:
+                pass
+            # A request without a key, as batcher sends them, finds that bucket empty (its
+            # LATENCY_MS wait comes before the quota check and lets a token or two back in).
+            probe = httpx.post(
+                server.base_url("openai") + "/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert int(probe.headers["x-ratelimit-remaining-requests"]) < 10, probe.headers
+            server.state.journal.clear()
+        summary = _run(tmp_path, server, rows, {})
+        records = _journal(server)
+
+    assert summary.exit_code == 0
+    assert summary.rows_ok == rows
+    assert summary.rows_failed == 0
+    flow = summary.flow
+    assert flow is not None
+    assert flow.job == {}
+    assert flow.headers.get("requests") == pytest.approx(rpm), flow
+    assert flow.header_style == "openai"
+
+    limited = [r for r in records if r.status == 429]
+    answered = sorted(r.ended_at for r in records if r.status == 200)
+    assert len(answered) == rows
+    share = len(limited) / len(records)
+    assert share <= 0.08, f"{len(limited)} 429s of {len(records)} requests; {flow}"
+
+    first = min(r.started_at for r in records)
+    steady_from = first + 5.0
+    steady = [when for when in answered if when >= steady_from]
+    achieved = _per_minute(len(steady), answered[-1] - steady_from)
+    assert 0.85 * rpm <= achieved <= 1.10 * rpm, f"{achieved:.0f}/min after the start; {flow}"
