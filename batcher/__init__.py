@@ -4,6 +4,7 @@ from batcher.config import Job, load_job
 from batcher.errors import (
     AbortError,
     AccountError,
+    BatchApiError,
     BatcherError,
     BudgetReachedError,
     CheckpointBusyError,
@@ -15,6 +16,7 @@ from batcher.errors import (
     JournalMismatchError,
     KeyRefusedError,
     OutputError,
+    RateLimitStallError,
 )
 from batcher.runner import RunOptions, arun, run
 from batcher.summary import RunSummary
@@ -22,6 +24,7 @@ from batcher.summary import RunSummary
 __all__ = [
     "AbortError",
     "AccountError",
+    "BatchApiError",
     "BatcherError",
     "BudgetReachedError",
     "CheckpointBusyError",
@@ -34,6 +37,7 @@ __all__ = [
     "JournalMismatchError",
     "KeyRefusedError",
     "OutputError",
+    "RateLimitStallError",
     "RunOptions",
     "RunSummary",
     "arun",

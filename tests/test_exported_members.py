@@ -9,6 +9,7 @@ def test_public_api_is_pinned() -> None:
     assert batcher.__all__ == [
         "AbortError",
         "AccountError",
+        "BatchApiError",
         "BatcherError",
         "BudgetReachedError",
         "CheckpointBusyError",
@@ -21,6 +22,7 @@ def test_public_api_is_pinned() -> None:
         "JournalMismatchError",
         "KeyRefusedError",
         "OutputError",
+        "RateLimitStallError",
         "RunOptions",
         "RunSummary",
         "arun",
