@@ -225,32 +225,16 @@ class Run:
             ) from None
 
     def _summary(self, written: Written, started: float) -> RunSummary:
-        t = self.tally
-        total = self.plan.total_rows
-        ok, failed, output_cost = written.ok, written.failed, written.cost_usd
-        rows = ok + failed
-        resume = None
-        if self.abort is not None:
-            resume = self.options.resume_command or f"batcher run {self.job.source}"
-        return RunSummary(
+        return RunSummary.of_run(
+            self.tally,
             output_path=self.plan.output_path,
-            rows_total=total,
-            rows_ok=ok,
-            rows_failed=failed,
-            rows_pending=total - rows,
-            rows_skipped=t.skipped,
-            requests=t.requests,
-            retries=t.retries,
-            rate_limited=t.rate_limited,
-            prompt_tokens=t.prompt_tokens,
-            completion_tokens=t.completion_tokens,
-            cost_usd=t.cost_usd,
-            output_cost_usd=output_cost,
-            wall_s=time.monotonic() - started,
-            errors=dict(t.errors),
-            warnings=dict(t.warnings),
-            aborted=str(self.abort) if self.abort is not None else None,
-            resume_command=resume,
+            rows_total=self.plan.total_rows,
+            rows_ok=written.ok,
+            rows_failed=written.failed,
+            output_cost_usd=written.cost_usd,
+            started=started,
+            aborted=self.abort,
+            resume_command=self.options.resume_command or f"batcher run {self.job.source}",
             flow=self.flow.report() if self.flow is not None else None,
         )
 

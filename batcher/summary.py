@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.flow import FlowReport
+from batcher.tally import Tally
 
 _BOUND_SHARE = 0.2  # a bound holding the run this share of its time is worth a hint
 
@@ -33,6 +35,44 @@ class RunSummary:
     aborted: str | None = None
     resume_command: str | None = None
     flow: FlowReport | None = None
+
+    @classmethod
+    def of_run(
+        cls,
+        tally: Tally,
+        *,
+        output_path: Path,
+        rows_total: int,
+        rows_ok: int,
+        rows_failed: int,
+        output_cost_usd: float,
+        started: float,
+        aborted: BaseException | None,
+        resume_command: str,
+        flow: FlowReport | None = None,
+    ) -> RunSummary:
+        """A run's summary from its tally; the resume command only when it stopped early."""
+        return cls(
+            output_path=output_path,
+            rows_total=rows_total,
+            rows_ok=rows_ok,
+            rows_failed=rows_failed,
+            rows_pending=rows_total - rows_ok - rows_failed,
+            rows_skipped=tally.skipped,
+            requests=tally.requests,
+            retries=tally.retries,
+            rate_limited=tally.rate_limited,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            cost_usd=tally.cost_usd,
+            output_cost_usd=output_cost_usd,
+            wall_s=time.monotonic() - started,
+            errors=dict(tally.errors),
+            warnings=dict(tally.warnings),
+            aborted=str(aborted) if aborted is not None else None,
+            resume_command=resume_command if aborted is not None else None,
+            flow=flow,
+        )
 
     @property
     def exit_code(self) -> int:

@@ -264,31 +264,16 @@ class BatchRun:
                 return
 
     def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
-        t = self.tally
-        total = self.plan.total_rows
-        resume = None
-        abort = self.control.abort
-        if abort is not None:
-            resume = self.options.resume_command or f"batcher run {self.job.source}"
-        return RunSummary(
+        return RunSummary.of_run(
+            self.tally,
             output_path=self.plan.output_path,
-            rows_total=total,
+            rows_total=self.plan.total_rows,
             rows_ok=ok,
             rows_failed=rows - ok,
-            rows_pending=total - rows,
-            rows_skipped=t.skipped,
-            requests=t.requests,
-            retries=t.retries,
-            rate_limited=t.rate_limited,
-            prompt_tokens=t.prompt_tokens,
-            completion_tokens=t.completion_tokens,
-            cost_usd=t.cost_usd,
             output_cost_usd=output_cost,
-            wall_s=time.monotonic() - started,
-            errors=dict(t.errors),
-            warnings=dict(t.warnings),
-            aborted=str(abort) if abort is not None else None,
-            resume_command=resume,
+            started=started,
+            aborted=self.control.abort,
+            resume_command=self.options.resume_command or f"batcher run {self.job.source}",
         )
 
 
