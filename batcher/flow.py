@@ -5,10 +5,11 @@ lowest of what is known about it, from three sources: the job's ``limits`` (a ce
 sets), the server's rate-limit headers (the limit it states), and discovery (the rate it was
 seen to serve when congested; see ``discovery.py``). With none known, requests go unpaced.
 A 429 always delays its own retry (the retry policy waits at least its Retry-After) and is
-evidence about the shared rate only through discovery's trials. Everyone pauses only when the
-server says so for everyone: more than half of the recent answers are 429s (until the soonest
-Retry-After), or its headers say no requests remain. In flight: a fixed number, or ``auto``
-(``concurrency.py``). ``tick`` runs once a second: growth, sizing, and what bounds the run.
+evidence about the shared rate only through discovery's trials. Everyone waits a 429's
+Retry-After only when it likely speaks for everyone: congestion is suspected (and no trial is
+already answering it, unless that trial's cut is plainly too shallow), more than half of the
+recent answers are 429s, or the headers say no requests remain. In flight: a fixed number, or
+``auto`` (``concurrency.py``). ``tick`` runs once a second: growth, sizing, and what bounds the run.
 A server that answers nothing but 429 for ``stall_timeout_s`` is reported ``stalled``.
 """
 

@@ -3,6 +3,7 @@
     python bench/throughput.py                      # cases A and B, 3 runs each, medians
     python bench/throughput.py --case C             # 100,000 and 1,000,000 rows: peak RSS
     python bench/throughput.py --case A --runs 5 --rows 20000
+    python bench/throughput.py --baseline ../old/.venv/bin/python   # and an earlier version
 
 The reply server is batcher's own simulator (fixed reply per request, usage included) in its
 own process, pinned to the last core; every client runs in its own process pinned to core 0,
@@ -28,6 +29,7 @@ CORES = os.cpu_count() or 1
 SERVER_CORE = CORES - 1
 CLIENT_CORE = 0
 MODEL = "claude-3-5-haiku-20241022"
+BASELINE: list[str] = []  # the interpreter of --baseline
 
 
 def body(i: int) -> bytes:
@@ -160,6 +162,8 @@ def batcher_job(folder: Path, url: str, rows: int, concurrency: int) -> Path:
 def client_argv(kind: str, url: str, rows: int, concurrency: int, job: Path) -> list[str]:
     if kind == "batcher":
         return [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
+    if kind == "baseline":  # another install of batcher (an earlier version), same job
+        return [BASELINE[0], "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
     return [
         sys.executable,
         str(HERE / "throughput.py"),
@@ -196,7 +200,7 @@ def run_case(
     for kind, m in medians.items():
         print(f"{kind:14} {m['rps']:>8.0f} {m['cpu_ms']:>10.3f} {m['rss_mb']:>11.0f}")
     if "batcher" in medians:
-        for floor in ("floor-httpx", "floor-aiohttp"):
+        for floor in ("floor-httpx", "floor-aiohttp", "baseline"):
             if floor in medians:
                 print(f"batcher / {floor}: {medians['batcher']['rps'] / medians[floor]['rps']:.0%}")
     if latency_s:
@@ -215,6 +219,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="also run the batcher installed for this interpreter (say, an earlier commit's)",
+    )
+    parser.add_argument(
         "--client", nargs=4, metavar=("KIND", "URL", "ROWS", "CONCURRENCY"), help=argparse.SUPPRESS
     )
     arguments = parser.parse_args()
@@ -224,6 +233,9 @@ def main() -> None:
         asyncio.run(loop(url, int(rows), int(concurrency)))
         return
     kinds = ["floor-aiohttp", "floor-httpx", "batcher"]
+    if arguments.baseline:
+        BASELINE.append(arguments.baseline)
+        kinds.append("baseline")
     for case in arguments.case or ["A", "B"]:
         if case == "A":
             run_case("A", 0.0, arguments.rows, 256, arguments.runs, kinds)
