@@ -39,6 +39,7 @@ DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
 Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
 Z_FELL = 2.0  # how significantly the share must fall after a cut to call it congestion
+Z_FELL_PROBING = 1.0  # the same, when the cut came above a rate already proven too fast
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
@@ -55,6 +56,7 @@ class _Trial:
     prior_rate: float | None
     prior_peak: float | None
     prior_origin: float
+    probing: bool  # cut above where congestion was proven before: congestion is likely
     answers: int = 0
     limited: int = 0
 
@@ -75,6 +77,7 @@ class Discovery:
         self._first_success: float | None = None
         self._trial: _Trial | None = None
         self._episode: _Trial | None = None  # the first unproven cut of a run of them
+        self._proven_peak: float | None = None  # the rate served when congestion was proven
         self._peak: float | None = None  # where congestion was met (CUBIC's W_max)
         self._origin = 0.0  # when the growth curve started
         self._last_cut = float("-inf")
@@ -191,6 +194,7 @@ class Discovery:
             self.rate_rps,
             self._peak,
             self._origin,
+            self._proven_peak is not None and (pacing_rps or 0.0) > self._proven_peak,
         )
         self.rate_rps = target
         self._last_cut = now
@@ -213,7 +217,7 @@ class Discovery:
             max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
         )
         z = (before - after) / spread
-        if z > Z_FELL:
+        if z > (Z_FELL_PROBING if trial.probing else Z_FELL):
             self._settle(now, proven=True)  # the share fell with the rate: congestion
             return False
         if z < -Z_FELL:
@@ -238,6 +242,7 @@ class Discovery:
         if proven:
             self.cuts += 1
             self._episode = None
+            self._proven_peak = self.rate_rps / CUT_SHARE
         elif self._episode is None:
             self._episode = self._trial  # noise could still explain it: remember where it began
         self._peak = self.rate_rps / CUT_SHARE
