@@ -248,6 +248,7 @@ class ChatClient:
                 retryable=exc.retryable,
                 status=exc.status,
                 retry_after_s=exc.retry_after_s,
+                limits=exc.limits,
             ) from None
 
     async def _complete(self, body: dict[str, Any]) -> Reply:

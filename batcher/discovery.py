@@ -249,6 +249,11 @@ class Discovery:
         self._origin = now
         self._trial = None
 
+    def forget_recent(self) -> None:
+        """Answers so far were to requests paced otherwise: judge only what comes next."""
+        if self._trial is None:
+            self._new_epoch()
+
     def _new_epoch(self) -> None:
         self.epoch += 1
         self._recent.clear()

@@ -200,6 +200,8 @@ class FlowController:
             # may have emptied the server's bucket, and replies arrive bunched.
             self.headers = {name: per_minute / 60 * HEADER_SHARE for name, per_minute in key}
             self._apply()
+            # 429s to requests sent before the server's limit was known say nothing of it.
+            self.discovery.forget_recent()
         requests = limits.budgets.get("requests")
         if requests is not None and requests.remaining is not None and requests.remaining < 1:
             wait = 60 / requests.per_minute

@@ -39,7 +39,7 @@ LATENCY_MS = 200  # llmock answers at once by default; a real server takes a whi
 @pytest.fixture(autouse=True)
 def _no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     # No key is sent to a loopback base URL without one, so every request lands in llmock's
-    # bucket for the empty key (the one the drained case empties).
+    # bucket for the empty key, the one the "8 left" case spends.
     monkeypatch.delenv("BATCHER_API_KEY", raising=False)
 
 
