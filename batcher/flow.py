@@ -6,10 +6,11 @@ sets), the server's rate-limit headers (the limit it states), and discovery (the
 seen to serve when congested; see ``discovery.py``). With none known, requests go unpaced.
 A 429 always delays its own retry (the retry policy waits at least its Retry-After) and is
 evidence about the shared rate only through discovery's trials. Everyone waits a 429's
-Retry-After only when it likely speaks for everyone: congestion is suspected (and no trial is
-already answering it, unless that trial's cut is plainly too shallow), more than half of the
-recent answers are 429s, or the headers say no requests remain. In flight: a fixed number, or
-``auto`` (``concurrency.py``). ``tick`` runs once a second: growth, sizing, and what bounds the run.
+Retry-After only when it speaks for everyone: more than half of the recent answers are 429s,
+or the headers say no requests remain; when congestion is only suspected (and no trial is
+already answering it, unless that trial's cut is plainly too shallow), a second at most.
+In flight: a fixed number, or ``auto`` (``concurrency.py``). ``tick`` runs once a second:
+growth, sizing, and what bounds the run.
 A server that answers nothing but 429 for ``stall_timeout_s`` is reported ``stalled``.
 """
 
@@ -29,6 +30,7 @@ from batcher.discovery import Discovery
 from batcher.limiter import Clock, Cost, RateLimiter, Sleep
 from batcher.server_limits import BUDGETS, ServerLimits
 
+SUSPECTED_PAUSE_S = 1.0  # the longest everyone waits on a 429 when congestion is suspected
 HEADER_SHARE = 0.98  # of a limit the server states in headers, what is used
 _REFUSING_WINDOW = 20  # answers the "server refuses nearly everything" share is judged on
 
@@ -167,21 +169,28 @@ class FlowController:
             now, slot.epoch, limited=True, pacing=self._equivalent_rps
         ):
             self._apply()
-        if retry_after_s and self._congested(now):
-            self.pacer.pause_until(now + retry_after_s)
+        if retry_after_s:
+            pause = self._everyone_waits(now, retry_after_s)
+            if pause:
+                self.pacer.pause_until(now + pause)
 
-    def _congested(self, now: float) -> bool:
-        """Whether a 429 now speaks for every request, so everyone waits its Retry-After."""
+    def _everyone_waits(self, now: float, retry_after_s: float) -> float:
+        """How long a 429 holds every request: its Retry-After when it speaks for everyone,
+        at most ``SUSPECTED_PAUSE_S`` when congestion is only suspected, else nothing."""
         if not self.adaptive:
-            return True  # adaptive: false keeps the plain rule: every 429 pauses everyone
+            return retry_after_s  # adaptive: false keeps the plain rule: every 429 pauses all
         refused, answers = sum(self._recent), len(self._recent)
         if answers >= 10 and refused > answers / 2:
-            return True  # the server refuses nearly everything: a wall, not noise
+            return retry_after_s  # the server refuses nearly everything: a wall, not noise
         if self.discovery.trial_running:
             # The cut is the answer to what was suspected; pausing too would slow the trial
             # and, were the 429s noise, the run. Only a plainly too shallow cut pauses.
-            return self.discovery.refused_in_trial()
-        return self.discovery.suspicious(refused, answers) or self.discovery.suspects(now)
+            suspected = self.discovery.refused_in_trial()
+        else:
+            suspected = self.discovery.suspicious(refused, answers) or self.discovery.suspects(now)
+        # A long Retry-After on a suspicion would idle a server that refills continuously;
+        # the 429's own request still waits all of it.
+        return min(retry_after_s, SUSPECTED_PAUSE_S) if suspected else 0.0
 
     def _progressed(self, limits: ServerLimits | None) -> None:
         self._last_progress = self._clock()
