@@ -22,7 +22,7 @@ TARGETS = {
     "tpm at limit": (600, 0.95, 0.0),
     "rpm 3x adaptive": (600, 0.85, 0.05),  # the first seconds dominate 600 rows
     "tpm 3x adaptive": (600, 0.85, 0.05),
-    "no rate, bucket": (600, 0.85, 0.08),
+    "no rate, bucket": (1200, 0.85, 0.08),  # 600 rows would be mostly the first minute
     "headers openai": (450, 0.90, 0.02),
     "headers anthropic": (450, 0.90, 0.02),
     "random 8% 429s": (400, 0.70, 1.0),  # the server's own 429s: not ours to avoid
