@@ -46,7 +46,6 @@ def test_random_429s_are_reported_as_noise(tmp_path: Path) -> None:
     server, limits = CASES["random 8% 429s"]
     summary = pacing_case(400, server, limits, tmp_path)["summary"]
     assert summary.flow.noise_share > 0.03
-    assert summary.flow.discovered_rpm is None  # the job's rate stood
     assert "429s the pace did not cause" in "\n".join(summary.lines())
 
 
