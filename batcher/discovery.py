@@ -38,10 +38,11 @@ PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestio
 DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
 Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
-Z_FELL = 2.0  # how significantly the share must fall after a cut to call it congestion
+Z_FELL = 3.0  # how significantly the share must fall after a cut to call it congestion
 Z_FELL_PROBING = 1.0  # the same, when the cut came above a rate already proven too fast
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
+TRIAL_EXPECTED = 4  # a trial lasts until this many 429s would be in it, were nothing changed
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
 NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
 NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
@@ -59,6 +60,7 @@ class _Trial:
     probing: bool  # cut above where congestion was proven before: congestion is likely
     answers: int = 0
     limited: int = 0
+    looked: bool = False  # the early verdict was tried (only one: each look is a new chance)
 
 
 class Discovery:
@@ -187,14 +189,18 @@ class Discovery:
             # Unpaced: never below a share of what was being sent (answers of any kind).
             span = max(now - self._recent[0][0], MIN_SPAN_S)
             target = max(target, FLOOR * len(self._recent) / span)
+        # The 429 that raised the suspicion is left out of the share before the cut: a sample
+        # that stops at its own high point overstates the share, and every noise trial would
+        # then seem to show a fall.
         self._trial = _Trial(
             now,
-            len(self._recent),
-            self._recent_limited,
+            len(self._recent) - 1,
+            self._recent_limited - 1,
             self.rate_rps,
             self._peak,
             self._origin,
-            self._proven_peak is not None and (pacing_rps or 0.0) > self._proven_peak,
+            # Above the rate a proven cut set, congestion is the likely cause.
+            self._proven_peak is not None and (pacing_rps or 0.0) > CUT_SHARE * self._proven_peak,
         )
         self.rate_rps = target
         self._last_cut = now
@@ -209,9 +215,13 @@ class Discovery:
             self._settle(now, proven=False)  # as many 429s as before the cut: cut deeper now
             return False
         # Enough answers that, were nothing changed, about four 429s would be among them.
-        needed = max(TRIAL_MIN_ANSWERS, math.ceil(4 / max(before, MIN_SHARE)))
+        needed = max(TRIAL_MIN_ANSWERS, math.ceil(TRIAL_EXPECTED / max(before, MIN_SHARE)))
         if now - trial.started < TRIAL_MIN_S or trial.answers < needed:
             return False
+        final = trial.answers >= max(NOISE_MIN_ANSWERS, trial.before_answers)
+        if trial.looked and not final:
+            return False  # two looks, not one per answer: each is a chance to be fooled
+        trial.looked = True
         pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
         spread = math.sqrt(
             max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
@@ -223,11 +233,12 @@ class Discovery:
         if z < -Z_FELL:
             self._settle(now, proven=False)  # too shallow a cut: the next one goes on
             return False
-        if trial.answers < max(NOISE_MIN_ANSWERS, trial.before_answers):
+        if not final:
             return False
         # The share did not move with the rate: noise, as far as anyone can tell. Undo the
         # episode's cuts and remember the share, so later suspicions are judged against it.
-        self.noise_share = min(max(self.noise_share, pooled), NOISE_MAX)
+        # The share after the cut: the one before was picked at a high point by the suspicion.
+        self.noise_share = min(max(self.noise_share, after), NOISE_MAX)
         prior = self._episode or trial
         self.rate_rps, self._peak = prior.prior_rate, prior.prior_peak
         self._origin = prior.prior_origin + (now - prior.started)
