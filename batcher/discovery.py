@@ -60,6 +60,7 @@ class _Trial:
     probing: bool  # cut above where congestion was proven before: congestion is likely
     answers: int = 0
     limited: int = 0
+    floored_from: float | None = None  # the pace a cut clamped at FLOOR came from
     looked: bool = False  # the early verdict was tried (only one: each look is a new chance)
 
 
@@ -183,7 +184,10 @@ class Discovery:
         if served <= 0:
             return False  # nothing served yet to aim under: the Retry-After pauses cover it
         target = CUT_SHARE * served
+        floored_from = None
         if pacing_rps is not None:
+            if target <= FLOOR * pacing_rps:
+                floored_from = pacing_rps
             target = min(max(target, FLOOR * pacing_rps), CUT_SHARE * pacing_rps)
         elif self._recent:
             # Unpaced: never below a share of what was being sent (answers of any kind).
@@ -202,6 +206,7 @@ class Discovery:
             # Above the rate a proven cut set, congestion is the likely cause.
             self._proven_peak is not None and (pacing_rps or 0.0) > CUT_SHARE * self._proven_peak,
         )
+        self._trial.floored_from = floored_from
         self.rate_rps = target
         self._last_cut = now
         self.lowest_rps = target if self.lowest_rps is None else min(self.lowest_rps, target)
@@ -211,8 +216,19 @@ class Discovery:
     def _judge(self, now: float, trial: _Trial) -> bool:
         before = trial.before_limited / trial.before_answers
         after = trial.limited / trial.answers
-        if trial.limited >= 4 and trial.answers >= 10 and after >= max(before, SHALLOW):
-            self._settle(now, proven=False)  # as many 429s as before the cut: cut deeper now
+        pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
+        spread = math.sqrt(
+            max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
+        )
+        z = (before - after) / spread
+        if (
+            trial.limited >= 4
+            and trial.answers >= 10
+            and (after >= max(before, SHALLOW) or z < -Z_FELL)
+        ):
+            # More 429s than before the cut: too shallow, the next cut goes on at once (a cut
+            # too deep costs a little rate; one too shallow costs 429s every second it lasts).
+            self._settle(now, proven=False)
             return False
         # Enough answers that, were nothing changed, about four 429s would be among them.
         needed = max(TRIAL_MIN_ANSWERS, math.ceil(TRIAL_EXPECTED / max(before, MIN_SHARE)))
@@ -222,22 +238,14 @@ class Discovery:
         if trial.looked and not final:
             return False  # two looks, not one per answer: each is a chance to be fooled
         trial.looked = True
-        pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
-        spread = math.sqrt(
-            max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
-        )
-        z = (before - after) / spread
         if z > (Z_FELL_PROBING if trial.probing else Z_FELL):
             self._settle(now, proven=True)  # the share fell with the rate: congestion
-            return False
-        if z < -Z_FELL:
-            self._settle(now, proven=False)  # too shallow a cut: the next one goes on
             return False
         if not final:
             return False
         # The share did not move with the rate: noise, as far as anyone can tell. Undo the
-        # episode's cuts and remember the share, so later suspicions are judged against it.
-        # The share after the cut: the one before was picked at a high point by the suspicion.
+        # episode's cuts and remember the share after the cut (the one before was picked at a
+        # high point by the suspicion), so later suspicions are judged against it.
         self.noise_share = min(max(self.noise_share, after), NOISE_MAX)
         prior = self._episode or trial
         self.rate_rps, self._peak = prior.prior_rate, prior.prior_peak
@@ -257,6 +265,12 @@ class Discovery:
         elif self._episode is None:
             self._episode = self._trial  # noise could still explain it: remember where it began
         self._peak = self.rate_rps / CUT_SHARE
+        trial = self._trial
+        if trial is not None and trial.floored_from is not None:
+            # A cut as deep as one may go measured little (a drained burst looks like a slow
+            # server): the limit lies between it and the pace known too fast, so the curve
+            # climbs towards the middle of the two instead of creeping up from the floor.
+            self._peak = math.sqrt(self._peak * trial.floored_from)
         self._origin = now
         self._trial = None
 

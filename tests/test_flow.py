@@ -8,8 +8,9 @@ import anyio
 import pytest
 
 from batcher.config import LimitsConfig
-from batcher.flow import HEADER_SHARE, FlowController
+from batcher.flow import FlowController
 from batcher.limiter import Cost
+from batcher.rates import HEADER_SHARE
 from batcher.server_limits import Budget, ServerLimits
 from tests.test_limiter import FakeTime
 

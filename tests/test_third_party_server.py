@@ -61,11 +61,6 @@ def _per_minute(answers: int, seconds: float) -> float:
     return answers / max(seconds, 1e-9) * 60
 
 
-@pytest.mark.xfail(
-    reason="known open defect (issue 11): under llmock's noise discovery sometimes keeps a false "
-    "cut and the run falls to about 62 % of the job's rate; the simulator's noise case holds",
-    strict=False,
-)
 @pytest.mark.slow
 def test_random_429s_are_noise_and_the_job_rate_is_kept(tmp_path: Path) -> None:
     """8 % of requests refused at random (Retry-After 1 s) at a job rate of 1,200/min: every
