@@ -34,6 +34,7 @@ SERVED_S = 3.0  # what the server serves now: successes over this span
 MIN_SPAN_S = 0.25
 CUT_SHARE = 0.9  # a cut aims under the rate the server was seen to serve
 FLOOR = 0.25  # one cut never goes below this share of the rate before it
+UNSURE_SHARE = 0.75  # answers slower than this share of the pace measure the pace, not the server
 PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
 DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
@@ -60,7 +61,7 @@ class _Trial:
     probing: bool  # cut above where congestion was proven before: congestion is likely
     answers: int = 0
     limited: int = 0
-    floored_from: float | None = None  # the pace a cut clamped at FLOOR came from
+    unsure_from: float | None = None  # the pace a cut that measured little came from
     looked: bool = False  # the early verdict was tried (only one: each look is a new chance)
 
 
@@ -175,19 +176,24 @@ class Discovery:
 
     def _cut(self, now: float, pacing_rps: float | None) -> bool:
         served = self.served_rps(now)
+        unsure_from = None
         if pacing_rps is not None and self._recent:
-            # Paced at a known rate, the server takes that rate less the share of 429s in the
-            # last answers (a count over seconds would include a burst the server allowed).
+            # Paced, the server takes what is sent now less the share of 429s in the last
+            # answers: a count over seconds would include a burst the server allowed, or the
+            # slower pace of a moment ago.
             last = list(self._recent)[-LAST_ANSWERS:]
-            taken = pacing_rps * (1 - sum(limited for _, limited in last) / len(last))
-            served = min(served, taken) if served > 0 else taken
+            sending = pacing_rps
+            if len(last) >= 10 and last[-1][0] > last[0][0]:
+                sending = min(sending, (len(last) - 1) / (last[-1][0] - last[0][0]))
+            served = sending * (1 - sum(limited for _, limited in last) / len(last))
+            if sending < UNSURE_SHARE * pacing_rps:
+                unsure_from = pacing_rps  # answers lag a pace that just rose, or pauses
         if served <= 0:
             return False  # nothing served yet to aim under: the Retry-After pauses cover it
         target = CUT_SHARE * served
-        floored_from = None
         if pacing_rps is not None:
             if target <= FLOOR * pacing_rps:
-                floored_from = pacing_rps
+                unsure_from = pacing_rps  # a drained burst looks like a slow server
             target = min(max(target, FLOOR * pacing_rps), CUT_SHARE * pacing_rps)
         elif self._recent:
             # Unpaced: never below a share of what was being sent (answers of any kind).
@@ -206,7 +212,7 @@ class Discovery:
             # Above the rate a proven cut set, congestion is the likely cause.
             self._proven_peak is not None and (pacing_rps or 0.0) > CUT_SHARE * self._proven_peak,
         )
-        self._trial.floored_from = floored_from
+        self._trial.unsure_from = unsure_from
         self.rate_rps = target
         self._last_cut = now
         self.lowest_rps = target if self.lowest_rps is None else min(self.lowest_rps, target)
@@ -266,11 +272,11 @@ class Discovery:
             self._episode = self._trial  # noise could still explain it: remember where it began
         self._peak = self.rate_rps / CUT_SHARE
         trial = self._trial
-        if trial is not None and trial.floored_from is not None:
-            # A cut as deep as one may go measured little (a drained burst looks like a slow
-            # server): the limit lies between it and the pace known too fast, so the curve
-            # climbs towards the middle of the two instead of creeping up from the floor.
-            self._peak = math.sqrt(self._peak * trial.floored_from)
+        if trial is not None and trial.unsure_from is not None:
+            # The cut measured little of the server: the limit lies between it and the pace
+            # known too fast, so the curve climbs towards the middle of the two instead of
+            # creeping up from the cut.
+            self._peak = math.sqrt(self._peak * trial.unsure_from)
         self._origin = now
         self._trial = None
 
