@@ -29,6 +29,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from batcher.server_limits import ServerLimits
 
+MESSAGE_CHARS = 300
+
+
+def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters (an error column, a terminal line)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class BatcherError(Exception):
     """Root of every error batcher shows the user as ``error: <message>``."""

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from batcher.config import Job
-from batcher.journal import connect, journal_path
+from batcher.journal import answered_samples, journal_path
 from batcher.plan import Plan
 from batcher.prices import PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
@@ -211,7 +211,10 @@ async def estimate_with_sample(
     run = Run(job, run_options, plan)
     async with endpoint(job, run_options.simulate) as base_url:
         await run.execute(base_url)
-    costs, latencies, tokens = await anyio.to_thread.run_sync(lambda: _sampled(job))
+    samples = await anyio.to_thread.run_sync(answered_samples, journal_path(job.checkpoint_dir))
+    costs = [cost for cost, _, _ in samples]
+    latencies = [latency for _, latency, _ in samples]
+    tokens = [total for _, _, total in samples]
     if not costs:
         return replace(base, note="no sampled row succeeded; the estimate is the heuristic's")
     mean = sum(costs) / len(costs)
@@ -249,15 +252,3 @@ async def estimate_with_sample(
         ),
         sampled_rows=len(costs),
     )
-
-
-def _sampled(job: Job) -> tuple[list[float], list[float], list[int]]:
-    connection = connect(journal_path(job.checkpoint_dir), readonly=True)
-    try:
-        rows = connection.execute(
-            "SELECT cost_usd, latency_s, total_tokens FROM outcomes "
-            "WHERE ok = 1 AND cost_usd IS NOT NULL"
-        ).fetchall()
-    finally:
-        connection.close()
-    return [r[0] for r in rows], [r[1] or 0.0 for r in rows], [r[2] or 0 for r in rows]

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 import polars as pl
 
+from batcher.columns import Outcome
 from batcher.config import Job
 from batcher.errors import ConfigError
 from batcher.images import ImageLoader
@@ -39,6 +40,11 @@ class RowFailure:
     kind: str
     message: str
     input_digest: bytes | None = None
+
+    def outcome(self) -> Outcome:
+        return Outcome.failed(
+            self.key, self.fingerprint, self.kind, self.message, input_digest=self.input_digest
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from batcher.request import REASONING_MODELS, RowRequest
 from batcher.sink import OutputLayout, Written, check_output_target, write_output
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
-from batcher.worker import BudgetStop, Halted, RowWorker, failure_outcome
+from batcher.worker import BudgetStop, Halted, RowWorker
 
 GRACE_S = 10.0
 SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
@@ -267,7 +267,7 @@ class Run:
                                 progress.advance()
                                 continue
                             if isinstance(item, RowFailure):
-                                journal.record(failure_outcome(item))
+                                journal.record(item.outcome())
                                 self.tally.failed += 1
                                 self.tally.errors[f"final:{item.kind}"] += 1
                                 progress.advance()

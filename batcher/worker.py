@@ -11,16 +11,15 @@ from typing import Any
 import anyio
 from tenacity import RetryCallState
 
-from batcher.client import ChatClient, Reply, shorten
+from batcher.client import ChatClient, Reply
+from batcher.columns import Outcome
 from batcher.config import JobConfig
 from batcher.errors import AttemptError
 from batcher.flow import FlowController
 from batcher.images import ImageError, ImageLoader, inline_images
-from batcher.journal import Outcome
 from batcher.limiter import Cost
 from batcher.outcome import OutcomeBuilder, asked_model
 from batcher.parse import OutputParser
-from batcher.plan import RowFailure
 from batcher.prices import PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.retry import Sleep, retrying
@@ -241,30 +240,6 @@ class RowWorker:
 
     def _cost_of(self, replies: list[Reply], asked: str) -> float | None:
         return self.outcomes.cost_of(replies, asked)
-
-
-def failure_outcome(failure: RowFailure) -> Outcome:
-    """A row that failed before any request (bad image, template error)."""
-    return Outcome(
-        key=failure.key,
-        fingerprint=failure.fingerprint,
-        ok=False,
-        error_kind=failure.kind,
-        response=None,
-        finish_reason=None,
-        model=None,
-        prompt_tokens=None,
-        completion_tokens=None,
-        total_tokens=None,
-        cached_tokens=None,
-        cost_usd=None,
-        latency_s=0.0,
-        attempts=0,
-        error=f"{failure.kind}: {shorten(failure.message)}",
-        response_id=None,
-        extra=None,
-        input_digest=failure.input_digest,
-    )
 
 
 class _RowFailed(Exception):  # noqa: N818 - internal control flow

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
+from batcher.columns import COLUMN_NAMES
 from batcher.sim import SimulatorThread
-from batcher.sink import OUTCOME_TYPES
 from tests.conftest import reviews, write_job
 
 OUTPUT_NAMES = [
@@ -28,7 +28,7 @@ OUTPUT_NAMES = [
     "tool_calls",
     "reasoning",
 ]
-INTERNAL_NAMES = sorted({*OUTCOME_TYPES, "__key", "__fingerprint"} - set(OUTPUT_NAMES))
+INTERNAL_NAMES = sorted({*COLUMN_NAMES, "__key", "__fingerprint"} - set(OUTPUT_NAMES))
 
 
 def refused(job: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> str:

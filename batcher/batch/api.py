@@ -15,9 +15,9 @@ from typing import Any, Self
 import httpx
 import orjson
 
-from batcher.client import classify_status, shorten
+from batcher.client import classify_status
 from batcher.config import EndpointConfig, RetryConfig
-from batcher.errors import AttemptError, BatchApiError
+from batcher.errors import AttemptError, BatchApiError, shorten
 from batcher.retry import retrying
 
 CHAT_URL = "/v1/chat/completions"

@@ -19,9 +19,9 @@ import orjson
 
 from batcher.batch.book import BookRow, RowUpdate
 from batcher.client import Reply, classify_status, parse_reply
+from batcher.columns import Outcome
 from batcher.config import JobConfig
 from batcher.errors import AccountError, AttemptError, BatcherError, KeyRefusedError
-from batcher.journal import Outcome
 from batcher.outcome import OutcomeBuilder
 from batcher.parse import OutputParser
 from batcher.request import RowRequest

@@ -23,13 +23,13 @@ from batcher.batch.api import BatchApi, TooLargeError
 from batcher.batch.book import BatchBook, BookRow
 from batcher.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.batch.progress import BatchProgress
+from batcher.columns import Outcome
 from batcher.errors import BatchApiError, BatcherError, BudgetReachedError
 from batcher.images import ImageError, inline_images
-from batcher.journal import Journal, Outcome
+from batcher.journal import Journal
 from batcher.plan import RowFailure, Unchanged
 from batcher.prices import PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
-from batcher.worker import failure_outcome
 
 if TYPE_CHECKING:
     from batcher.runner import Run
@@ -136,7 +136,7 @@ class Submitter:
                 continue
             if isinstance(item, RowFailure):
                 if fresh:
-                    failures.append(self._failed_before(failure_outcome(item)))
+                    failures.append(self._failed_before(item.outcome()))
                 continue
             if key in self._failed_here:
                 continue  # its line could not be written (image, size): failed this run
@@ -290,6 +290,6 @@ class Submitter:
 
 
 def _line_failure(request: RowRequest, kind: str, message: str) -> Outcome:
-    return failure_outcome(
-        RowFailure(request.key, request.fingerprint, kind, message, request.input_digest)
+    return Outcome.failed(
+        request.key, request.fingerprint, kind, message, input_digest=request.input_digest
     )
