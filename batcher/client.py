@@ -191,18 +191,25 @@ class ChatClient:
     quarter of a whole run's CPU time at zero latency.
     """
 
-    def __init__(self, endpoint: EndpointConfig, api_key: str | None, connections: int) -> None:
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        api_key: str | None,
+        connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the one ``endpoint.transport`` names (unit tests pass an
+        ``httpx.MockTransport``)."""
         self.endpoint = endpoint
         headers = dict(_HEADERS)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        transport: httpx.AsyncBaseTransport
-        if endpoint.transport == "aiohttp":
+        if transport is None and endpoint.transport == "aiohttp":
             from httpx_aiohttp import AiohttpTransport
 
             transport = AiohttpTransport(limits=limits)
-        else:
+        elif transport is None:
             transport = httpx.AsyncHTTPTransport(limits=limits)
         self._transport = transport
         self._secret = api_key

@@ -49,28 +49,76 @@ class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own wai
         return self.backoff(retry_state)
 
 
-def retrying(
-    config: RetryConfig,
-    *,
-    sleep: Sleep = anyio.sleep,
-    stop: Callable[[RetryCallState], bool] | None = None,
-) -> AsyncRetrying:
-    """A fresh policy for one request (tenacity keeps per-request statistics on it).
+class stop_after_failures(stop_base):  # noqa: N801 - named like tenacity's own stops
+    """Stop once ``max_attempts`` attempts failed, or more than ``invalid_output_attempts``
+    replies did not parse.
 
-    ``stop`` replaces the default (``max_attempts``, then ``deadline_s``) when a caller counts
-    attempts of several kinds.
+    A 429 counts as neither: "slow down" is not a failure of the row, so rate-limited attempts
+    end only at the deadline (or when the run stalls). Tenacity asks a stop once per failed
+    attempt it would retry, so each instance counts the failures of one request.
     """
-    if stop is None:
-        default: stop_base = stop_after_attempt(config.max_attempts)
-        if config.deadline_s is not None:
-            default = default | stop_before_delay(config.deadline_s)
-        stop = default
+
+    def __init__(self, max_attempts: int, invalid_output_attempts: int) -> None:
+        self.max_attempts = max_attempts
+        self.invalid_output_attempts = invalid_output_attempts
+        self.failed = 0
+        self.invalid = 0
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, AttemptError) and exc.kind == "invalid_output":
+            self.invalid += 1
+        elif not (isinstance(exc, AttemptError) and exc.status == 429):
+            self.failed += 1
+        return self.failed >= self.max_attempts or self.invalid > self.invalid_output_attempts
+
+
+class stop_at_deadline(stop_base):  # noqa: N801 - named like tenacity's own stops
+    """Stop once ``clock()`` reaches ``deadline`` (never without one)."""
+
+    def __init__(self, deadline: float | None, clock: Callable[[], float]) -> None:
+        self.deadline = deadline
+        self.clock = clock
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+
+def _wait(config: RetryConfig) -> wait_base:
+    return wait_retry_after(
+        wait_random_exponential(multiplier=config.initial_backoff_s, max=config.max_backoff_s)
+    )
+
+
+def retrying(config: RetryConfig, *, sleep: Sleep = anyio.sleep) -> AsyncRetrying:
+    """A fresh policy for one call of the Batch API: ``max_attempts``, then ``deadline_s``."""
+    stop: stop_base = stop_after_attempt(config.max_attempts)
+    if config.deadline_s is not None:
+        stop = stop | stop_before_delay(config.deadline_s)
     return AsyncRetrying(
         sleep=sleep,
         stop=stop,
-        wait=wait_retry_after(
-            wait_random_exponential(multiplier=config.initial_backoff_s, max=config.max_backoff_s)
-        ),
+        wait=_wait(config),
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
+    )
+
+
+def row_retrying(
+    config: RetryConfig,
+    *,
+    deadline: float | None,
+    clock: Callable[[], float],
+    sleep: Sleep = anyio.sleep,
+) -> AsyncRetrying:
+    """A fresh policy for one request of a row: its failures counted by kind, and the row's
+    ``deadline`` (from ``retry.deadline_s``) on ``clock``."""
+    return AsyncRetrying(
+        sleep=sleep,
+        stop=stop_after_failures(config.max_attempts, config.invalid_output_attempts)
+        | stop_at_deadline(deadline, clock),
+        wait=_wait(config),
         retry=retry_if_exception(is_retryable),
         reraise=True,
     )

@@ -9,7 +9,6 @@ A rerun first finishes what a killed run left between the journal and the server
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,13 +22,14 @@ from batcher.batch.api import BatchApi, TooLargeError
 from batcher.batch.book import BatchBook, BookRow
 from batcher.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.batch.progress import BatchProgress
+from batcher.budget import upper_cost
 from batcher.columns import Outcome
 from batcher.errors import BatchApiError, BatcherError, BudgetReachedError
 from batcher.images import ImageError, inline_images
 from batcher.journal import Journal
 from batcher.plan import RowFailure, Unchanged
 from batcher.prices import PriceTable
-from batcher.request import PROMPT_MARGIN, RowRequest
+from batcher.request import RowRequest
 
 if TYPE_CHECKING:
     from batcher.runner import Run
@@ -209,10 +209,7 @@ class Submitter:
         if self._price is None:
             return 0.0
         choices = self.config.request.n or 1
-        prompt = request.estimated_tokens - self._max_completion * choices
-        return self._price.cost(
-            math.ceil(max(prompt, 0) * PROMPT_MARGIN), self._max_completion * choices
-        )
+        return upper_cost(self._price, request, self._max_completion, choices, choices)
 
     async def _submit(self, chunk: Chunk) -> bool:
         """Journal, upload and create one chunk; False if the server found it too large."""
