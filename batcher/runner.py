@@ -18,7 +18,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.batch import BatchRun
-from batcher.budget import Budget, BudgetStop
+from batcher.budget import BudgetStop
 from batcher.client import ChatClient
 from batcher.config import Job, load_job
 from batcher.errors import (
@@ -34,11 +34,10 @@ from batcher.errors import (
 from batcher.flow import FlowController
 from batcher.journal import Journal, Previous, journal_path
 from batcher.lock import RunLock
-from batcher.outcome import OutcomeBuilder
 from batcher.parse import OutputParser
 from batcher.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.prices import PriceTable
-from batcher.request import DEFAULT_COMPLETION_TOKENS, REASONING_MODELS, RowRequest
+from batcher.request import REASONING_MODELS, RowRequest
 from batcher.sender import Sender
 from batcher.sink import OutputLayout, Written, check_output_target, write_output
 from batcher.summary import RunSummary
@@ -188,7 +187,16 @@ class Run:
         endpoint = config.endpoint.model_copy(update={"base_url": base_url})
         try:
             async with ChatClient(endpoint, plan.api_key, concurrency) as client:
-                worker = self._worker(client, flow)
+                worker = RowWorker.for_job(
+                    config,
+                    plan.builder,
+                    Sender.for_job(
+                        config, self.plan.builder, client, flow, plan.images, self.tally
+                    ),
+                    self.parser,
+                    self.prices,
+                    self.tally,
+                )
                 worker.halted = lambda: self.stopping
                 send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
                 async with anyio.create_task_group() as clock:
@@ -204,38 +212,6 @@ class Run:
                     clock.cancel_scope.cancel()  # the clock stops with the workers
         finally:
             progress.close()
-
-    def _worker(self, client: ChatClient, flow: FlowController) -> RowWorker:
-        """The parts of a row's life, for this run's job."""
-        config, builder = self.job.config, self.plan.builder
-        max_completion = config.request.max_tokens or DEFAULT_COMPLETION_TOKENS
-        choices = builder.copies if config.request.n_mode == "native" else 1  # per request
-        sender = Sender(
-            client,
-            flow,
-            self.plan.images,
-            self.tally,
-            timeout_s=config.endpoint.timeout_s,
-            completion_per_row=builder.completion_tokens,
-            completion_per_request=max_completion * choices,
-        )
-        budget = Budget(
-            config.limits.max_cost_usd,
-            self.prices,
-            self.tally,
-            max_completion=max_completion,
-            copies=builder.copies,
-            choices=choices,
-        )
-        outcomes = OutcomeBuilder(config, self.prices, self.tally)
-        return RowWorker(
-            sender,
-            budget,
-            self.parser,
-            outcomes,
-            config.retry,
-            requests_per_row=builder.requests_per_row,
-        )
 
     async def _write(self, journal_file: Path) -> Written:
         """Rebuild the output; if that fails, say so in one line with how to rebuild it."""

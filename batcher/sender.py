@@ -11,11 +11,12 @@ from typing import Any
 import anyio
 
 from batcher.client import ChatClient, Reply
+from batcher.config import JobConfig
 from batcher.errors import AttemptError
 from batcher.flow import FlowController
 from batcher.images import ImageError, ImageLoader, inline_images
 from batcher.limiter import Cost
-from batcher.request import RowRequest
+from batcher.request import RequestBuilder, RowRequest
 from batcher.tally import Tally
 
 
@@ -45,6 +46,29 @@ class Sender:
         # Decoding and resizing are CPU work: more at once than cores only multiplies the
         # decoded pixels held in memory, so image encoding gets one slot per core.
         self._image_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
+
+    @classmethod
+    def for_job(
+        cls,
+        config: JobConfig,
+        builder: RequestBuilder,
+        client: ChatClient,
+        flow: FlowController,
+        images: ImageLoader,
+        tally: Tally,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Sender:
+        return cls(
+            client,
+            flow,
+            images,
+            tally,
+            timeout_s=config.endpoint.timeout_s,
+            completion_per_row=builder.completion_tokens,
+            completion_per_request=builder.max_completion * builder.choices_per_request,
+            clock=clock,
+        )
 
     async def send(self, request: RowRequest, deadline: float | None) -> Reply:
         """One attempt; raises AttemptError (or the run's KeyRefusedError/AccountError)."""

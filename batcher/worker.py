@@ -17,13 +17,15 @@ import anyio
 from batcher.budget import Budget
 from batcher.client import Reply
 from batcher.columns import Outcome
-from batcher.config import RetryConfig
+from batcher.config import JobConfig, RetryConfig
 from batcher.errors import AttemptError
 from batcher.outcome import OutcomeBuilder, asked_model
 from batcher.parse import OutputParser
-from batcher.request import RowRequest
+from batcher.prices import PriceTable
+from batcher.request import RequestBuilder, RowRequest
 from batcher.retry import Sleep, row_retrying
 from batcher.sender import Sender
+from batcher.tally import Tally
 
 
 class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not an error
@@ -73,6 +75,39 @@ class RowWorker:
         self._sleep = sleep
         self._clock = clock
         self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
+
+    @classmethod
+    def for_job(
+        cls,
+        config: JobConfig,
+        builder: RequestBuilder,
+        sender: Sender,
+        parser: OutputParser,
+        prices: PriceTable,
+        tally: Tally,
+        *,
+        sleep: Sleep = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> RowWorker:
+        """The parts of a row's life for one job's run."""
+        budget = Budget(
+            config.limits.max_cost_usd,
+            prices,
+            tally,
+            max_completion=builder.max_completion,
+            copies=builder.copies,
+            choices=builder.choices_per_request,
+        )
+        return cls(
+            sender,
+            budget,
+            parser,
+            OutcomeBuilder(config, prices, tally),
+            config.retry,
+            requests_per_row=builder.requests_per_row,
+            sleep=sleep,
+            clock=clock,
+        )
 
     async def process(self, request: RowRequest) -> Outcome:
         """Send one row (fan-out included) until it is answered or finally fails."""
