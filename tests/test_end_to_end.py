@@ -129,6 +129,21 @@ def test_python_api_returns_a_summary(tmp_path: Path, sim: SimulatorThread) -> N
     )
 
 
+def test_python_api_summary_carries_why_the_run_stopped(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    import batcher
+
+    job = write_job(tmp_path, sim.url, limits={"max_cost_usd": 0.0005, "concurrency": 1})
+    summary = batcher.run(job, quiet=True)
+    assert isinstance(summary.error, batcher.BudgetReachedError)
+    assert summary.aborted == str(summary.error)
+    assert summary.exit_code == 3
+    assert summary.rows_ok > 0
+    assert summary.rows_pending > 0
+    assert batcher.run(job, quiet=True, limit=0).error is None
+
+
 def test_simulate_flag_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, "https://gateway.example.invalid/v1")
     assert run(job, "--simulate") == 0
