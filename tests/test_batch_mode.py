@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher.batch import mode
+from batcher.batch import results
 from batcher.batch.book import BatchBook, BookRow
 from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.batch.results import Collector, read_results
@@ -526,7 +526,7 @@ def test_a_collect_cut_short_is_finished_by_the_rerun(
     tmp_path: Path, sim_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Collected a slice at a time: a crash between slices loses nothing, repeats nothing."""
-    monkeypatch.setattr(mode, "COLLECT_ROWS", 7)
+    monkeypatch.setattr(results, "COLLECT_ROWS", 7)
     original = BatchBook.collect
     calls = {"count": 0}
 

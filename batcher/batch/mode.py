@@ -19,12 +19,13 @@ import anyio
 
 from batcher.batch.api import TERMINAL, BatchApi, NoBatchApiError
 from batcher.batch.book import BatchBook, ChunkState
+from batcher.batch.cancel import cancel_in_flight
+from batcher.batch.control import RunControl
 from batcher.batch.progress import BatchProgress
-from batcher.batch.results import Collector, read_results
-from batcher.batch.submit import RunControl, Submitter
+from batcher.batch.results import Collector, collect_batch
+from batcher.batch.submit import Submitter
 from batcher.errors import (
     AbortError,
-    BatchApiError,
     BatcherError,
     ConfigError,
     InterruptedRunError,
@@ -36,8 +37,6 @@ from batcher.summary import RunSummary
 
 if TYPE_CHECKING:
     from batcher.runner import Run
-
-COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
 
 
 def check_batch_job(run: Run) -> None:
@@ -194,55 +193,18 @@ class BatchRun:
                 chunk.name, path, chunk.lines, chunk.bytes, message, lines_refused=True
             )
             return
-        contents = []
-        for field in ("output_file_id", "error_file_id"):
-            if batch.get(field):
-                contents.append(await self.api.content(str(batch[field])))
-        results = read_results(*contents)
-        del contents
-        rows = await anyio.to_thread.run_sync(self.book.rows_in, chunk.name)
-        # In slices, each committed with its rows' states: a 50,000-line batch's outcomes are
-        # never all in memory, and a run killed midway collects only the rest next time.
-        for start in range(0, max(len(rows), 1), COLLECT_ROWS):
-            part = rows[start : start + COLLECT_ROWS]
-            collected = self.collector.collect(part, results, status, chunk.cancel_requested)
-            last = start + COLLECT_ROWS >= len(rows)
-            await anyio.to_thread.run_sync(
-                self.book.collect,
-                chunk.name,
-                status if last else None,
-                collected.outcomes,
-                collected.updates,
-            )
-            self.progress.advance(len(collected.outcomes))
-            if collected.stop is not None:
-                self.control.stop(collected.stop)
+        collected = await collect_batch(
+            chunk, batch, self.api, self.book, self.collector, self.progress.advance
+        )
+        if collected is not None:
+            self.control.stop(collected)
 
     async def _cancel_all(self) -> None:
         """``--cancel``: cancel every batch in flight and forget chunks never created."""
         self.control.stop(AbortError("cancelled"))
-        for chunk in await anyio.to_thread.run_sync(self.book.active):
-            batch_id = chunk.batch_id
-            if batch_id is None and chunk.state == "uploaded":
-                found = await self.api.find_batch(chunk.name)
-                if found is not None:
-                    batch_id = str(found["id"])
-                    await anyio.to_thread.run_sync(
-                        self.book.set_submitted, chunk.name, batch_id, found.get("status")
-                    )
-            if batch_id is None:
-                await anyio.to_thread.run_sync(self.book.drop_chunk, chunk.name)
-                stale = anyio.Path(self.folder / f"batcher-{chunk.name}.jsonl")
-                await stale.unlink(missing_ok=True)
-                continue
-            # Journal first: the rows of a batch we cancel come back uncounted.
-            await anyio.to_thread.run_sync(self.book.set_cancel_requested, chunk.name)
-            try:
-                await self.api.cancel(batch_id)
-            except BatchApiError as exc:
-                self.options.notify(f"cannot cancel batch {batch_id}: {exc}")
-                continue
-            self.cancelled += 1
+        self.cancelled = await cancel_in_flight(
+            self.book, self.api, self.folder, self.options.notify
+        )
         self.control.abort = AbortError(
             f"cancelled {self.cancelled} batch(es) in flight as asked; "
             "rerun without --cancel to submit their rows again"
