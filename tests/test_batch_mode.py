@@ -392,7 +392,7 @@ def test_images_go_inline_in_batch_lines(tmp_path: Path, sim_factory: Any) -> No
     )
     assert main(["run", str(job), "--quiet"]) == 0
     seen = server.simulator.images
-    assert [(image["sniffed"], image["width"]) for image in seen] == [
+    assert [(image["decoded"], image["width"]) for image in seen] == [
         ("image/png", 64 + n) for n in range(4)
     ]
     output = pl.read_parquet(tmp_path / "out/result.parquet")

@@ -76,7 +76,7 @@ def test_mime_comes_from_the_bytes(tmp_path: Path, pics: Path, sim_factory) -> N
         "image/png",
         "image/jpeg",
     ]
-    assert all(s["declared"] == s["sniffed"] for s in seen)
+    assert all(s["declared"] == s["decoded"] for s in seen)
     assert seen[3]["bytes"] == len(HEIC_STUB)  # passed through untouched
     assert seen[0]["bytes"] == (pics / "a.png").stat().st_size
 

@@ -259,7 +259,7 @@ class BatchService:
         if (h % 10_000) / 10_000 < s.batch_fail_share and self.line_attempts[prompt] == 1:
             return 500, _error_body("simulated 500")
         # The live endpoint's own token count, so batch and live usage agree.
-        prompt_tokens = self.simulator._count_prompt(messages)
+        prompt_tokens = self.simulator.count_prompt(messages)
         reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
         self.answered_by_prompt[prompt] += 1
         return 200, reply
