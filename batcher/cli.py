@@ -17,10 +17,11 @@ import orjson
 from batcher.agreement import majority, measure, read_votes
 from batcher.config import load_job
 from batcher.errors import BatcherError, ConfigError, exit_code
-from batcher.estimate import estimate, estimate_with_sample
+from batcher.estimate import estimate
 from batcher.ledger import read_ledger
 from batcher.preview import DEFAULT_ROWS, preview
 from batcher.runner import RunOptions, arun
+from batcher.sample import estimate_with_sample
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.sim.limits import LIMITER_KINDS
 from batcher.status import job_status

@@ -16,27 +16,25 @@ from typing import Any
 import anyio
 
 from batcher.batch import BatchRun
-from batcher.config import Job, load_job
+from batcher.config import Job
 from batcher.dispatch import Dispatch
 from batcher.errors import (
     BatcherError,
-    ConfigError,
     OutputError,
 )
 from batcher.flow import FlowController
 from batcher.journal import Journal, journal_path
 from batcher.lock import RunLock
-from batcher.parse import OutputParser
-from batcher.plan import Plan
+from batcher.parse import parser_for
+from batcher.plan import Plan, plan_job
 from batcher.prices import PriceTable
 from batcher.request import REASONING_MODELS
-from batcher.sink import OutputLayout, Written, check_output_target, write_output
+from batcher.sink import Written, check_output_target, layout_for, write_output
 from batcher.stopping import Stopping
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
 
 GRACE_S = 10.0
-SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
 
 
 def _stderr(message: str) -> None:
@@ -63,29 +61,14 @@ class RunOptions:
 class Run:
     """One execution of a job; ``execute`` returns its summary."""
 
-    def __init__(self, job: Job, options: RunOptions, plan: Plan) -> None:
-        self.job = job
+    def __init__(self, plan: Plan, options: RunOptions) -> None:
+        self.job = job = plan.job
         self.options = options
         self.plan = plan
         config = job.config
-        try:
-            self.parser = OutputParser(config)
-        except ConfigError as exc:
-            raise ConfigError(f"{job.source}: {exc}") from None
-        self.layout = OutputLayout(plan, self.parser.columns)
-        clash = set(self.parser.columns) & set(self.layout.fixed_names())
-        if clash:
-            raise ConfigError(
-                f"{job.source}: output schema properties {', '.join(sorted(clash))} clash with "
-                "existing output columns; rename them or drop them from output.keep_columns"
-            )
-        self.prices = PriceTable.load(options.prices_path, config.prices)
-        try:
-            self.layout.check_input_columns()
-            for model in config.request.models:
-                self.prices.require_for_budget(model, config.limits.max_cost_usd)
-        except ConfigError as exc:
-            raise ConfigError(f"{job.source}: {exc}") from None
+        self.parser = parser_for(job)
+        self.layout = layout_for(plan, self.parser)
+        self.prices = PriceTable.for_job(job, options.prices_path)
         self.tally = Tally()
         request = config.request
         for model in request.models if request.reasoning_effort not in (None, "none") else ():
@@ -211,35 +194,16 @@ async def endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
         yield url
 
 
-def prepare(
-    job: Job | str | Path, options: RunOptions, *, api_key_required: bool = True
-) -> tuple[Job, Plan]:
-    """Load and check everything a run needs; raises ConfigError before anything is sent."""
-    if not isinstance(job, Job):
-        job = load_job(job)
-    if options.simulate:
-        config = job.config.model_copy(
-            update={"endpoint": job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})}
-        )
-        job = Job(config, job.source)
-    plan = Plan(
-        job,
-        limit=options.limit,
-        api_key_required=api_key_required and not options.simulate,
-        keep_done=options.keep_done,
-    )
-    if options.simulate:
-        plan.api_key = None
-    return job, plan
-
-
 async def arun(
     job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any
 ) -> RunSummary:
     """Run a job on the current event loop (use this one in notebooks: ``await arun(...)``)."""
     options = replace(options or RunOptions(), **kwargs)
-    job, plan = prepare(job, options)
-    run = Run(job, options, plan)
+    plan = plan_job(
+        job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
+    )
+    job = plan.job
+    run = Run(plan, options)
     if job.config.endpoint.mode == "batch":
         batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
         async with endpoint(job, options.simulate) as base_url:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from batcher.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA
 from batcher.errors import ConfigError, InputError, OutputError
 from batcher.journal import Previous, connect, previous_by_key, read_outcomes
+from batcher.parse import OutputParser
 from batcher.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 
 _KEY = "__key"
@@ -147,6 +148,24 @@ class OutputLayout:
             extra.struct.field("parsed").struct.field(name).alias(name) for name in self.parsed
         ]
         return columns
+
+
+def layout_for(plan: Plan, parser: OutputParser) -> OutputLayout:
+    """The output's layout, checked: no parsed property or kept column takes a name the
+    output uses."""
+    source = plan.job.source
+    layout = OutputLayout(plan, parser.columns)
+    clash = set(parser.columns) & set(layout.fixed_names())
+    if clash:
+        raise ConfigError(
+            f"{source}: output schema properties {', '.join(sorted(clash))} clash with "
+            "existing output columns; rename them or drop them from output.keep_columns"
+        )
+    try:
+        layout.check_input_columns()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return layout
 
 
 def write_output(
