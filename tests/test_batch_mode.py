@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from batcher.parse import OutputParser
 from batcher.prices import PriceTable
 from batcher.sim import SimulatorThread
 from batcher.tally import Tally
-from tests.conftest import MODEL, prompt_of, reviews, write_job
+from tests.conftest import MODEL, prompt_of, reviews, start, wait_for, write_job
 
 COMPARED = ["id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
 
@@ -47,24 +46,6 @@ def batch_job(
 def row_of(identifier: str) -> str:
     """The row part of a custom_id (the rest counts its submissions)."""
     return identifier.rsplit("-", 1)[0]
-
-
-def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
-    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
-    stream = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
-        stdout=stream,
-        stderr=stream,
-    )
-
-
-def wait_for(condition: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_custom_ids_are_unique_and_valid_everywhere() -> None:

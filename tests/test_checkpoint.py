@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import polars as pl
@@ -16,23 +15,21 @@ import pytest
 
 import batcher.journal
 from batcher.cli import main
-from batcher.journal import journal_path
-from tests.conftest import reviews, write_job
-from tests.test_resume import start, wait_for
+from batcher.journal import journal_path, reading, totals
+from tests.conftest import busy_job, rerun, reviews, run_sabotaged, start, wait_for, write_job
 
 
 def committed_rows(checkpoint: Path) -> int:
-    connection = sqlite3.connect(journal_path(checkpoint))
-    try:
-        return int(connection.execute("SELECT count(*) FROM outcomes").fetchone()[0])
-    finally:
-        connection.close()
+    with reading(journal_path(checkpoint)) as connection:
+        held = totals(connection)
+    return held.ok + held.failed
 
 
 def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
     tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = sim_factory(latency_s=0.05)
+    # Slow enough that the first run cannot finish while the second starts and is refused.
+    server = sim_factory(latency_s=0.5)
     job = write_job(tmp_path, server.url, data=reviews(200), limits={"concurrency": 4})
     first = start(job, capture=False)
     try:
@@ -51,7 +48,7 @@ def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
         first.wait()
     assert server.simulator.answered < 200
     # The kernel dropped the killed run's lock: its successor takes the checkpoint over.
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
 
 
@@ -138,23 +135,9 @@ def test_checkpoint_folder_deleted_mid_run_is_restored(
     tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(300),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 300)
     checkpoint = tmp_path / "ck"
-
-    def delete_when_busy() -> None:
-        wait_for(lambda: server.simulator.answered > 60)
-        shutil.rmtree(checkpoint)
-
-    deleter = threading.Thread(target=delete_when_busy)
-    deleter.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    deleter.join()
+    assert run_sabotaged(job, server, lambda: shutil.rmtree(checkpoint), after=60) == 3
     err = capsys.readouterr().err
     assert "stopped: " in err
     assert "the checkpoint was deleted during the run; every committed row was restored" in err
@@ -194,5 +177,5 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == kept
     monkeypatch.setattr(batcher.journal, "connect", original)
     answered = server.simulator.answered
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered - answered == 400 - kept

@@ -78,7 +78,9 @@ def test_configuration_errors(
     job = write_job(tmp_path, sim.url, **sections)
     err = fails_before_sending(job, sim, capsys)
     assert expected in err
-    assert str(job) in err or "input" in err
+    # One line that says where: the job file, the input file, or the input key it names.
+    where = (f"error: {job}: ", f"error: {tmp_path / 'data.csv'}: ", "error: input.path: ")
+    assert err.startswith(where), err
 
 
 def test_missing_required_key(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from batcher.columns import COLUMN_NAMES, OUTPUT_COLUMNS, Outcome, Usage
+from batcher.columns import COLUMN_NAMES, Outcome, Usage
 from batcher.journal import Journal, connect, read_outcomes, totals
 
 IDENTITY = {"input": "data.csv", "output": "out.parquet", "key_column": "id"}
@@ -50,23 +50,6 @@ def test_every_field_round_trips_by_name(tmp_path: Path) -> None:
     expected["extra"] = '{"reasoning":"because"}'
     expected["ok"] = 1
     assert row == expected
-
-
-def test_output_columns_are_the_journal_columns_users_see() -> None:
-    assert OUTPUT_COLUMNS == (
-        "response",
-        "finish_reason",
-        "model",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cached_tokens",
-        "cost_usd",
-        "latency_s",
-        "attempts",
-        "error",
-        "response_id",
-    )
 
 
 def test_older_journal_gains_new_columns(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.cli import main
-from tests.conftest import reviews, write_job
-from tests.test_resume import start, wait_for
+from tests.conftest import busy_job, rerun, reviews, run_sabotaged, start, wait_for, write_job
 
 
 def test_output_path_that_is_a_folder_is_refused_before_sending(
@@ -127,7 +125,7 @@ def test_real_disk_full_in_the_checkpoint(
     assert 0 < kept < 3000
     subprocess.run(["mount", "-o", "remount,size=16m", str(checkpoint)], check=True)
     answered = server.simulator.answered
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered - answered == 3000 - kept
 
 
@@ -135,29 +133,19 @@ def test_output_folder_gone_mid_run(
     tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def replace_folder_with_a_file() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         shutil.rmtree(tmp_path / "out")
         (tmp_path / "out").write_text("not a folder")
 
-    saboteur = threading.Thread(target=replace_folder_with_a_file)
-    saboteur.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    saboteur.join()
+    assert run_sabotaged(job, server, replace_folder_with_a_file, after=20) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"error: {tmp_path / 'out/result.parquet'}: cannot write the output")
     assert "rows already answered are not sent again" in err
     (tmp_path / "out").unlink()
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered == 200
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
 
@@ -170,27 +158,17 @@ def test_output_file_system_made_read_only_mid_run(
 ) -> None:
     server = sim_factory(latency_s=0.02)
     out = small_disk("out", "16m")
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def make_read_only() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
 
-    saboteur = threading.Thread(target=make_read_only)
-    saboteur.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    saboteur.join()
+    assert run_sabotaged(job, server, make_read_only, after=20) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "cannot write the output (Read-only file system)" in err
     subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True)
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered == 200
     assert pl.read_parquet(out / "result.parquet").height == 200
 
@@ -200,24 +178,14 @@ def test_output_folder_made_read_only_mid_run(
     tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def make_read_only() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         (tmp_path / "out").chmod(0o555)
 
-    saboteur = threading.Thread(target=make_read_only)
-    saboteur.start()
     try:
-        assert main(["run", str(job), "--quiet"]) == 3
+        assert run_sabotaged(job, server, make_read_only, after=20) == 3
     finally:
-        saboteur.join()
         (tmp_path / "out").chmod(0o755)
     err = capsys.readouterr().err
     assert "cannot write the output (Permission denied)" in err

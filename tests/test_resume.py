@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.journal import COMMIT_ROWS
-from tests.conftest import reviews, write_job
+from tests.conftest import reviews, start, wait_for, write_job
 
 COMPARED = [
     "id",
@@ -26,24 +24,6 @@ COMPARED = [
     "error",
 ]
 CONCURRENCY = 32
-
-
-def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
-    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
-    stream = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
-        stdout=stream,
-        stderr=stream,
-    )
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def uninterrupted(tmp_path: Path, sim_factory, data: pl.DataFrame) -> pl.DataFrame:

@@ -221,4 +221,4 @@ def test_silent_stream_times_out_and_is_retried(tmp_path: Path, sim_factory) -> 
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert server.simulator.statuses["silence"] > 0
     assert out["attempts"].max() == 2
-    assert out["latency_s"].max() < 5
+    assert out["latency_s"].max() < 20  # no row sat out the server's 20 s of silence

@@ -21,6 +21,7 @@ from batcher.batch.api import TERMINAL, BatchApi, NoBatchApiError
 from batcher.batch.book import BatchBook, ChunkState
 from batcher.batch.cancel import cancel_in_flight
 from batcher.batch.control import RunControl
+from batcher.batch.filler import Filler
 from batcher.batch.progress import BatchProgress
 from batcher.batch.results import Collector, collect_batch
 from batcher.batch.submit import Submitter
@@ -107,9 +108,10 @@ class BatchRun:
         try:
             async with BatchApi(endpoint, self.plan.api_key, self.config.retry) as api:
                 self.api = api
-                self.submitter = Submitter(
-                    self.run, self.journal, self.book, api, self.progress, self.prices, self.control
+                filler = Filler(
+                    self.run, self.journal, self.book, self.progress, self.prices, self.control
                 )
+                self.submitter = Submitter(self.run, self.book, api, self.control, filler)
                 try:
                     await api.probe()
                 except NoBatchApiError as exc:

@@ -20,10 +20,7 @@ from batcher.batch.book import BatchBook
 from batcher.batch.control import RunControl
 from batcher.batch.filler import Filler
 from batcher.batch.lines import Chunk, ChunkWriter
-from batcher.batch.progress import BatchProgress
 from batcher.errors import BatchApiError
-from batcher.journal import Journal
-from batcher.prices import PriceTable
 
 if TYPE_CHECKING:
     from batcher.runner import Run
@@ -33,29 +30,19 @@ class Submitter:
     """Turns a run's pending rows into batches; ``created`` counts the batches it created."""
 
     def __init__(
-        self,
-        run: Run,
-        journal: Journal,
-        book: BatchBook,
-        api: BatchApi,
-        progress: BatchProgress,
-        prices: PriceTable,
-        control: RunControl,
+        self, run: Run, book: BatchBook, api: BatchApi, control: RunControl, filler: Filler
     ) -> None:
-        self.plan = run.plan
-        self.options = run.options
-        self.config = run.job.config
+        self.notify = run.options.notify
+        self.batch = run.job.config.batch
         self.tally = run.tally
-        self.journal = journal
         self.book = book
         self.api = api
-        self.progress = progress
         self.control = control
+        self.filler = filler
         self.folder = run.job.checkpoint_dir / "batches"
-        self.max_lines = self.config.batch.max_lines
-        self.max_bytes = self.config.batch.max_bytes
+        self.max_lines = self.batch.max_lines
+        self.max_bytes = self.batch.max_bytes
         self.created: Counter[str] = Counter()
-        self.filler = Filler(run, journal, book, progress, prices, control)
 
     async def submit_pending(self) -> None:
         """Scan the input; every row that needs an answer and is not in flight is submitted."""
@@ -63,7 +50,7 @@ class Submitter:
             active = await anyio.to_thread.run_sync(self.book.active)
             self.filler.rescan(sum(c.upper_cost_usd for c in active))
             writer = ChunkWriter(self.folder, self.max_lines, self.max_bytes)
-            batches = self.plan.batches()
+            batches = self.filler.plan.batches()
             refused = False
             try:
                 while not refused:
@@ -100,7 +87,7 @@ class Submitter:
 
     async def _create(self, name: str, path: Path, file_id: str, lines: int, size: int) -> bool:
         try:
-            batch_id = await self.api.create(file_id, self.config.batch.completion_window, name)
+            batch_id = await self.api.create(file_id, self.batch.completion_window, name)
         except TooLargeError as exc:
             await self.too_large(name, path, lines, size, str(exc), lines_refused=True)
             return False
@@ -121,7 +108,7 @@ class Submitter:
         if lines_refused:
             self.max_lines = max(1, min(self.max_lines, lines // 2))
         self.max_bytes = max(1024, min(self.max_bytes, size // 2))
-        self.options.notify(
+        self.notify(
             f"the server refused a batch of {lines} lines, {size:,} bytes, as too large "
             f"({message}); splitting into batches of at most {self.max_lines} lines, "
             f"{self.max_bytes:,} bytes"

@@ -39,6 +39,11 @@ class BatchService:
         self.simulator = simulator
         self.settings = simulator.settings
         self.store = FileStore(self.settings)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every file and batch (a test's simulator as good as new)."""
+        self.store.reset()
         self.files = self.store.files
         self.file_objects = self.store.file_objects
         self.batches: dict[str, dict[str, Any]] = {}

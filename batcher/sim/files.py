@@ -21,6 +21,10 @@ class FileStore:
 
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every file; the routes keep reaching this store."""
         self.files: dict[str, bytes] = {}
         self.file_objects: dict[str, dict[str, Any]] = {}
         self.uploaded: Counter[str] = Counter()  # custom_id → times uploaded

@@ -64,12 +64,14 @@ class Simulator:
 
     def __init__(self, settings: SimSettings | None = None) -> None:
         self.settings = settings or SimSettings()
-        self._random = random.Random(self.settings.seed)
-        self.reset()
         self.batches = BatchService(self)
+        self.reset()
 
     def reset(self) -> None:
+        """Forget everything seen, limits and batches included: as good as new."""
         s = self.settings
+        self._random = random.Random(s.seed)
+        self.batches.reset()
         self.requests = 0
         self.answered = 0
         self.in_flight = 0
