@@ -19,6 +19,7 @@ from batcher.cli import main
 from batcher.sim import SimSettings, SimulatorThread
 
 MODEL = "claude-3-5-haiku-20241022"
+SimFactory = Callable[..., SimulatorThread]  # sim_factory(**SimSettings fields)
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def sim_factory() -> Iterator[Callable[..., SimulatorThread]]:
+def sim_factory() -> Iterator[SimFactory]:
     started: list[SimulatorThread] = []
 
     def start(**settings: Any) -> SimulatorThread:
@@ -49,7 +50,6 @@ def shared_simulator() -> Iterator[SimulatorThread]:
 @pytest.fixture
 def sim(shared_simulator: SimulatorThread) -> SimulatorThread:
     """The session's simulator with default settings, reset: as good as a new one."""
-    assert shared_simulator.simulator is not None
     shared_simulator.simulator.reset()
     return shared_simulator
 
@@ -151,7 +151,6 @@ def run_sabotaged(
     ``after`` rows, does ``sabotage``; the run's exit code."""
 
     def saboteur() -> None:
-        assert server.simulator is not None
         simulator = server.simulator
         wait_for(lambda: simulator.answered > after)
         sabotage()

@@ -105,10 +105,11 @@ def test_thousand_rows_with_line_failures_and_an_expired_batch(
         assert output.get_column(column).to_list() == live.get_column(column).to_list()
     price = PriceTable.load().get(MODEL)
     assert price is not None
-    for row, live_row in zip(output.iter_rows(named=True), live.iter_rows(named=True), strict=True):
-        list_cost = price.cost(row["prompt_tokens"], row["completion_tokens"])
+    rows = zip(output.iter_rows(named=True), live.iter_rows(named=True), strict=True)
+    for batch_row, live_row in rows:
+        list_cost = price.cost(batch_row["prompt_tokens"], batch_row["completion_tokens"])
         assert live_row["cost_usd"] == pytest.approx(list_cost)
-        assert row["cost_usd"] == pytest.approx(list_cost / 2)
+        assert batch_row["cost_usd"] == pytest.approx(list_cost / 2)
 
 
 def test_sigkill_after_submission_then_rerun(tmp_path: Path, sim_factory: Any) -> None:

@@ -16,7 +16,16 @@ import pytest
 import batcher.journal
 from batcher.cli import main
 from batcher.journal import journal_path, reading, totals
-from tests.conftest import busy_job, rerun, reviews, run_sabotaged, start, wait_for, write_job
+from tests.conftest import (
+    SimFactory,
+    busy_job,
+    rerun,
+    reviews,
+    run_sabotaged,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 def committed_rows(checkpoint: Path) -> int:
@@ -26,7 +35,7 @@ def committed_rows(checkpoint: Path) -> int:
 
 
 def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Slow enough that the first run cannot finish while the second starts and is refused.
     server = sim_factory(latency_s=0.5)
@@ -52,7 +61,9 @@ def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
 
 
-def test_a_live_runs_temporary_output_is_not_cleaned(tmp_path: Path, sim_factory) -> None:
+def test_a_live_runs_temporary_output_is_not_cleaned(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
     (tmp_path / "out").mkdir()
@@ -67,7 +78,7 @@ def test_a_live_runs_temporary_output_is_not_cleaned(tmp_path: Path, sim_factory
         sleeper.wait()
 
 
-def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory) -> None:
+def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     project = tmp_path / "project"
     project.mkdir()
@@ -81,7 +92,9 @@ def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory) 
     assert pl.read_parquet(moved / "out/result.parquet").height == 20
 
 
-def test_checkpoint_with_absolute_identity_is_still_this_jobs(tmp_path: Path, sim_factory) -> None:
+def test_checkpoint_with_absolute_identity_is_still_this_jobs(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
     assert main(["run", str(job), "--quiet"]) == 0
@@ -106,7 +119,7 @@ def test_checkpoint_with_absolute_identity_is_still_this_jobs(tmp_path: Path, si
 
 
 def test_damaged_checkpoint_is_found_at_open_by_run_and_status(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(1500), limits={"concurrency": 64})
@@ -132,7 +145,7 @@ def test_damaged_checkpoint_is_found_at_open_by_run_and_status(
 
 
 def test_checkpoint_folder_deleted_mid_run_is_restored(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
     job = busy_job(tmp_path, server.url, 300)
@@ -152,7 +165,7 @@ def test_checkpoint_folder_deleted_mid_run_is_restored(
 
 def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.sim import SimulatorThread
-from tests.conftest import prompt_of, reviews, write_job
+from tests.conftest import SimFactory, prompt_of, reviews, write_job
 
 OUTPUT_COLUMNS = [
     "response",
@@ -49,7 +49,6 @@ def test_job_writes_every_row_in_order_with_usage(
     assert out["attempts"].to_list() == [1] * 50
     assert out["model"].unique().to_list() == ["claude-3-5-haiku-20241022"]
     assert out["stars"].dtype == pl.Int64
-    assert sim.simulator is not None
     usage = sim.simulator.usage_by_prompt
     for row in out.iter_rows(named=True):
         sent = usage[prompt_of(row["id"], row["text"])]
@@ -78,7 +77,7 @@ def test_row_index_key_and_keep_columns(tmp_path: Path, sim: SimulatorThread) ->
 
 
 def test_order_and_uniqueness_under_concurrency_with_random_latency(
-    tmp_path: Path, sim_factory
+    tmp_path: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory(latency_s=0.001, latency_jitter_s=0.05, seed=3)
     data = reviews(400)
@@ -160,7 +159,7 @@ def test_output_is_replaced_atomically(tmp_path: Path, sim: SimulatorThread) -> 
     assert leftovers == []
 
 
-def test_httpx_transport_is_selectable(tmp_path: Path, sim_factory) -> None:
+def test_httpx_transport_is_selectable(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(
         fail_share=0.3, faults=("503", "drop"), fail_attempts_max=1, retry_after_s=0.01
     )

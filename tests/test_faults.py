@@ -8,10 +8,10 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from tests.conftest import prompt_of, reviews, write_job
+from tests.conftest import SimFactory, prompt_of, reviews, write_job
 
 
-def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory) -> None:
+def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(
         fail_share=0.3,
         fail_attempts_min=1,
@@ -47,7 +47,7 @@ def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory) -> None:
 
 
 def test_client_errors_are_not_retried(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     data = reviews(100)
@@ -71,7 +71,7 @@ def test_client_errors_are_not_retried(
     assert "failed rows by error: http_400 20" in capsys.readouterr().err
 
 
-def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory) -> None:
+def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(fail_share=1.0, fail_attempts_min=9, fail_attempts_max=9, faults=("503",))
     job = write_job(
         tmp_path,
@@ -85,7 +85,9 @@ def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory) -> N
     assert server.simulator.requests == 20 * 3
 
 
-def test_hung_request_times_out_and_deadline_fails_the_row(tmp_path: Path, sim_factory) -> None:
+def test_hung_request_times_out_and_deadline_fails_the_row(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory(
         fail_share=1.0, fail_attempts_min=9, fail_attempts_max=9, faults=("stall",), stall_s=30
     )

@@ -16,11 +16,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.cli import main
-from tests.conftest import busy_job, rerun, reviews, run_sabotaged, start, wait_for, write_job
+from tests.conftest import (
+    SimFactory,
+    busy_job,
+    rerun,
+    reviews,
+    run_sabotaged,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 def test_output_path_that_is_a_folder_is_refused_before_sending(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
@@ -36,7 +45,7 @@ def test_output_path_that_is_a_folder_is_refused_before_sending(
 
 def test_disk_full_at_the_output_write(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -82,7 +91,7 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 
 def test_real_disk_full_at_the_output_write(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
@@ -103,7 +112,7 @@ def test_real_disk_full_at_the_output_write(
 
 def test_real_disk_full_in_the_checkpoint(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
@@ -130,7 +139,7 @@ def test_real_disk_full_in_the_checkpoint(
 
 
 def test_output_folder_gone_mid_run(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
     job = busy_job(tmp_path, server.url, 200)
@@ -152,7 +161,7 @@ def test_output_folder_gone_mid_run(
 
 def test_output_file_system_made_read_only_mid_run(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
@@ -175,7 +184,7 @@ def test_output_file_system_made_read_only_mid_run(
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_folder_made_read_only_mid_run(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
     job = busy_job(tmp_path, server.url, 200)
@@ -194,7 +203,7 @@ def test_output_folder_made_read_only_mid_run(
 
 
 def test_limit_bounds_what_is_sent_not_the_output(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(30))
@@ -228,7 +237,7 @@ def _big_output_job(folder: Path, base_url: str) -> Path:
     ids=["SIGTERM", "SIGINT-twice"],
 )
 def test_signal_during_the_output_write(
-    tmp_path: Path, sim_factory, signals: list[signal.Signals]
+    tmp_path: Path, sim_factory: SimFactory, signals: list[signal.Signals]
 ) -> None:
     server = sim_factory()
     job = _big_output_job(tmp_path, server.url)
