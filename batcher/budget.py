@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from batcher.prices import Price, PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
 from batcher.tally import Tally
+
+_NOTHING_HELD = nullcontext()
 
 
 class BudgetStop(Exception):  # noqa: N818 - a signal between worker and runner, not an error
@@ -51,10 +53,15 @@ class Budget:
             return 0.0
         return upper_cost(price, request, self.max_completion, self.copies, self.choices)
 
-    @contextmanager
-    def reserve(self, request: RowRequest) -> Iterator[None]:
+    def reserve(self, request: RowRequest) -> AbstractContextManager[None]:
         """Hold the request's upper-bound cost while it is in flight; raise BudgetStop if
-        that could cross the cap."""
+        that could cross the cap. Without a cap there is nothing to hold."""
+        if self.max_cost_usd is None:
+            return _NOTHING_HELD
+        return self._hold(request)
+
+    @contextmanager
+    def _hold(self, request: RowRequest) -> Iterator[None]:
         held = self.estimate(request)
         tally = self.tally
         if (

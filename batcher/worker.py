@@ -1,7 +1,7 @@
 """One row's life: its requests (one, or one per choice with fan-out), each retried under the
 row's policy until it is answered or finally fails, and the replies turned into an Outcome.
 
-The parts each do one job: ``Sender`` one paced attempt, ``row_retrying`` when to try again,
+The parts each do one job: ``Sender`` one paced attempt, ``RowPolicy`` when to try again,
 ``Budget`` what may be spent, ``OutcomeBuilder`` the row's columns; the worker orders them.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -23,7 +22,7 @@ from batcher.outcome import OutcomeBuilder, asked_model
 from batcher.parse import OutputParser
 from batcher.prices import PriceTable
 from batcher.request import RequestBuilder, RowRequest
-from batcher.retry import Sleep, row_retrying
+from batcher.retry import Exhausted, RowPolicy, Sleep
 from batcher.sender import Sender
 from batcher.tally import Tally
 
@@ -32,8 +31,7 @@ class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not
     """The run stopped dispatching while this row waited to retry; the row stays pending."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Answered:
+class _Answered(NamedTuple):
     """One request of a row, answered: its reply, what parsed of it, and its cost in attempts
     and in replies paid for whose output did not parse."""
 
@@ -71,8 +69,8 @@ class RowWorker:
         self.parser = parser
         self.outcomes = outcomes
         self.retry = retry
+        self.policy = RowPolicy(retry, clock=clock, sleep=sleep, on_retry=self._count_retry)
         self.requests_per_row = requests_per_row
-        self._sleep = sleep
         self._clock = clock
         self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
 
@@ -136,31 +134,28 @@ class RowWorker:
     async def _request(self, request: RowRequest, deadline: float | None) -> _Answered:
         """One request of the row, retried by the row's policy."""
         wasted: list[Reply] = []  # paid for, but their output did not parse
-        policy = row_retrying(self.retry, deadline=deadline, clock=self._clock, sleep=self._sleep)
-        attempt_number = 0
+
+        async def attempt() -> tuple[Reply, dict[str, Any] | None]:
+            reply = await self._attempt(request, deadline)
+            try:
+                return reply, self._parse(reply)
+            except AttemptError:
+                wasted.append(reply)
+                raise
+
         try:
-            async for attempt in policy:
-                attempt_number = attempt.retry_state.attempt_number
-                with attempt:
-                    if attempt_number > 1:
-                        self.budget.tally.retries += 1
-                    reply = await self._attempt(request, deadline)
-                    try:
-                        parsed = self._parse(reply)
-                    except AttemptError:
-                        wasted.append(reply)
-                        raise
-                    return _Answered(reply, parsed, attempt_number, wasted)
-        except AttemptError as exc:
-            error = exc
-            if deadline is not None and self._clock() >= deadline and exc.retryable:
+            (reply, parsed), attempts = await self.policy.run(attempt, deadline)
+        except Exhausted as exhausted:
+            error = exhausted.error
+            if deadline is not None and self._clock() >= deadline and error.retryable:
                 error = AttemptError(
                     "deadline",
-                    f"no answer within retry.deadline_s={self.retry.deadline_s:g} s (last: {exc})",
+                    f"no answer within retry.deadline_s={self.retry.deadline_s:g} s "
+                    f"(last: {error})",
                     retryable=False,
                 )
-            raise _RequestFailed(error, attempt_number, wasted) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+            raise _RequestFailed(error, exhausted.attempts, wasted) from None
+        return _Answered(reply, parsed, attempts, wasted)
 
     async def _attempt(self, request: RowRequest, deadline: float | None) -> Reply:
         if self.halted():
@@ -172,6 +167,9 @@ class RowWorker:
         tally.completion_tokens += reply.completion_tokens or 0
         self.budget.settle(self.outcomes.cost_of([reply], asked_model(request)))
         return reply
+
+    def _count_retry(self) -> None:
+        self.budget.tally.retries += 1
 
     def _parse(self, reply: Reply) -> dict[str, Any] | None:
         if not self.parser.enabled:

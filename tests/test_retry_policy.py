@@ -10,7 +10,7 @@ from batcher.config import RetryConfig
 from batcher.errors import AttemptError
 from batcher.prices import Price, PriceTable
 from batcher.request import RowRequest
-from batcher.retry import is_retryable, row_retrying, wait_retry_after
+from batcher.retry import RowPolicy, is_retryable, wait_retry_after
 from batcher.tally import Tally
 from tests.fakes import FakeTime
 
@@ -42,7 +42,7 @@ async def tries(policy: AsyncRetrying, errors: list[AttemptError]) -> int:
 
 async def attempts_until_stop(errors: list[AttemptError], config: RetryConfig) -> int:
     time = FakeTime()
-    policy = row_retrying(config, deadline=None, clock=time.clock, sleep=time.retry_sleep)
+    policy = RowPolicy(config, clock=time.clock, sleep=time.retry_sleep).retrying(None)
     return await tries(policy, errors)
 
 
@@ -64,7 +64,8 @@ async def test_invalid_output_is_counted_on_its_own() -> None:
 async def test_deadline_stops_on_the_injected_clock() -> None:
     time = FakeTime()
     config = RetryConfig(max_attempts=100, initial_backoff_s=2, max_backoff_s=2)
-    policy = row_retrying(config, deadline=time.now + 5, clock=time.clock, sleep=time.retry_sleep)
+    rows = RowPolicy(config, clock=time.clock, sleep=time.retry_sleep)
+    policy = rows.retrying(deadline=time.now + 5)
     tried = await tries(policy, [http(503)])
     assert time.now >= 1005
     assert tried == len(time.retry_waits) + 1
