@@ -139,7 +139,7 @@ class Journal:
             self._writer.executescript(_SCHEMA)
             _add_new_columns(self._writer)
             verify(self._writer, path)
-            self._check_identity(identity, legacy or {})
+            _check_identity(self._writer, path, identity, legacy or {})
             self._reader = connect(path)
         except sqlite3.OperationalError as exc:  # before DatabaseError, its parent
             raise ConfigError(f"{path}: cannot open the checkpoint: {exc}") from None
@@ -153,23 +153,6 @@ class Journal:
         )
         self._thread.start()
 
-    def _check_identity(self, identity: dict[str, str], legacy: Mapping[str, str]) -> None:
-        stored = dict(self._writer.execute("SELECT name, value FROM meta").fetchall())
-        if not stored:
-            with self._writer:
-                self._writer.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
-            return
-        for name, value in identity.items():
-            if stored.get(name) != value and stored.get(name) != legacy.get(name):
-                raise JournalMismatchError(
-                    f"{self.path}: this checkpoint belongs to another job "
-                    f"({name} was {stored.get(name)!r}, now {value!r}); "
-                    "run with --fresh to replace it, or set output.checkpoint_dir"
-                )
-        if any(stored.get(name) != value for name, value in identity.items()):
-            with self._writer:
-                self._writer.executemany("REPLACE INTO meta VALUES (?, ?)", identity.items())
-
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, outcome: Outcome) -> None:
@@ -177,33 +160,6 @@ class Journal:
         if self.failure is not None:
             raise self.failure
         self._queue.put(as_row(outcome))
-
-    def _moved(self) -> bool:
-        """Whether the journal file was deleted or replaced since it was opened.
-
-        SQLite keeps writing to a deleted file through its open descriptor, silently: every
-        commit would vanish with the last close.
-        """
-        try:
-            return os.stat(self.path).st_ino != self._inode
-        except FileNotFoundError:
-            return True
-
-    def _restore(self) -> CheckpointError:
-        """Copy every committed row from the open (deleted) journal back to its path."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.unlink(missing_ok=True)
-            self._writer.execute("VACUUM INTO ?", (str(self.path),))
-        except (OSError, sqlite3.Error) as exc:
-            return CheckpointError(
-                f"{self.path}: the checkpoint was deleted during the run and could not be "
-                f"restored ({exc}); the rows it held will be sent again"
-            )
-        return CheckpointError(
-            f"{self.path}: the checkpoint was deleted during the run; every committed row "
-            "was restored to it; run again to continue"
-        )
 
     def _write_loop(self) -> None:
         while True:
@@ -234,8 +190,8 @@ class Journal:
                     "before are kept; free space and run again to continue"
                 )
                 return
-            if self._moved():
-                self.failure = self._restore()
+            if _moved(self.path, self._inode):
+                self.failure = _restore(self._writer, self.path)
                 return
             if stop:
                 return
@@ -266,6 +222,56 @@ class Journal:
         except sqlite3.Error as exc:
             raise CheckpointError(f"{self.path}: cannot read the checkpoint: {exc}") from None
         return {key: Previous(print_, bool(ok), digest) for key, print_, ok, digest in rows}
+
+
+def _check_identity(
+    writer: sqlite3.Connection, path: Path, identity: dict[str, str], legacy: Mapping[str, str]
+) -> None:
+    """Claim a new checkpoint for this job, or check it is this job's (and respell it)."""
+    stored = dict(writer.execute("SELECT name, value FROM meta").fetchall())
+    if not stored:
+        with writer:
+            writer.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
+        return
+    for name, value in identity.items():
+        if stored.get(name) != value and stored.get(name) != legacy.get(name):
+            raise JournalMismatchError(
+                f"{path}: this checkpoint belongs to another job "
+                f"({name} was {stored.get(name)!r}, now {value!r}); "
+                "run with --fresh to replace it, or set output.checkpoint_dir"
+            )
+    if any(stored.get(name) != value for name, value in identity.items()):
+        with writer:
+            writer.executemany("REPLACE INTO meta VALUES (?, ?)", identity.items())
+
+
+def _moved(path: Path, inode: int) -> bool:
+    """Whether the journal file was deleted or replaced since it was opened.
+
+    SQLite keeps writing to a deleted file through its open descriptor, silently: every
+    commit would vanish with the last close.
+    """
+    try:
+        return os.stat(path).st_ino != inode
+    except FileNotFoundError:
+        return True
+
+
+def _restore(writer: sqlite3.Connection, path: Path) -> CheckpointError:
+    """Copy every committed row from the open (deleted) journal back to its path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        writer.execute("VACUUM INTO ?", (str(path),))
+    except (OSError, sqlite3.Error) as exc:
+        return CheckpointError(
+            f"{path}: the checkpoint was deleted during the run and could not be "
+            f"restored ({exc}); the rows it held will be sent again"
+        )
+    return CheckpointError(
+        f"{path}: the checkpoint was deleted during the run; every committed row "
+        "was restored to it; run again to continue"
+    )
 
 
 def _add_new_columns(connection: sqlite3.Connection) -> None:
