@@ -82,36 +82,29 @@ class BatchApi:
         try:
             async for attempt in retrying(policy):
                 with attempt:
-                    try:
-                        if upload is None:
-                            response = await self._client.request(method, path, **kwargs)
-                        else:
-                            with upload.open("rb") as handle:
-                                files = {"file": (upload.name, handle, "application/jsonl")}
-                                response = await self._client.request(
-                                    method, path, files=files, **kwargs
-                                )
-                    except httpx.TransportError as exc:
-                        raise AttemptError(
-                            "connection", shorten(str(exc) or type(exc).__name__), retryable=True
-                        ) from None
+                    response = await _send(self._client, method, path, upload, kwargs)
                     if response.status_code < 300:
                         return response
-                    if response.status_code in (404, 405):
-                        raise NoBatchApiError(f"{method} /{path}", response.status_code)
-                    error = classify_status(
-                        response, response.content, self._endpoint.api_key_env, self._secret
-                    )
-                    if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
-                        raise TooLargeError(error.message)
-                    if error.retryable:
-                        raise error
-                    raise BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
+                    raise self._refusal(method, path, response)
         except AttemptError as exc:  # still failing after retry.max_attempts
             if once:
                 raise
             raise BatchApiError(f"{method} /{path}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _refusal(self, method: str, path: str, response: httpx.Response) -> Exception:
+        """What a reply of 300 or more means: no Batch API, too large, a transient error
+        (AttemptError, retried) or a refusal."""
+        if response.status_code in (404, 405):
+            return NoBatchApiError(f"{method} /{path}", response.status_code)
+        error = classify_status(
+            response, response.content, self._endpoint.api_key_env, self._secret
+        )
+        if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
+            return TooLargeError(error.message)
+        if error.retryable:
+            return error
+        return BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = await self._call(method, path, **kwargs)
@@ -214,3 +207,18 @@ class BatchApi:
     async def content(self, file_id: str) -> bytes:
         response = await self._call("GET", f"files/{file_id}/content")
         return response.content
+
+
+async def _send(
+    client: httpx.AsyncClient, method: str, path: str, upload: Path | None, kwargs: dict[str, Any]
+) -> httpx.Response:
+    """One request; ``upload`` is a file sent as the multipart ``file`` field."""
+    try:
+        if upload is None:
+            return await client.request(method, path, **kwargs)
+        with upload.open("rb") as handle:
+            files = {"file": (upload.name, handle, "application/jsonl")}
+            return await client.request(method, path, files=files, **kwargs)
+    except httpx.TransportError as exc:
+        message = shorten(str(exc) or type(exc).__name__)
+        raise AttemptError("connection", message, retryable=True) from None

@@ -9,10 +9,10 @@ knows; Ctrl-C leaves the batches running on the server; ``--cancel`` cancels the
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +20,7 @@ import anyio
 from batcher.batch.api import TERMINAL, BatchApi, NoBatchApiError
 from batcher.batch.book import BatchBook, ChunkState
 from batcher.batch.cancel import cancel_in_flight
-from batcher.batch.control import RunControl
+from batcher.batch.control import RunControl, watch_signals
 from batcher.batch.filler import Filler
 from batcher.batch.progress import BatchProgress
 from batcher.batch.results import Collector, collect_batch
@@ -29,7 +29,6 @@ from batcher.errors import (
     AbortError,
     BatcherError,
     ConfigError,
-    InterruptedRunError,
 )
 from batcher.journal import Journal, journal_path
 from batcher.outcome import OutcomeBuilder
@@ -115,19 +114,26 @@ class BatchRun:
                 try:
                     await api.probe()
                 except NoBatchApiError as exc:
-                    raise self._no_batch_api(base_url, exc) from None
+                    raise _no_batch_api(self.job.source, base_url, exc) from None
                 # anyio wraps what a task group's body raises in an ExceptionGroup: run
                 # failures are taken out here and raised as they are, after the group.
                 failure: BatcherError | None = None
                 async with anyio.create_task_group() as group:
                     if threading.current_thread() is threading.main_thread():
-                        group.start_soon(self._watch_signals, group.cancel_scope)
+                        group.start_soon(
+                            watch_signals,
+                            self.control,
+                            self.options.notify,
+                            self._running,
+                            self.job.source,
+                            group.cancel_scope,
+                        )
                     try:
                         await self._main()
                     except AbortError as exc:
                         self.control.stop(exc)
                     except NoBatchApiError as exc:
-                        failure = self._no_batch_api(base_url, exc)
+                        failure = _no_batch_api(self.job.source, base_url, exc)
                     except BatcherError as exc:
                         failure = exc
                     group.cancel_scope.cancel()
@@ -142,12 +148,6 @@ class BatchRun:
             lambda: write_output(self.plan, run.layout, journal_file)
         )
         return self._summary(written.rows, written.ok, written.cost_usd, started)
-
-    def _no_batch_api(self, base_url: str, exc: NoBatchApiError) -> ConfigError:
-        return ConfigError(
-            f"{self.job.source}: endpoint.mode: {base_url} does not serve the Batch API "
-            f"({exc}); set endpoint.mode: live to send the rows one by one"
-        )
 
     async def _main(self) -> None:
         await self._show(await anyio.to_thread.run_sync(self.book.active))
@@ -212,20 +212,9 @@ class BatchRun:
             "rerun without --cancel to submit their rows again"
         )
 
-    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for received in signals:
-                name = signal.Signals(received).name
-                running = sum(self._statuses.values()) + sum(self.submitter.created.values())
-                message = (
-                    f"interrupted by {name}: {running} batch(es) keep running on the server and "
-                    "will be billed; rerun the same command to collect them, or cancel them with "
-                    f"`batcher cancel {self.job.source}`"
-                )
-                self.control.stop(InterruptedRunError(message))
-                self.options.notify(message)
-                scope.cancel()
-                return
+    def _running(self) -> int:
+        """Batches running on the server, as far as this run knows."""
+        return sum(self._statuses.values()) + sum(self.submitter.created.values())
 
     def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
         return RunSummary.of_run(
@@ -250,3 +239,10 @@ def _refused_as_too_large(batch: dict[str, Any]) -> bool:
     errors = (batch.get("errors") or {}).get("data") or []
     text = " ".join(f"{e.get('code')} {e.get('message')}" for e in errors if isinstance(e, dict))
     return any(word in text.lower() for word in ("too large", "too many", "exceed"))
+
+
+def _no_batch_api(source: Path, base_url: str, exc: NoBatchApiError) -> ConfigError:
+    return ConfigError(
+        f"{source}: endpoint.mode: {base_url} does not serve the Batch API "
+        f"({exc}); set endpoint.mode: live to send the rows one by one"
+    )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from batcher.sim.files import FileStore, error_body, error_response, file_object, json_response
+from batcher.sim.files import FileStore, error_body, error_response, json_response
 from batcher.sim.replies import build_reply, digest, user_text
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ class BatchService:
         self.uploaded = self.store.uploaded  # custom_id → times uploaded
         self.uploaded_prompts = self.store.uploaded_prompts
         self.file_sizes = self.store.file_sizes
-        self.line_attempts: Counter[str] = Counter()  # prompt → lines processed
-        self.answered_by_prompt: Counter[str] = Counter()
+        self.lines = LineRunner(self.simulator)
+        self.answered_by_prompt = self.lines.answered_by_prompt
         self.fates: dict[str, str] = {}  # custom_id → ok, 500, 400, expired, cancelled
         self.batch_lines: list[int] = []
         self.refused_batches = 0
@@ -182,16 +182,11 @@ class BatchService:
     def _finish(
         self, batch: dict[str, Any], lines: list[dict[str, Any]], done: int, status: str, code: str
     ) -> None:
-        output, errors = run_lines(lines, done, status, code, self._run_line, self.fates)
+        output, errors = run_lines(lines, done, status, code, self.lines.run, self.fates)
         for name, entries in (("output_file_id", output), ("error_file_id", errors)):
             if entries:
                 self._random.shuffle(entries)
-                file_id = f"file-{len(self.file_objects) + 1:06d}"
-                self.files[file_id] = b"\n".join(entries) + b"\n"
-                self.file_objects[file_id] = file_object(
-                    file_id, f"{batch['id']}_{name}.jsonl", len(self.files[file_id]), "batch_output"
-                )
-                batch[name] = file_id
+                batch[name] = self.store.add_output(f"{batch['id']}_{name}.jsonl", entries)
         batch["status"] = status
         completed = len(output)
         batch["request_counts"] = {
@@ -200,7 +195,17 @@ class BatchService:
             "failed": min(done, len(lines)) - completed,
         }
 
-    def _run_line(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+
+class LineRunner:
+    """Answers batch lines as the live endpoint would, but for the injected line failures."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self.simulator = simulator
+        self.settings = simulator.settings
+        self.line_attempts: Counter[str] = Counter()  # prompt → lines processed
+        self.answered_by_prompt: Counter[str] = Counter()
+
+    def run(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """What the live endpoint would answer, but for the injected line failures."""
         messages = body.get("messages") or []
         prompt = user_text(messages)

@@ -68,9 +68,13 @@ async def inject(request: web.Request, fault: str, s: SimSettings) -> web.Stream
 
 
 def error_response(
-    status: int, kind: str, message: str, retry_after_s: float | None = None
+    status: int,
+    kind: str,
+    message: str,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    headers = {}
+    headers = dict(headers or {})
     if retry_after_s is not None:
         headers["retry-after-ms"] = str(round(retry_after_s * 1000, 3))
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))

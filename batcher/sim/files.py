@@ -32,6 +32,14 @@ class FileStore:
         self.file_sizes: list[int] = []
         self.refused_uploads = 0
 
+    def add_output(self, filename: str, entries: list[bytes]) -> str:
+        """Store a batch's output or error file; its id."""
+        file_id = f"file-{len(self.file_objects) + 1:06d}"
+        self.files[file_id] = b"\n".join(entries) + b"\n"
+        size = len(self.files[file_id])
+        self.file_objects[file_id] = file_object(file_id, filename, size, "batch_output")
+        return file_id
+
     async def upload(self, request: web.Request) -> web.Response:
         reader = await request.multipart()
         purpose = filename = None

@@ -236,6 +236,13 @@ class Limits:
             charged.append((found, cost))
         return 0.0
 
+    def retry_after(self, wait_s: float) -> float | None:
+        """The Retry-After of a 429 for a request that would fit in ``wait_s``."""
+        s = self.settings
+        if not s.send_retry_after:
+            return None
+        return s.limit_retry_after_s if s.limit_retry_after_s is not None else wait_s
+
     def give_back_tokens(self, unused: int) -> None:
         """A reply took fewer tokens than max_tokens reserved."""
         if "tokens" in self.meters:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batcher.sim.admin import make_app
 from batcher.sim.batches import BatchService
 from batcher.sim.faults import error_response, fault_for, inject
 from batcher.sim.limits import Limits
@@ -95,17 +96,11 @@ class Simulator:
 
     def achieved_rps(self) -> float:
         """Answers per second between the first and the last answer."""
-        times = self.answered_at
-        if len(times) < 2 or times[-1] <= times[0]:
-            return 0.0
-        return (len(times) - 1) / (times[-1] - times[0])
+        return _per_second(self.answered_at, [1] * len(self.answered_at))
 
     def achieved_tps(self) -> float:
         """Tokens (prompt + completion) per second between the first and the last answer."""
-        times = self.answered_at
-        if len(times) < 2 or times[-1] <= times[0]:
-            return 0.0
-        return sum(self.answered_tokens[1:]) / (times[-1] - times[0])
+        return _per_second(self.answered_at, self.answered_tokens)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -123,29 +118,10 @@ class Simulator:
         }
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._handle)
-        app.router.add_post("/chat/completions", self._handle)
-        app.router.add_get("/sim/stats", self._stats)
-        app.router.add_post("/sim/reset", self._reset)
-        app.router.add_post("/sim/limits", self._set_limits)
-        if self.settings.batch_api:
-            self.batches.register(app)
-        return app
+        return make_app(self)
 
-    async def _stats(self, _: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
-
-    async def _set_limits(self, request: web.Request) -> web.Response:
-        wanted = orjson.loads(await request.read())
-        self.set_limits(wanted.get("requests_per_minute"), wanted.get("tokens_per_minute"))
-        return web.Response(body=b"{}", content_type="application/json")
-
-    async def _reset(self, _: web.Request) -> web.Response:
-        self.reset()
-        return web.Response(body=b"{}", content_type="application/json")
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``POST /chat/completions``."""
         self.requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -171,18 +147,11 @@ class Simulator:
         prompt = user_text(messages)
         self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
-        for marker, status, message in (
-            ("[[sim:401]]", 401, f"invalid x-api-key {auth.removeprefix('Bearer ')}"),
-            ("[[sim:402]]", 402, "Your credit balance is too low"),
-            ("[[sim:400]]", 400, "messages: this request was refused as invalid"),
-        ):
-            if marker in prompt:
-                self.statuses[str(status)] += 1
-                return error_response(status, "invalid_request_error", message)
         marked = _marked_reply(prompt, auth, bool(body.get("stream")))
         if marked is not None:
-            self.statuses["marked"] += 1
-            return marked
+            status, response = marked
+            self.statuses[status] += 1
+            return response
         # Limits are checked on arrival, as real servers do: a 429 does not wait for the model.
         self.limits.follow_schedule()
         if s.random_429_share and self._random.random() < s.random_429_share:
@@ -193,7 +162,9 @@ class Simulator:
         max_tokens = int(body.get("max_tokens") or 1024)
         wait_s = self.limits.admit(prompt_tokens + max_tokens)
         if wait_s > 0:
-            return self._limited(wait_s)
+            self.statuses["429"] += 1
+            retry_after = self.limits.retry_after(wait_s)
+            return self._error(429, "rate_limit_error", "rate limit exceeded", retry_after)
         if s.latency_s or s.latency_jitter_s:
             await asyncio.sleep(s.latency_s + self._random.uniform(0, s.latency_jitter_s))
         fault = fault_for(s, raw, attempt)
@@ -240,23 +211,12 @@ class Simulator:
         self.answered_at.append(time.monotonic())
         self.answered_tokens.append(reply["usage"]["total_tokens"])
 
-    def _limited(self, wait_s: float) -> web.Response:
-        self.statuses["429"] += 1
-        s = self.settings
-        retry_after = s.limit_retry_after_s if s.limit_retry_after_s is not None else wait_s
-        return self._error(
-            429,
-            "rate_limit_error",
-            "rate limit exceeded",
-            retry_after if s.send_retry_after else None,
-        )
-
     def _error(
         self, status: int, kind: str, message: str, retry_after_s: float | None
     ) -> web.Response:
-        response = error_response(status, kind, message, retry_after_s=retry_after_s)
-        response.headers.update(self.limits.advertised() or {})
-        return response
+        return error_response(
+            status, kind, message, retry_after_s=retry_after_s, headers=self.limits.advertised()
+        )
 
 
 # Markers a prompt can carry to get a fixed reply: servers that echo the Authorization header
@@ -271,7 +231,20 @@ _MARKED: dict[str, tuple[int, str, str]] = {
 }
 
 
-def _marked_reply(prompt: str, auth: str, stream: bool) -> web.StreamResponse | None:
+def _marked_reply(prompt: str, auth: str, stream: bool) -> tuple[str, web.StreamResponse] | None:
+    """The fixed reply a marker in the prompt asks for, and how the stats count it."""
+    for marker, status, message in (
+        ("[[sim:401]]", 401, f"invalid x-api-key {auth.removeprefix('Bearer ')}"),
+        ("[[sim:402]]", 402, "Your credit balance is too low"),
+        ("[[sim:400]]", 400, "messages: this request was refused as invalid"),
+    ):
+        if marker in prompt:
+            return str(status), error_response(status, "invalid_request_error", message)
+    reply = _other_marked_reply(prompt, auth, stream)
+    return ("marked", reply) if reply is not None else None
+
+
+def _other_marked_reply(prompt: str, auth: str, stream: bool) -> web.StreamResponse | None:
     if "[[sim:echo200]]" in prompt:
         page = f"<html><body>proxy error; you sent Authorization: {auth}</body></html>"
         return web.Response(body=page.encode(), content_type="text/html")
@@ -282,3 +255,10 @@ def _marked_reply(prompt: str, auth: str, stream: bool) -> web.StreamResponse | 
         if marker in prompt:
             return error_response(status, kind, message.format(upper=auth.upper()))
     return None
+
+
+def _per_second(times: list[float], amounts: list[int]) -> float:
+    """What came after the first of ``times``, per second until the last."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return 0.0
+    return sum(amounts[1:]) / (times[-1] - times[0])
