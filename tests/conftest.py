@@ -67,6 +67,13 @@ def reviews(count: int) -> pl.DataFrame:
     )
 
 
+def refused_where(data: pl.DataFrame, stars: int) -> pl.DataFrame:
+    """``data`` with the rows of ``stars`` stars marked for the simulator to refuse (HTTP 400,
+    not retried): their rows fail, the others are answered."""
+    marked = pl.when(pl.col("stars") == stars).then("[[sim:400]] " + pl.col("text"))
+    return data.with_columns(marked.otherwise(pl.col("text")).alias("text"))
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in extra.items():

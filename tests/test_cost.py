@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from tests.conftest import SimFactory, reviews, write_job
+from tests.conftest import SimFactory, refused_where, reviews, write_job
 
 HAIKU = (0.80, 4.0, 0.08)  # input, output, cache read: USD per million tokens
 
@@ -65,12 +65,7 @@ def test_cost_report_totals_and_groups(
     tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
-    data = reviews(60).with_columns(
-        pl.when(pl.col("stars") == 3)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(reviews(60), stars=3)
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
     output = tmp_path / "out/result.parquet"

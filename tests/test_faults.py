@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from tests.conftest import SimFactory, prompt_of, reviews, write_job
+from tests.conftest import SimFactory, prompt_of, refused_where, reviews, write_job
 
 
 def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory: SimFactory) -> None:
@@ -50,11 +50,8 @@ def test_client_errors_are_not_retried(
     tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
-    data = reviews(100)
+    data = refused_where(reviews(100), stars=2)
     bad = data["stars"] == 2
-    data = data.with_columns(
-        pl.when(bad).then("[[sim:400]] " + pl.col("text")).otherwise(pl.col("text")).alias("text")
-    )
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
     out = pl.read_parquet(tmp_path / "out/result.parquet")

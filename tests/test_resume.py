@@ -15,7 +15,7 @@ import pytest
 from batcher.cli import main
 from batcher.journal import COMMIT_ROWS
 from batcher.sim import SimulatorThread
-from tests.conftest import SimFactory, reviews, start, wait_for, write_job
+from tests.conftest import SimFactory, refused_where, reviews, start, wait_for, write_job
 
 COMPARED = [
     "id",
@@ -139,12 +139,7 @@ def test_failed_rows_are_retried_unless_skip_failed(
 ) -> None:
     server = sim_factory()
     data = reviews(30)
-    data = data.with_columns(
-        pl.when(pl.col("stars") == 1)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(data, stars=1)
     bad = data.filter(pl.col("stars") == 1).height
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
@@ -178,12 +173,7 @@ def test_status_reads_the_journal(
 ) -> None:
     server = sim_factory()
     data = reviews(40)
-    data = data.with_columns(
-        pl.when(pl.col("stars") == 2)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(data, stars=2)
     job = write_job(tmp_path, server.url, data=data)
     assert main(["status", str(job)]) == 0
     assert "no checkpoint yet: 40 rows pending" in capsys.readouterr().out
