@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 
@@ -15,14 +16,19 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 @dataclass
 class FakeTime:
-    """``clock`` reads ``now``; each sleep records its wait on its own list and moves ``now``."""
+    """A clock that moves only when someone sleeps: ``clock`` reads ``now``; ``sleep`` moves
+    it (and lets other tasks run); the named sleeps also record their waits."""
 
-    now: float = 1000.0
+    now: float = 0.0
     retry_waits: list[float] = field(default_factory=list)
     pace_waits: list[float] = field(default_factory=list)
 
     def clock(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+        await anyio.lowlevel.checkpoint()
 
     async def retry_sleep(self, seconds: float) -> None:
         self.retry_waits.append(seconds)

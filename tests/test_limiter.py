@@ -12,20 +12,7 @@ from hypothesis import strategies as st
 
 from batcher.client import parse_retry_after
 from batcher.limiter import Cost, RateLimiter
-
-
-class FakeTime:
-    """A clock that moves only when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-        await anyio.lowlevel.checkpoint()
+from tests.fakes import FakeTime as FakeTime  # re-exported: test_flow.py takes it from here
 
 
 def pacer(time: FakeTime, **rates: float) -> RateLimiter:
