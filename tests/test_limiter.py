@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from batcher.client import parse_retry_after
 from batcher.limiter import Cost, RateLimiter
-from tests.fakes import FakeTime as FakeTime  # re-exported: test_flow.py takes it from here
+from tests.fakes import FakeTime
+
+__all__ = ["FakeTime"]  # test_flow.py takes the fake clock from here
 
 
 def pacer(time: FakeTime, **rates: float) -> RateLimiter:
