@@ -84,23 +84,9 @@ class BatchRun:
     async def execute(self, base_url: str) -> RunSummary:
         started = time.monotonic()
         journal_file = journal_path(self.job.checkpoint_dir)
-        identity = {
-            "input": self.job.input_path,
-            "output": str(self.job.output_path),
-            "key_column": self.plan.source.key_column,
-        }
-        fresh = self.options.fresh
-        if fresh and journal_file.exists():
-            self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
-        # The journal checks the checkpoint's identity and answers "which rows are done";
-        # in batch mode every write goes through the book, in its own transactions.
-        self.journal = await anyio.to_thread.run_sync(
-            lambda: Journal(journal_file, identity, fresh=fresh)
+        self.journal, self.book = await anyio.to_thread.run_sync(
+            _open_checkpoint, self.run, journal_file, self.folder
         )
-        self.book = await anyio.to_thread.run_sync(BatchBook, journal_file)
-        if fresh:
-            for stale in self.folder.glob("*"):
-                stale.unlink(missing_ok=True)
         total = self.plan.total_rows
         self.progress = BatchProgress(self.tally, total, quiet=self.options.quiet)
         endpoint = self.config.endpoint.model_copy(update={"base_url": base_url})
@@ -246,3 +232,24 @@ def _no_batch_api(source: Path, base_url: str, exc: NoBatchApiError) -> ConfigEr
         f"{source}: endpoint.mode: {base_url} does not serve the Batch API "
         f"({exc}); set endpoint.mode: live to send the rows one by one"
     )
+
+
+def _open_checkpoint(run: Run, journal_file: Path, folder: Path) -> tuple[Journal, BatchBook]:
+    """The journal (it checks the checkpoint's identity and answers "which rows are done")
+    and the book: in batch mode every write goes through the book, in its own transactions.
+    With --fresh both start empty and chunk files left by earlier runs are removed
+    (blocking: run in a thread)."""
+    job, fresh = run.job, run.options.fresh
+    identity = {
+        "input": job.input_path,
+        "output": str(job.output_path),
+        "key_column": run.plan.source.key_column,
+    }
+    if fresh and journal_file.exists():
+        run.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
+    journal = Journal(journal_file, identity, fresh=fresh)
+    book = BatchBook(journal_file)
+    if fresh:
+        for stale in folder.glob("*"):
+            stale.unlink(missing_ok=True)
+    return journal, book
