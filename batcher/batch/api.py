@@ -121,24 +121,6 @@ class BatchApi:
         await self._call("GET", "files", params={"purpose": "batch", "limit": 1})
         await self._call("GET", "batches", params={"limit": 1})
 
-    async def _idempotent(
-        self, send: Callable[[], Awaitable[str]], find: Callable[[], Awaitable[str | None]]
-    ) -> str:
-        """``send``, retried on transient failures; before each retry ``find`` asks whether the
-        server acted on an attempt whose reply was lost (a timeout, a dropped connection), so
-        a file is never uploaded, nor a batch created, twice."""
-        first = True
-        try:
-            async for attempt in retrying(self._retry):
-                with attempt:
-                    if not first and (found := await find()) is not None:
-                        return found
-                    first = False
-                    return await send()
-        except AttemptError as exc:
-            raise BatchApiError(str(exc)) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
-
     async def upload(self, path: Path) -> str:
         """Upload a JSONL file with purpose=batch under its own name; its file id."""
 
@@ -148,7 +130,7 @@ class BatchApi:
             )
             return str(data["id"])
 
-        return await self._idempotent(send, lambda: self.find_file(path.name))
+        return await _idempotent(self._retry, send, lambda: self.find_file(path.name))
 
     async def find_file(self, filename: str) -> str | None:
         """The id of an uploaded batch file by name (after a kill between upload and commit)."""
@@ -179,7 +161,7 @@ class BatchApi:
             found = await self.find_batch(chunk)
             return str(found["id"]) if found is not None else None
 
-        return await self._idempotent(send, find)
+        return await _idempotent(self._retry, send, find)
 
     async def find_batch(self, chunk: str, pages: int = 10) -> dict[str, Any] | None:
         """A batch created for ``chunk`` (after a kill between create and commit)."""
@@ -207,6 +189,27 @@ class BatchApi:
     async def content(self, file_id: str) -> bytes:
         response = await self._call("GET", f"files/{file_id}/content")
         return response.content
+
+
+async def _idempotent(
+    retry: RetryConfig,
+    send: Callable[[], Awaitable[str]],
+    find: Callable[[], Awaitable[str | None]],
+) -> str:
+    """``send``, retried on transient failures; before each retry ``find`` asks whether the
+    server acted on an attempt whose reply was lost (a timeout, a dropped connection), so
+    a file is never uploaded, nor a batch created, twice."""
+    first = True
+    try:
+        async for attempt in retrying(retry):
+            with attempt:
+                if not first and (found := await find()) is not None:
+                    return found
+                first = False
+                return await send()
+    except AttemptError as exc:
+        raise BatchApiError(str(exc)) from None
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
 
 async def _send(
