@@ -106,20 +106,7 @@ class BatchService:
             )
         batch_id = f"batch_{len(self.batches) + 1:06d}"
         self.batch_lines.append(lines)
-        self.batches[batch_id] = {
-            "id": batch_id,
-            "object": "batch",
-            "endpoint": _CHAT,
-            "errors": None,
-            "input_file_id": file_id,
-            "completion_window": body.get("completion_window", "24h"),
-            "status": "in_progress",
-            "output_file_id": None,
-            "error_file_id": None,
-            "created_at": int(time.time()),
-            "request_counts": {"total": lines, "completed": 0, "failed": 0},
-            "metadata": body.get("metadata"),
-        }
+        self.batches[batch_id] = _batch_object(batch_id, file_id, body, lines)
         self._started[batch_id] = time.monotonic()
         self._ordinal[batch_id] = len(self.batches)
         await asyncio.sleep(self.settings.batch_reply_delay_s)
@@ -258,3 +245,21 @@ def run_lines(
         }
         (output if status_code == 200 else errors).append(orjson.dumps(entry))
     return output, errors
+
+
+def _batch_object(batch_id: str, file_id: str, body: dict[str, Any], lines: int) -> dict[str, Any]:
+    """A new batch as the Batch API describes it."""
+    return {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": _CHAT,
+        "errors": None,
+        "input_file_id": file_id,
+        "completion_window": body.get("completion_window", "24h"),
+        "status": "in_progress",
+        "output_file_id": None,
+        "error_file_id": None,
+        "created_at": int(time.time()),
+        "request_counts": {"total": lines, "completed": 0, "failed": 0},
+        "metadata": body.get("metadata"),
+    }
