@@ -10,7 +10,7 @@ from batcher.config import RetryConfig
 from batcher.errors import AttemptError
 from batcher.prices import Price, PriceTable
 from batcher.request import RowRequest
-from batcher.retry import RowPolicy, is_retryable, wait_retry_after
+from batcher.retry import Exhausted, RowPolicy, is_retryable, wait_retry_after
 from batcher.tally import Tally
 from tests.fakes import FakeTime
 
@@ -69,6 +69,54 @@ async def test_deadline_stops_on_the_injected_clock() -> None:
     tried = await tries(policy, [http(503)])
     assert time.now >= 5
     assert tried == len(time.retry_waits) + 1
+
+
+async def test_run_answers_at_once_without_a_wait() -> None:
+    time, retries = FakeTime(), list[float]()
+    policy = RowPolicy(
+        RetryConfig(), clock=time.clock, sleep=time.retry_sleep, on_retry=lambda: retries.append(1)
+    )
+
+    async def answer() -> str:
+        return "ok"
+
+    assert await policy.run(answer, None) == ("ok", 1)
+    assert (time.retry_waits, retries) == ([], [])
+
+
+async def test_run_counts_a_failed_first_attempt_like_any_other() -> None:
+    time, retries = FakeTime(), list[float]()
+    policy = RowPolicy(
+        RetryConfig(max_attempts=2),
+        clock=time.clock,
+        sleep=time.retry_sleep,
+        on_retry=lambda: retries.append(time.now),
+    )
+    errors = iter([http(503), http(503), http(503)])
+
+    async def fail() -> str:
+        raise next(errors)
+
+    with pytest.raises(Exhausted) as exhausted:
+        await policy.run(fail, None)
+    # max_attempts=2: the first attempt (made before tenacity's loop) counts as one.
+    assert exhausted.value.attempts == 2
+    assert exhausted.value.error.kind == "http_503"
+    assert len(time.retry_waits) == 1
+    assert len(retries) == 1
+
+
+async def test_run_gives_up_at_once_on_what_is_not_retried() -> None:
+    time = FakeTime()
+    policy = RowPolicy(RetryConfig(), clock=time.clock, sleep=time.retry_sleep)
+
+    async def refused() -> str:
+        raise AttemptError("http_400", "bad request", retryable=False, status=400)
+
+    with pytest.raises(Exhausted) as exhausted:
+        await policy.run(refused, None)
+    assert exhausted.value.attempts == 1
+    assert time.retry_waits == []
 
 
 @pytest.mark.parametrize(("jitter", "expected"), [(0.0, 3.0), (0.5, 3.15), (1.0, 3.3)])
