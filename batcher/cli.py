@@ -16,11 +16,12 @@ import orjson
 
 from batcher.agreement import majority, measure, read_votes
 from batcher.config import load_job
-from batcher.errors import BatcherError, ConfigError
-from batcher.estimate import estimate, estimate_with_sample
+from batcher.errors import BatcherError, ConfigError, exit_code
+from batcher.estimate import estimate
 from batcher.ledger import read_ledger
 from batcher.preview import DEFAULT_ROWS, preview
 from batcher.runner import RunOptions, arun
+from batcher.sample import estimate_with_sample
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.sim.limits import LIMITER_KINDS
 from batcher.status import job_status
@@ -278,10 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_as_interrupt():
         try:
             return _main(arguments, argv)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Outside a run's own handling (pre-flight, or a late second Ctrl-C): one line.
             print("error: interrupted; run the same command again to resume", file=sys.stderr)
-            return 3
+            return exit_code(exc)
 
 
 @contextmanager
@@ -335,7 +336,7 @@ def _main(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
             return 0
     except BatcherError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exit_code(exc)
     raise AssertionError(arguments.command)  # pragma: no cover
 
 
@@ -439,8 +440,7 @@ def _sim(arguments: argparse.Namespace) -> int:
     )
     unknown = set(settings.faults) - set(FAULT_KINDS)
     if unknown:
-        print(f"error: --faults: unknown kind(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--faults: unknown kind(s) {', '.join(sorted(unknown))}")
 
     async def serve_forever() -> None:
         async with serve(settings, port=arguments.port) as (url, _):
@@ -452,11 +452,9 @@ def _sim(arguments: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except OSError as exc:  # the port is taken, or not ours to bind
-        print(
-            f"error: sim: cannot listen on 127.0.0.1:{arguments.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 2
+        raise ConfigError(
+            f"sim: cannot listen on 127.0.0.1:{arguments.port}: {exc.strerror or exc}"
+        ) from None
     return 0
 
 

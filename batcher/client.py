@@ -15,11 +15,10 @@ import httpx
 import orjson
 
 from batcher.config import EndpointConfig
-from batcher.errors import AccountError, AttemptError, KeyRefusedError
+from batcher.errors import AccountError, AttemptError, KeyRefusedError, shorten
 from batcher.server_limits import ServerLimits, read_server_limits
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
-MESSAGE_CHARS = 300
 # Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop
 # the job: words in a message do not (a 400 can quote a row about a "credit card", and a 503
 # "billing service unavailable" is transient).
@@ -57,11 +56,6 @@ def redact(text: str, secret: str | None) -> str:
     if not secret or secret.lower() not in text.lower():
         return text
     return re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
-
-
-def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
@@ -197,18 +191,25 @@ class ChatClient:
     quarter of a whole run's CPU time at zero latency.
     """
 
-    def __init__(self, endpoint: EndpointConfig, api_key: str | None, connections: int) -> None:
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        api_key: str | None,
+        connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the one ``endpoint.transport`` names (unit tests pass an
+        ``httpx.MockTransport``)."""
         self.endpoint = endpoint
         headers = dict(_HEADERS)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        transport: httpx.AsyncBaseTransport
-        if endpoint.transport == "aiohttp":
+        if transport is None and endpoint.transport == "aiohttp":
             from httpx_aiohttp import AiohttpTransport
 
             transport = AiohttpTransport(limits=limits)
-        else:
+        elif transport is None:
             transport = httpx.AsyncHTTPTransport(limits=limits)
         self._transport = transport
         self._secret = api_key

@@ -29,6 +29,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from batcher.server_limits import ServerLimits
 
+MESSAGE_CHARS = 300
+
+
+def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters (an error column, a terminal line)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def exit_code(error: BaseException | None, rows_failed: int = 0) -> int:
+    """A command's exit status, the one place it is decided (README, "Exit codes"): its
+    error's code; 3 for an interrupt outside a run; else 1 if rows failed, 0 if none."""
+    if isinstance(error, BatcherError):
+        return error.exit_code
+    if error is not None:
+        return 3  # KeyboardInterrupt: SIGINT or SIGTERM before or after a run's own handling
+    return 1 if rows_failed else 0
+
 
 class BatcherError(Exception):
     """Root of every error batcher shows the user as ``error: <message>``."""

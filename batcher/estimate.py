@@ -11,18 +11,13 @@ the total is extrapolated from their real cost with a 95 % interval.
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from batcher.config import Job
-from batcher.journal import connect, journal_path
-from batcher.plan import Plan
+from batcher.plan import Plan, plan_job
 from batcher.prices import PriceTable
 from batcher.request import PROMPT_MARGIN, RowRequest
-from batcher.runner import Run, RunOptions, endpoint, prepare
 
 ASSUMED_LATENCY_S = 2.0  # per request, when no sample has measured it
 _DOLLARS = ("low_usd", "expected_usd", "high_usd")
@@ -137,7 +132,8 @@ def duration_s(
 
 def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = None) -> Estimate:
     """The estimate from the heuristic alone; sends nothing."""
-    job, plan = prepare(job, RunOptions(limit=limit), api_key_required=False)
+    plan = plan_job(job, limit=limit, api_key_required=False)
+    job = plan.job
     prices = PriceTable.load(prices_path, job.config.prices)
     groups = []
     unpriced = []
@@ -193,71 +189,3 @@ def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = No
         batch_high_usd=batch_usd[2],
         completion_window=job.config.batch.completion_window,
     )
-
-
-async def estimate_with_sample(
-    job: Job,
-    sample: int,
-    *,
-    limit: int | None = None,
-    options: RunOptions | None = None,
-    seed: int | None = None,
-) -> Estimate:
-    """Run ``sample`` random rows for real and extrapolate from their cost."""
-    base = estimate(job, limit=limit, prices_path=options.prices_path if options else None)
-    chosen = frozenset(random.Random(seed).sample(range(base.rows), min(sample, base.rows)))
-    run_options = replace(options or RunOptions(), limit=limit, positions=chosen)
-    job, plan = prepare(job, run_options)
-    run = Run(job, run_options, plan)
-    async with endpoint(job, run_options.simulate) as base_url:
-        await run.execute(base_url)
-    costs, latencies, tokens = await anyio.to_thread.run_sync(lambda: _sampled(job))
-    if not costs:
-        return replace(base, note="no sampled row succeeded; the estimate is the heuristic's")
-    mean = sum(costs) / len(costs)
-    spread = (
-        math.sqrt(sum((c - mean) ** 2 for c in costs) / (len(costs) - 1))
-        if len(costs) > 1
-        else mean
-    )
-    # 95 % interval of the mean, with the finite-population correction.
-    correction = math.sqrt(max(base.rows - len(costs), 0) / max(base.rows - 1, 1))
-    margin = 1.96 * spread / math.sqrt(len(costs)) * correction
-    latency = sum(latencies) / len(latencies)
-    per_row_tokens = sum(tokens) / len(tokens)
-    # Sampled rows run live, at list price; batch figures scale by the heuristic's ratio.
-    ratio = (
-        base.batch_expected_usd / base.expected_usd
-        if base.batch_expected_usd is not None and base.expected_usd
-        else None
-    )
-    low, expected, high = (
-        max(mean - margin, 0.0) * base.rows,
-        mean * base.rows,
-        (mean + margin) * base.rows,
-    )
-    return replace(
-        base,
-        low_usd=low,
-        expected_usd=expected,
-        high_usd=high,
-        batch_low_usd=low * ratio if ratio is not None else None,
-        batch_expected_usd=expected * ratio if ratio is not None else None,
-        batch_high_usd=high * ratio if ratio is not None else None,
-        duration_s=duration_s(
-            job, base.rows, per_row_tokens, latency, plan.builder.requests_per_row
-        ),
-        sampled_rows=len(costs),
-    )
-
-
-def _sampled(job: Job) -> tuple[list[float], list[float], list[int]]:
-    connection = connect(journal_path(job.checkpoint_dir), readonly=True)
-    try:
-        rows = connection.execute(
-            "SELECT cost_usd, latency_s, total_tokens FROM outcomes "
-            "WHERE ok = 1 AND cost_usd IS NOT NULL"
-        ).fetchall()
-    finally:
-        connection.close()
-    return [r[0] for r in rows], [r[1] or 0.0 for r in rows], [r[2] or 0 for r in rows]

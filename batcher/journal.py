@@ -13,13 +13,16 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
+import polars as pl
 
+from batcher.columns import COLUMN_NAMES, COLUMNS, SCHEMA, Outcome, as_row
 from batcher.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -29,42 +32,18 @@ from batcher.errors import (
 
 COMMIT_INTERVAL_S = 0.5
 COMMIT_ROWS = 256
-# Outcome columns in the order they are stored and read back.
-OUTCOME_COLUMNS = (
-    "fingerprint",
-    "ok",
-    "error_kind",
-    "response",
-    "finish_reason",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cost_usd",
-    "latency_s",
-    "attempts",
-    "error",
-    "response_id",
-    "extra",
-    "input_digest",
-)
-_SCHEMA = """
+_OUTCOME_COLUMNS = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS outcomes (
-    key PRIMARY KEY NOT NULL,
-    fingerprint BLOB NOT NULL,
-    ok INTEGER NOT NULL,
-    error_kind TEXT,
-    response TEXT, finish_reason TEXT, model TEXT,
-    prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cached_tokens INTEGER, cost_usd REAL, latency_s REAL, attempts INTEGER,
-    error TEXT, response_id TEXT, extra TEXT, input_digest BLOB
-);
+CREATE TABLE IF NOT EXISTS outcomes (key PRIMARY KEY NOT NULL, {_OUTCOME_COLUMNS});
 """
 _INSERT = (
-    f"INSERT OR REPLACE INTO outcomes (key, {', '.join(OUTCOME_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (len(OUTCOME_COLUMNS) + 1))})"
+    f"INSERT OR REPLACE INTO outcomes (key, {', '.join(COLUMN_NAMES)}) "
+    f"VALUES ({', '.join('?' * (len(COLUMN_NAMES) + 1))})"
+)
+_SELECT = (
+    f"SELECT key, {', '.join(COLUMN_NAMES)} FROM outcomes "
+    "WHERE key IN (SELECT value FROM json_each(?))"
 )
 _STOP = object()
 
@@ -78,50 +57,15 @@ class Previous(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """The final result of one row, as the journal stores it."""
+class Totals:
+    """What a checkpoint holds, summed (``batcher status``)."""
 
-    key: Any
-    fingerprint: bytes
-    ok: bool
-    error_kind: str | None
-    response: str | None
-    finish_reason: str | None
-    model: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    cached_tokens: int | None
-    cost_usd: float | None
-    latency_s: float | None
-    attempts: int
-    error: str | None
-    response_id: str | None
-    extra: dict[str, Any] | None
-    input_digest: bytes | None = None
-
-    def as_row(self) -> tuple[Any, ...]:
-        extra = orjson.dumps(self.extra).decode() if self.extra else None
-        return (
-            self.key,
-            self.fingerprint,
-            int(self.ok),
-            self.error_kind,
-            self.response,
-            self.finish_reason,
-            self.model,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.total_tokens,
-            self.cached_tokens,
-            self.cost_usd,
-            self.latency_s,
-            self.attempts,
-            self.error,
-            self.response_id,
-            extra,
-            self.input_digest,
-        )
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    failed_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 def journal_path(checkpoint_dir: Path) -> Path:
@@ -193,8 +137,9 @@ class Journal:
         try:
             self._writer = connect(path)
             self._writer.executescript(_SCHEMA)
+            _add_new_columns(self._writer)
             verify(self._writer, path)
-            self._check_identity(identity, legacy or {})
+            _check_identity(self._writer, path, identity, legacy or {})
             self._reader = connect(path)
         except sqlite3.OperationalError as exc:  # before DatabaseError, its parent
             raise ConfigError(f"{path}: cannot open the checkpoint: {exc}") from None
@@ -208,57 +153,13 @@ class Journal:
         )
         self._thread.start()
 
-    def _check_identity(self, identity: dict[str, str], legacy: Mapping[str, str]) -> None:
-        stored = dict(self._writer.execute("SELECT name, value FROM meta").fetchall())
-        if not stored:
-            with self._writer:
-                self._writer.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
-            return
-        for name, value in identity.items():
-            if stored.get(name) != value and stored.get(name) != legacy.get(name):
-                raise JournalMismatchError(
-                    f"{self.path}: this checkpoint belongs to another job "
-                    f"({name} was {stored.get(name)!r}, now {value!r}); "
-                    "run with --fresh to replace it, or set output.checkpoint_dir"
-                )
-        if any(stored.get(name) != value for name, value in identity.items()):
-            with self._writer:
-                self._writer.executemany("REPLACE INTO meta VALUES (?, ?)", identity.items())
-
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, outcome: Outcome) -> None:
         """Queue one row's outcome; it is committed within COMMIT_INTERVAL_S."""
         if self.failure is not None:
             raise self.failure
-        self._queue.put(outcome.as_row())
-
-    def _moved(self) -> bool:
-        """Whether the journal file was deleted or replaced since it was opened.
-
-        SQLite keeps writing to a deleted file through its open descriptor, silently: every
-        commit would vanish with the last close.
-        """
-        try:
-            return os.stat(self.path).st_ino != self._inode
-        except FileNotFoundError:
-            return True
-
-    def _restore(self) -> CheckpointError:
-        """Copy every committed row from the open (deleted) journal back to its path."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.unlink(missing_ok=True)
-            self._writer.execute("VACUUM INTO ?", (str(self.path),))
-        except (OSError, sqlite3.Error) as exc:
-            return CheckpointError(
-                f"{self.path}: the checkpoint was deleted during the run and could not be "
-                f"restored ({exc}); the rows it held will be sent again"
-            )
-        return CheckpointError(
-            f"{self.path}: the checkpoint was deleted during the run; every committed row "
-            "was restored to it; run again to continue"
-        )
+        self._queue.put(as_row(outcome))
 
     def _write_loop(self) -> None:
         while True:
@@ -289,8 +190,8 @@ class Journal:
                     "before are kept; free space and run again to continue"
                 )
                 return
-            if self._moved():
-                self.failure = self._restore()
+            if _moved(self.path, self._inode):
+                self.failure = _restore(self._writer, self.path)
                 return
             if stop:
                 return
@@ -323,16 +224,144 @@ class Journal:
         return {key: Previous(print_, bool(ok), digest) for key, print_, ok, digest in rows}
 
 
-def fetch_outcomes(connection: sqlite3.Connection, keys: Iterable[Any]) -> list[tuple[Any, ...]]:
-    """``(key, *OUTCOME_COLUMNS)`` for each of ``keys`` the journal has."""
-    return connection.execute(
-        f"SELECT key, {', '.join(OUTCOME_COLUMNS)} FROM outcomes "
-        "WHERE key IN (SELECT value FROM json_each(?))",
-        (orjson.dumps(list(keys)).decode(),),
-    ).fetchall()
+def _check_identity(
+    writer: sqlite3.Connection, path: Path, identity: dict[str, str], legacy: Mapping[str, str]
+) -> None:
+    """Claim a new checkpoint for this job, or check it is this job's (and respell it)."""
+    stored = dict(writer.execute("SELECT name, value FROM meta").fetchall())
+    if not stored:
+        with writer:
+            writer.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
+        return
+    for name, value in identity.items():
+        if stored.get(name) != value and stored.get(name) != legacy.get(name):
+            raise JournalMismatchError(
+                f"{path}: this checkpoint belongs to another job "
+                f"({name} was {stored.get(name)!r}, now {value!r}); "
+                "run with --fresh to replace it, or set output.checkpoint_dir"
+            )
+    if any(stored.get(name) != value for name, value in identity.items()):
+        with writer:
+            writer.executemany("REPLACE INTO meta VALUES (?, ?)", identity.items())
+
+
+def _moved(path: Path, inode: int) -> bool:
+    """Whether the journal file was deleted or replaced since it was opened.
+
+    SQLite keeps writing to a deleted file through its open descriptor, silently: every
+    commit would vanish with the last close.
+    """
+    try:
+        return os.stat(path).st_ino != inode
+    except FileNotFoundError:
+        return True
+
+
+def _restore(writer: sqlite3.Connection, path: Path) -> CheckpointError:
+    """Copy every committed row from the open (deleted) journal back to its path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        writer.execute("VACUUM INTO ?", (str(path),))
+    except (OSError, sqlite3.Error) as exc:
+        return CheckpointError(
+            f"{path}: the checkpoint was deleted during the run and could not be "
+            f"restored ({exc}); the rows it held will be sent again"
+        )
+    return CheckpointError(
+        f"{path}: the checkpoint was deleted during the run; every committed row "
+        "was restored to it; run again to continue"
+    )
+
+
+def _add_new_columns(connection: sqlite3.Connection) -> None:
+    """Give a journal written by an older version the columns added since (null in its rows)."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(outcomes)")}
+    with connection:
+        for column in COLUMNS:
+            if column.name not in present:
+                connection.execute(f"ALTER TABLE outcomes ADD COLUMN {column.name} {column.sql}")
 
 
 def insert_outcomes(connection: sqlite3.Connection, outcomes: Iterable[Outcome]) -> None:
     """Write outcomes inside the caller's transaction (batch mode commits them together with
     the state of the batch they came from)."""
-    connection.executemany(_INSERT, [outcome.as_row() for outcome in outcomes])
+    connection.executemany(_INSERT, [as_row(outcome) for outcome in outcomes])
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a checkpoint, checked and closed after use.
+
+    Raises ConfigError when it cannot be opened or read, CheckpointCorruptError when damaged.
+    """
+    try:
+        connection = connect(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: cannot open the checkpoint: {exc}") from None
+    try:
+        verify(connection, path)
+        yield connection
+    except sqlite3.OperationalError as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise corrupt(path, str(exc)) from None
+    finally:
+        connection.close()
+
+
+def read_outcomes(
+    connection: sqlite3.Connection, keys: Iterable[Any], key_name: str, key_type: pl.DataType
+) -> pl.DataFrame:
+    """The stored outcome of each of ``keys`` the journal has: a ``key_name`` column, then
+    every journal column with its polars type."""
+    rows = connection.execute(_SELECT, (orjson.dumps(list(keys)).decode(),)).fetchall()
+    return pl.DataFrame(rows, schema={key_name: key_type, **SCHEMA}, orient="row")
+
+
+def previous_by_key(outcomes: pl.DataFrame, key_name: str) -> dict[Any, Previous]:
+    """What ``read_outcomes`` returned, as the lookup ``Plan.prepare`` takes."""
+    return {
+        key: Previous(fingerprint, bool(ok), digest)
+        for key, fingerprint, ok, digest in zip(
+            outcomes.get_column(key_name).to_list(),
+            outcomes.get_column("fingerprint").to_list(),
+            outcomes.get_column("ok").to_list(),
+            outcomes.get_column("input_digest").to_list(),
+            strict=True,
+        )
+    }
+
+
+def totals(connection: sqlite3.Connection) -> Totals:
+    """Rows answered and failed, their tokens and cost, failures by kind."""
+    rows = connection.execute(
+        "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
+        "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
+    ).fetchall()
+    ok = failed = prompt = completion = 0
+    cost = 0.0
+    kinds: dict[str, int] = {}
+    for success, kind, count, prompt_tokens, completion_tokens, row_cost in rows:
+        prompt += int(prompt_tokens)
+        completion += int(completion_tokens)
+        cost += float(row_cost)
+        if success:
+            ok += count
+        else:
+            failed += count
+            kinds[kind or "unknown"] = count
+    return Totals(ok, failed, prompt, completion, cost, kinds)
+
+
+def answered_samples(path: Path) -> list[tuple[float, float, int]]:
+    """``(cost_usd, latency_s, total_tokens)`` of every priced answered row (estimate --sample)."""
+    connection = connect(path, readonly=True)
+    try:
+        rows = connection.execute(
+            "SELECT cost_usd, latency_s, total_tokens FROM outcomes "
+            "WHERE ok = 1 AND cost_usd IS NOT NULL"
+        ).fetchall()
+    finally:
+        connection.close()
+    return [(cost, latency or 0.0, tokens or 0) for cost, latency, tokens in rows]

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from batcher.client import Reply, shorten
+from batcher.client import Reply
+from batcher.columns import Outcome, Usage
 from batcher.config import JobConfig
 from batcher.errors import AttemptError
-from batcher.journal import Outcome
 from batcher.prices import Price, PriceTable
 from batcher.request import RowRequest
 from batcher.tally import Tally
@@ -48,6 +48,17 @@ class OutcomeBuilder:
                 reply.prompt_tokens or 0, reply.completion_tokens or 0, reply.cached_tokens or 0
             )
         return total
+
+    def usage_of(self, paid: list[Reply], asked: str, model: str | None) -> Usage:
+        """Tokens and cost summed over every paid reply; ``model`` is the one answering."""
+        return Usage(
+            model=model,
+            prompt_tokens=_sum(r.prompt_tokens for r in paid),
+            completion_tokens=_sum(r.completion_tokens for r in paid),
+            total_tokens=_sum(r.total_tokens for r in paid),
+            cached_tokens=_sum(r.cached_tokens for r in paid),
+            cost_usd=self.cost_of(paid, asked),
+        )
 
     def answered(
         self,
@@ -90,22 +101,14 @@ class OutcomeBuilder:
         if parsed is not None:
             extra["parsed"] = parsed
         self.tally.ok += 1
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=True,
-            error_kind=None,
+        return Outcome.answered(
+            request.key,
+            request.fingerprint,
             response=message.get("content"),
             finish_reason=choices[0].get("finish_reason"),
-            model=first.model,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid),
-            completion_tokens=_sum(r.completion_tokens for r in paid),
-            total_tokens=_sum(r.total_tokens for r in paid),
-            cached_tokens=_sum(r.cached_tokens for r in paid),
-            cost_usd=self.cost_of(paid, asked_model(request)),
+            usage=self.usage_of(paid, asked_model(request), first.model),
             latency_s=latency_s,
             attempts=attempts,
-            error=None,
             response_id=first.response_id,
             extra=extra or None,
             input_digest=request.input_digest,
@@ -139,25 +142,17 @@ class OutcomeBuilder:
             raw = message.get("content")
             if raw is None and message.get("tool_calls"):
                 raw = orjson.dumps(message["tool_calls"]).decode()
-        return Outcome(
-            key=request.key,
-            fingerprint=request.fingerprint,
-            ok=False,
-            error_kind=error.kind,
+        return Outcome.failed(
+            request.key,
+            request.fingerprint,
+            error.kind,
+            error.message,
+            input_digest=request.input_digest,
+            attempts=attempts,
+            latency_s=latency_s,
+            usage=self.usage_of(paid, asked_model(request), paid[-1].model) if paid else None,
             response=raw,
             finish_reason=error.message if error.kind == "finish_reason" else None,
-            model=paid[-1].model if paid else None,
-            prompt_tokens=_sum(r.prompt_tokens for r in paid) if paid else None,
-            completion_tokens=_sum(r.completion_tokens for r in paid) if paid else None,
-            total_tokens=_sum(r.total_tokens for r in paid) if paid else None,
-            cached_tokens=_sum(r.cached_tokens for r in paid) if paid else None,
-            cost_usd=self.cost_of(paid, asked_model(request)) if paid else None,
-            latency_s=latency_s,
-            attempts=attempts,
-            error=f"{error.kind}: {shorten(error.message)}",
-            response_id=None,
-            extra=None,
-            input_digest=request.input_digest,
         )
 
 

@@ -9,7 +9,7 @@ import jsonschema
 import orjson
 import polars as pl
 
-from batcher.config import JobConfig
+from batcher.config import Job, JobConfig
 from batcher.errors import AttemptError, ConfigError
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
@@ -132,3 +132,11 @@ def _tool_schema(config: JobConfig) -> tuple[str | None, dict[str, Any]]:
                 )
             return function.get("name"), parameters
     raise ConfigError(f"request.tool_choice names tool {name!r}, which request.tools lacks")
+
+
+def parser_for(job: Job) -> OutputParser:
+    """The job's output parser; its configuration errors name the job file."""
+    try:
+        return OutputParser(job.config)
+    except ConfigError as exc:
+        raise ConfigError(f"{job.source}: {exc}") from None

@@ -12,13 +12,15 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import polars as pl
 
-from batcher.config import Job
+from batcher.columns import Outcome
+from batcher.config import Job, load_job
 from batcher.errors import ConfigError
 from batcher.images import ImageLoader
 from batcher.journal import Previous
@@ -40,6 +42,11 @@ class RowFailure:
     message: str
     input_digest: bytes | None = None
 
+    def outcome(self) -> Outcome:
+        return Outcome.failed(
+            self.key, self.fingerprint, self.kind, self.message, input_digest=self.input_digest
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Unchanged:
@@ -55,6 +62,7 @@ Lookup = Callable[[list[Any]], dict[Any, Previous]]
 REQUEST_MODEL = "request_model"
 MODEL_COLUMN = "__request_model"  # its name while the output is rebuilt (inputs may clash)
 _KEY_SEPARATOR = "\x1f"
+SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
 
 
 class Plan:
@@ -72,41 +80,14 @@ class Plan:
         self.job = job
         self.limit = limit
         self.source = Source(job.input_path, config.input.id_column, config.input.dtypes)
-        columns = set(self.source.columns)
         try:
             self.builder = RequestBuilder(config.request, config.endpoint.base_url)
         except ConfigError as exc:
             raise ConfigError(f"{job.source}: {exc}") from None
         self.images = ImageLoader(job.image_root, config.images)
-        where = str(job.source)
-        missing = [c for c in self.builder.columns if c not in columns]
-        if missing:
-            raise ConfigError(
-                f"{where}: request.prompt uses column(s) {', '.join(missing)} that the input "
-                f"{job.input_path} does not have (columns: {', '.join(self.source.columns)})"
-            )
-        for name in config.request.images:
-            if name not in columns:
-                raise ConfigError(
-                    f"{where}: request.images names column {name!r} that the input does not have"
-                )
-        kept = config.output.keep_columns
-        if kept is None:
-            kept = [c for c in self.source.columns if c != self.source.key_column]
-        unknown = [c for c in kept if c not in columns]
-        if unknown:
-            raise ConfigError(
-                f"{where}: output.keep_columns names column(s) {', '.join(unknown)} "
-                "that the input does not have"
-            )
-        self.keep_columns = [c for c in kept if c != self.source.key_column]
+        self.keep_columns = _kept_columns(job, self.source, self.builder)
         self.models = self.builder.models
         self.multiple_models = self.builder.multiple_models
-        if self.multiple_models and REQUEST_MODEL in self.keep_columns:
-            raise ConfigError(
-                f"{where}: the input column {REQUEST_MODEL!r} clashes with the output column "
-                "of a model list; drop it from output.keep_columns or rename it"
-            )
         # Keep every row answered successfully, whatever its request is now (run --keep-done).
         self.keep_done = keep_done
         self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
@@ -118,7 +99,7 @@ class Plan:
             self.limit = None  # past the input's end it limits nothing (nor overflows polars)
         self.total_rows = self.input_rows * len(self.models)  # output rows
         self.allow_nulls = config.input.allow_nulls
-        self._check_rendering(where)
+        self._check_rendering(str(job.source))
         self.api_key = read_api_key(job, required=api_key_required)
         self.output_path = job.output_path
 
@@ -237,6 +218,65 @@ class Plan:
             return self.builder.build(key, row, images, digest, model)
         except Exception as exc:  # a user's template can raise anything: that row fails
             return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row, digest)
+
+
+def _kept_columns(job: Job, source: Source, builder: RequestBuilder) -> list[str]:
+    """The input columns the output keeps, once every column the job names is checked."""
+    config, where = job.config, str(job.source)
+    columns = set(source.columns)
+    missing = [c for c in builder.columns if c not in columns]
+    if missing:
+        raise ConfigError(
+            f"{where}: request.prompt uses column(s) {', '.join(missing)} that the input "
+            f"{job.input_path} does not have (columns: {', '.join(source.columns)})"
+        )
+    for name in config.request.images:
+        if name not in columns:
+            raise ConfigError(
+                f"{where}: request.images names column {name!r} that the input does not have"
+            )
+    kept = config.output.keep_columns
+    if kept is None:
+        kept = [c for c in source.columns if c != source.key_column]
+    unknown = [c for c in kept if c not in columns]
+    if unknown:
+        raise ConfigError(
+            f"{where}: output.keep_columns names column(s) {', '.join(unknown)} "
+            "that the input does not have"
+        )
+    kept = [c for c in kept if c != source.key_column]
+    if builder.multiple_models and REQUEST_MODEL in kept:
+        raise ConfigError(
+            f"{where}: the input column {REQUEST_MODEL!r} clashes with the output column "
+            "of a model list; drop it from output.keep_columns or rename it"
+        )
+    return kept
+
+
+def plan_job(
+    job: Job | str | Path,
+    *,
+    limit: int | None = None,
+    simulate: bool = False,
+    keep_done: bool = False,
+    api_key_required: bool = True,
+) -> Plan:
+    """Load and check everything a run needs, once; raises ConfigError before anything is
+    sent. With ``simulate`` the job is fingerprinted as the simulator's and needs no key."""
+    if not isinstance(job, Job):
+        job = load_job(job)
+    if simulate:
+        endpoint = job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})
+        job = Job(job.config.model_copy(update={"endpoint": endpoint}), job.source)
+    plan = Plan(
+        job,
+        limit=limit,
+        api_key_required=api_key_required and not simulate,
+        keep_done=keep_done,
+    )
+    if simulate:
+        plan.api_key = None
+    return plan
 
 
 def _failure(

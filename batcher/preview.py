@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import orjson
 from PIL import Image, UnidentifiedImageError
 
 from batcher.config import Job
 from batcher.images import ImageError, ImageLoader
-from batcher.plan import RowFailure, normalise_keys
+from batcher.parse import parser_for
+from batcher.plan import RowFailure, normalise_keys, plan_job
+from batcher.prices import PriceTable
 from batcher.request import ImagePart, RowRequest, with_image_urls
-from batcher.runner import Run, RunOptions, prepare
+from batcher.sink import layout_for
 
 DEFAULT_ROWS = 3
 
@@ -56,13 +57,9 @@ class PreviewRow:
 
 def preview(job: Job, *, rows: int = DEFAULT_ROWS) -> list[PreviewRow]:
     """The requests of the first ``rows`` input rows (each model of a list); sends nothing."""
-    options = RunOptions(limit=rows, quiet=True)
-    job, plan = prepare(job, options, api_key_required=False)
-
-    async def check_output() -> None:
-        Run(job, options, plan)  # the output's checks (schema, parsed columns, clashes)
-
-    anyio.run(check_output)  # a Run holds cancel scopes: it is made on an event loop
+    plan = plan_job(job, limit=rows, api_key_required=False)
+    layout_for(plan, parser_for(plan.job))  # the output's checks (schema, parsed columns)
+    PriceTable.for_job(plan.job)  # and a run's: a budget needs its models' prices
     shown: list[PreviewRow] = []
     for batch in plan.batches():
         keys = normalise_keys(batch.get_column(plan.source.key_column))

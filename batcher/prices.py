@@ -14,7 +14,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from batcher.config import PriceConfig, describe_validation_error, describe_yaml_error, load_yaml
+from batcher.config import (
+    Job,
+    PriceConfig,
+    describe_validation_error,
+    describe_yaml_error,
+    load_yaml,
+)
 from batcher.errors import ConfigError
 
 _REPOSITORY_TABLE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
@@ -85,6 +91,18 @@ class PriceTable:
             for name, p in models.items()
         }
         return cls(prices, str(parsed.taken) if parsed.taken else None)
+
+    @classmethod
+    def for_job(cls, job: Job, path: str | Path | None = None) -> PriceTable:
+        """The table with the job's overrides, checked to price every model a budget counts."""
+        prices = cls.load(path, job.config.prices)
+        config = job.config
+        try:
+            for model in config.request.models:
+                prices.require_for_budget(model, config.limits.max_cost_usd)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
+        return prices
 
     def for_batch(self) -> PriceTable:
         """The same models at their Batch API prices."""

@@ -4,46 +4,37 @@ keeps every outcome, and the output is rebuilt at the end, whatever the end was.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.batch import BatchRun
-from batcher.client import ChatClient
-from batcher.config import Job, load_job
+from batcher.config import Job
+from batcher.dispatch import Dispatch
 from batcher.errors import (
-    AccountError,
     BatcherError,
-    BudgetReachedError,
-    ConfigError,
-    InterruptedRunError,
-    KeyRefusedError,
     OutputError,
-    RateLimitStallError,
 )
 from batcher.flow import FlowController
-from batcher.journal import Journal, Previous, journal_path
+from batcher.journal import Journal, journal_path
 from batcher.lock import RunLock
-from batcher.parse import OutputParser
-from batcher.plan import Plan, Prepared, RowFailure, Unchanged
+from batcher.parse import parser_for
+from batcher.plan import Plan, plan_job
 from batcher.prices import PriceTable
-from batcher.request import REASONING_MODELS, RowRequest
-from batcher.sink import OutputLayout, Written, check_output_target, write_output
+from batcher.request import REASONING_MODELS
+from batcher.sink import Written, check_output_target, layout_for, write_output
+from batcher.stopping import Stopping
 from batcher.summary import RunSummary
 from batcher.tally import Progress, Tally
-from batcher.worker import BudgetStop, Halted, RowWorker, failure_outcome
 
 GRACE_S = 10.0
-SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
 
 
 def _stderr(message: str) -> None:
@@ -70,29 +61,14 @@ class RunOptions:
 class Run:
     """One execution of a job; ``execute`` returns its summary."""
 
-    def __init__(self, job: Job, options: RunOptions, plan: Plan) -> None:
-        self.job = job
+    def __init__(self, plan: Plan, options: RunOptions) -> None:
+        self.job = job = plan.job
         self.options = options
         self.plan = plan
         config = job.config
-        try:
-            self.parser = OutputParser(config)
-        except ConfigError as exc:
-            raise ConfigError(f"{job.source}: {exc}") from None
-        self.layout = OutputLayout(plan, self.parser.columns)
-        clash = set(self.parser.columns) & set(self.layout.fixed_names())
-        if clash:
-            raise ConfigError(
-                f"{job.source}: output schema properties {', '.join(sorted(clash))} clash with "
-                "existing output columns; rename them or drop them from output.keep_columns"
-            )
-        self.prices = PriceTable.load(options.prices_path, config.prices)
-        try:
-            self.layout.check_input_columns()
-            for model in config.request.models:
-                self.prices.require_for_budget(model, config.limits.max_cost_usd)
-        except ConfigError as exc:
-            raise ConfigError(f"{job.source}: {exc}") from None
+        self.parser = parser_for(job)
+        self.layout = layout_for(plan, self.parser)
+        self.prices = PriceTable.for_job(job, options.prices_path)
         self.tally = Tally()
         request = config.request
         for model in request.models if request.reasoning_effort not in (None, "none") else ():
@@ -100,18 +76,8 @@ class Run:
                 warning = f"model {model} is not listed as supporting reasoning_effort"
                 self.tally.warnings[warning] += 1
                 options.notify(f"warning: {warning}")
-        self.abort: BatcherError | None = None
+        self.stopping = Stopping(options.notify, options.grace_s)
         self.flow: FlowController | None = None
-        self.stopping = False
-        self.writing = False  # the output is being written: signals only take note
-        self._dispatch_scope = anyio.CancelScope()
-        self._work_scope = anyio.CancelScope()
-
-    def stop_dispatch(self, reason: BatcherError) -> None:
-        if self.abort is None:
-            self.abort = reason
-        self.stopping = True
-        self._dispatch_scope.cancel()
 
     async def execute(self, base_url: str) -> RunSummary:
         plan = self.plan
@@ -131,7 +97,7 @@ class Run:
             error: BatcherError | None = None
             async with anyio.create_task_group() as watch:
                 if threading.current_thread() is threading.main_thread():
-                    watch.start_soon(self._watch_signals)
+                    watch.start_soon(self.stopping.watch_signals)
                 try:
                     written = await self._dispatch_and_write(journal, base_url)
                 except BatcherError as exc:
@@ -145,16 +111,34 @@ class Run:
         return self._summary(written, started)
 
     async def _dispatch_and_write(self, journal: Journal, base_url: str) -> Written:
+        options = self.options
+        dispatch = Dispatch(
+            self.plan,
+            journal,
+            self.stopping,
+            self.tally,
+            parser=self.parser,
+            prices=self.prices,
+            positions=options.positions,
+            skip_failed=options.skip_failed,
+        )
+        self.flow = dispatch.flow
+        total = self.plan.total_rows if options.positions is None else len(options.positions)
+        progress = Progress(
+            self.tally, total, quiet=options.quiet, flow=self.flow, every_s=options.progress_every_s
+        )
         try:
-            await self._dispatch(journal, base_url)
+            await dispatch.run(base_url, progress)
         finally:
+            progress.close()
             failure = await anyio.to_thread.run_sync(journal.close)
         if failure is not None:
-            self.stop_dispatch(failure)
-        self.writing = True
+            self.stopping.stop_dispatch(failure)
+        self.stopping.writing = True
         written = await self._write(journal.path)
-        if written.stopped is not None and self.abort is None:
-            self.abort = written.stopped  # the input broke at a row: what is before it stands
+        if written.stopped is not None and self.stopping.abort is None:
+            # The input broke at a row: what is before it stands.
+            self.stopping.abort = written.stopped
         return written
 
     def _identity(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -169,48 +153,6 @@ class Run:
         }
         return identity, {"input": self.job.input_path, "output": str(output)}
 
-    async def _dispatch(self, journal: Journal, base_url: str) -> None:
-        config = self.job.config
-        plan = self.plan
-        self.flow = flow = FlowController(config.limits)
-        total = plan.total_rows if self.options.positions is None else len(self.options.positions)
-        progress = Progress(
-            self.tally,
-            total,
-            quiet=self.options.quiet,
-            flow=flow,
-            every_s=self.options.progress_every_s,
-        )
-        concurrency = config.limits.connections
-        endpoint = config.endpoint.model_copy(update={"base_url": base_url})
-        try:
-            async with ChatClient(endpoint, plan.api_key, concurrency) as client:
-                worker = RowWorker(
-                    config,
-                    client,
-                    flow,
-                    plan.images,
-                    self.parser,
-                    self.prices,
-                    self.tally,
-                    requests_per_row=plan.builder.requests_per_row,
-                )
-                worker.halted = lambda: self.stopping
-                send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
-                async with anyio.create_task_group() as clock:
-                    clock.start_soon(self._tick, flow, progress)
-                    with self._work_scope:
-                        async with anyio.create_task_group() as workers:
-                            workers.start_soon(self._produce, send, journal, progress)
-                            for _ in range(concurrency):
-                                workers.start_soon(
-                                    self._work, receive.clone(), worker, journal, progress
-                                )
-                            receive.close()
-                    clock.cancel_scope.cancel()  # the clock stops with the workers
-        finally:
-            progress.close()
-
     async def _write(self, journal_file: Path) -> Written:
         """Rebuild the output; if that fails, say so in one line with how to rebuild it."""
         plan, layout = self.plan, self.layout
@@ -218,7 +160,8 @@ class Run:
             return await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
         except OutputError as exc:
             resume = self.options.resume_command or f"batcher run {self.job.source}"
-            reason = f"{self.abort}; then " if self.abort is not None else ""
+            abort = self.stopping.abort
+            reason = f"{abort}; then " if abort is not None else ""
             raise OutputError(
                 f"{reason}{exc}; every answer is kept in the checkpoint: fix that and run "
                 f"`{resume}` to rebuild the output (rows already answered are not sent again)"
@@ -233,129 +176,10 @@ class Run:
             rows_failed=written.failed,
             output_cost_usd=written.cost_usd,
             started=started,
-            aborted=self.abort,
+            aborted=self.stopping.abort,
             resume_command=self.options.resume_command or f"batcher run {self.job.source}",
             flow=self.flow.report() if self.flow is not None else None,
         )
-
-    async def _produce(
-        self, send: ObjectSendStream[RowRequest], journal: Journal, progress: Progress
-    ) -> None:
-        positions = self.options.positions
-        skip_failed = self.options.skip_failed
-        position = 0
-        batches = self.plan.batches()
-        with self._dispatch_scope:
-            async with send:
-                try:
-                    while True:
-                        prepared = await anyio.to_thread.run_sync(
-                            self._next_batch, batches, journal
-                        )
-                        if prepared is None:
-                            return
-                        for _, item, previous in prepared:
-                            position += 1
-                            if positions is not None and position - 1 not in positions:
-                                continue
-                            if isinstance(item, Unchanged) or (
-                                previous is not None
-                                and previous.fingerprint == item.fingerprint
-                                and (previous.ok or skip_failed)
-                            ):
-                                self.tally.skipped += 1
-                                progress.advance()
-                                continue
-                            if isinstance(item, RowFailure):
-                                journal.record(failure_outcome(item))
-                                self.tally.failed += 1
-                                self.tally.errors[f"final:{item.kind}"] += 1
-                                progress.advance()
-                                continue
-                            await send.send(item)
-                except BatcherError as exc:
-                    self.stop_dispatch(exc)
-
-    def _next_batch(
-        self, batches: Iterator[Any], journal: Journal
-    ) -> list[tuple[Any, Prepared, Previous | None]] | None:
-        """Read, look up and prepare one batch (blocking: runs in a worker thread)."""
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        skip_failed = self.options.skip_failed
-        return self.plan.prepare(batch, journal.done, lambda p: p.ok or skip_failed)
-
-    async def _work(
-        self,
-        receive: ObjectReceiveStream[RowRequest],
-        worker: RowWorker,
-        journal: Journal,
-        progress: Progress,
-    ) -> None:
-        async with receive:
-            async for request in receive:
-                if self.stopping:
-                    continue  # dispatch stopped: leave the rest pending for the next run
-                try:
-                    outcome = await worker.process(request)
-                except Halted:
-                    continue  # stopped while it waited to retry: pending for the next run
-                except BudgetStop:
-                    cap = self.job.config.limits.max_cost_usd
-                    self.stop_dispatch(
-                        BudgetReachedError(
-                            f"the budget limits.max_cost_usd={cap:g} would be crossed "
-                            f"(spent ${self.tally.cost_usd:.4f}); raise it and run again to resume"
-                        )
-                    )
-                    continue
-                except (KeyRefusedError, AccountError) as exc:
-                    self.stop_dispatch(exc)
-                    self._work_scope.cancel()
-                    return
-                try:
-                    journal.record(outcome)
-                except BatcherError as exc:
-                    self.stop_dispatch(exc)
-                    self._work_scope.cancel()
-                    return
-                progress.advance()
-
-    async def _tick(self, flow: FlowController, progress: Progress) -> None:
-        """Once a second: the flow controller's clockwork, status lines, the stall check."""
-        while True:
-            await anyio.sleep(1.0)
-            flow.tick()
-            progress.tick()
-            if flow.stalled() and not self.stopping:
-                self.stop_dispatch(
-                    RateLimitStallError(
-                        "the server answered nothing but 429 (rate limited) for "
-                        f"limits.stall_timeout_s={flow.stall_timeout_s:g} s"
-                    )
-                )
-                self._work_scope.deadline = anyio.current_time() + self.options.grace_s
-
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for received in signals:
-                name = signal.Signals(received).name
-                if self.writing:
-                    if self.abort is None:
-                        self.abort = InterruptedRunError(f"interrupted by {name}")
-                    self.options.notify(f"{name}: the output is being written; it finishes first")
-                    continue
-                if self.stopping and isinstance(self.abort, InterruptedRunError):
-                    self.options.notify("second interrupt: abandoning requests in flight")
-                    self._work_scope.cancel()
-                    continue  # keep listening: a later interrupt must not raise mid-write
-                self.stop_dispatch(InterruptedRunError(f"interrupted by {name}"))
-                self.options.notify(
-                    f"{name}: stopping; finishing requests in flight for up to "
-                    f"{self.options.grace_s:g} s (interrupt again to skip)"
-                )
-                self._work_scope.deadline = anyio.current_time() + self.options.grace_s
 
 
 @asynccontextmanager
@@ -370,35 +194,16 @@ async def endpoint(job: Job, simulate: bool) -> AsyncIterator[str]:
         yield url
 
 
-def prepare(
-    job: Job | str | Path, options: RunOptions, *, api_key_required: bool = True
-) -> tuple[Job, Plan]:
-    """Load and check everything a run needs; raises ConfigError before anything is sent."""
-    if not isinstance(job, Job):
-        job = load_job(job)
-    if options.simulate:
-        config = job.config.model_copy(
-            update={"endpoint": job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})}
-        )
-        job = Job(config, job.source)
-    plan = Plan(
-        job,
-        limit=options.limit,
-        api_key_required=api_key_required and not options.simulate,
-        keep_done=options.keep_done,
-    )
-    if options.simulate:
-        plan.api_key = None
-    return job, plan
-
-
 async def arun(
     job: Job | str | Path, options: RunOptions | None = None, **kwargs: Any
 ) -> RunSummary:
     """Run a job on the current event loop (use this one in notebooks: ``await arun(...)``)."""
     options = replace(options or RunOptions(), **kwargs)
-    job, plan = prepare(job, options)
-    run = Run(job, options, plan)
+    plan = plan_job(
+        job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
+    )
+    job = plan.job
+    run = Run(plan, options)
     if job.config.endpoint.mode == "batch":
         batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
         async with endpoint(job, options.simulate) as base_url:

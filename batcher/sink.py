@@ -21,34 +21,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA
 from batcher.errors import ConfigError, InputError, OutputError
-from batcher.journal import Previous, connect, fetch_outcomes
+from batcher.journal import Previous, connect, previous_by_key, read_outcomes
+from batcher.parse import OutputParser
 from batcher.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
 _POSITION = "__position"
 _ERRNO = re.compile(r"\[errno (\d+)\]")
-
-OUTCOME_TYPES: dict[str, pl.DataType] = {
-    "fingerprint": pl.Binary(),
-    "ok": pl.Int64(),
-    "error_kind": pl.String(),
-    "response": pl.String(),
-    "finish_reason": pl.String(),
-    "model": pl.String(),
-    "prompt_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "total_tokens": pl.Int64(),
-    "cached_tokens": pl.Int64(),
-    "cost_usd": pl.Float64(),
-    "latency_s": pl.Float64(),
-    "attempts": pl.Int64(),
-    "error": pl.String(),
-    "response_id": pl.String(),
-    "extra": pl.String(),
-    "input_digest": pl.Binary(),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +109,7 @@ class OutputLayout:
         """Input columns written to the output may not take a name the output or the rebuild
         uses: the join would rename or shadow one of them (a kept ``ok`` once miscounted the
         summary). Template columns that are not kept never reach the join, so they may."""
-        reserved = {_KEY, _FINGERPRINT, *OUTCOME_TYPES}
+        reserved = {_KEY, _FINGERPRINT, *COLUMN_NAMES}
         reserved.update(c.meta.output_name() for c in self.result_columns())
         key = self.plan.source.key_column
         if key in reserved:
@@ -143,36 +125,47 @@ class OutputLayout:
             )
 
     def result_columns(self) -> list[pl.Expr]:
+        """The journal's output columns in their order, each followed by the fields of
+        ``extra`` that belong beside it, then the parsed properties."""
         extra = pl.col("extra").str.json_decode(self.extra_type)
-        columns = [pl.col("response")]
-        if self.plan.multiple_models:
-            columns.insert(0, pl.col(MODEL_COLUMN).alias(REQUEST_MODEL))
-        if self.multiple:
-            columns.append(extra.struct.field("responses"))
-        columns += [
-            pl.col(name)
-            for name in (
-                "finish_reason",
-                "model",
-                "prompt_tokens",
-                "completion_tokens",
-                "total_tokens",
-                "cached_tokens",
-                "cost_usd",
-                "latency_s",
-            )
-        ]
-        if self.streamed:
-            columns.append(extra.struct.field("ttft_s"))
-        columns += [pl.col("attempts"), pl.col("error"), pl.col("response_id")]
-        columns.append(extra.struct.field("tool_calls"))
-        if self.multiple:
-            columns.append(extra.struct.field("all_tool_calls").alias("tool_calls_all"))
-        columns.append(extra.struct.field("reasoning"))
+        beside: dict[str, list[pl.Expr]] = {
+            "response": [extra.struct.field("responses")] if self.multiple else [],
+            "latency_s": [extra.struct.field("ttft_s")] if self.streamed else [],
+            "response_id": [
+                extra.struct.field("tool_calls"),
+                *(
+                    [extra.struct.field("all_tool_calls").alias("tool_calls_all")]
+                    if self.multiple
+                    else []
+                ),
+                extra.struct.field("reasoning"),
+            ],
+        }
+        columns = [pl.col(MODEL_COLUMN).alias(REQUEST_MODEL)] if self.plan.multiple_models else []
+        for name in OUTPUT_COLUMNS:
+            columns += [pl.col(name), *beside.get(name, ())]
         columns += [
             extra.struct.field("parsed").struct.field(name).alias(name) for name in self.parsed
         ]
         return columns
+
+
+def layout_for(plan: Plan, parser: OutputParser) -> OutputLayout:
+    """The output's layout, checked: no parsed property or kept column takes a name the
+    output uses."""
+    source = plan.job.source
+    layout = OutputLayout(plan, parser.columns)
+    clash = set(parser.columns) & set(layout.fixed_names())
+    if clash:
+        raise ConfigError(
+            f"{source}: output schema properties {', '.join(sorted(clash))} clash with "
+            "existing output columns; rename them or drop them from output.keep_columns"
+        )
+    try:
+        layout.check_input_columns()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return layout
 
 
 def write_output(
@@ -274,12 +267,9 @@ def _answered(
     joined to it; ``_POSITION`` is the input row's position, for ``--limit``."""
     key = plan.source.key_column
     keys = normalise_keys(batch.get_column(key))
-    stored = fetch_outcomes(connection, [plan.journal_key(k, m) for k in keys for m in plan.models])
-    known = {row[0]: Previous(row[1], bool(row[2]), row[-1]) for row in stored}
-    prepared = plan.prepare(batch, _constant(known))
-    outcomes = pl.DataFrame(
-        stored, schema={_KEY: _journal_key_type(plan, key_type), **OUTCOME_TYPES}, orient="row"
-    )
+    journal_keys = [plan.journal_key(k, m) for k in keys for m in plan.models]
+    outcomes = read_outcomes(connection, journal_keys, _KEY, _journal_key_type(plan, key_type))
+    prepared = plan.prepare(batch, _constant(previous_by_key(outcomes, _KEY)))
     fingerprints = [item.fingerprint for _, item, _ in prepared]
     # Only what the output keeps meets the journal's columns in the join.
     positioned = batch.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns]).with_columns(
@@ -314,7 +304,7 @@ def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa
             key: key_type,
             **{c: schema[c] for c in plan.keep_columns},
             **models,
-            **OUTCOME_TYPES,
+            **SCHEMA,
         }
     )
     return frame.select(

@@ -43,7 +43,7 @@ class Source:
         self.key_column = id_column or ROW_INDEX
         self.dtypes = dict(dtypes or {})
         try:
-            self.stored = self._scan().collect_schema()
+            self.stored = self.scan().collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise ConfigError(f"{pattern}: cannot read input: {_first_line(exc)}") from None
         unknown = [c for c in self.dtypes if c not in self.stored]
@@ -73,13 +73,13 @@ class Source:
     def columns(self) -> list[str]:
         return self.schema.names()
 
-    def _scan(self) -> pl.LazyFrame:
+    def scan(self) -> pl.LazyFrame:
         """The input as stored (CSV: every column text); our own glob already ran."""
         if self.format == "csv":
             return pl.scan_csv(self.files, infer_schema=False, glob=False)
         return pl.scan_parquet(self.files, glob=False)
 
-    def _typed(self, column: str, *, strict: bool) -> pl.Expr:
+    def typed(self, column: str, *, strict: bool) -> pl.Expr:
         """``column`` converted to its declared type (null where it does not parse if not
         ``strict``)."""
         target = self.dtypes[column]
@@ -97,9 +97,9 @@ class Source:
 
     def frame(self, limit: int | None = None) -> pl.LazyFrame:
         """The input, typed, with its key column first, cut to ``limit`` rows."""
-        lazy = self._scan()
+        lazy = self.scan()
         if self.dtypes:
-            lazy = lazy.with_columns(self._typed(c, strict=True) for c in self.dtypes)
+            lazy = lazy.with_columns(self.typed(c, strict=True) for c in self.dtypes)
         if self.id_column is None:
             lazy = lazy.with_row_index(ROW_INDEX).with_columns(pl.col(ROW_INDEX).cast(pl.Int64))
         if limit is not None:
@@ -108,7 +108,7 @@ class Source:
 
     def count_rows(self, limit: int | None = None) -> int:
         try:
-            count = self._scan().select(pl.len()).collect().item()
+            count = self.scan().select(pl.len()).collect().item()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise ConfigError(f"{self.pattern}: cannot read input: {_first_line(exc)}") from None
         return int(count) if limit is None else min(int(count), limit)
@@ -163,7 +163,7 @@ class Source:
     def read_error(self, exc: BaseException, delivered: int | None = None) -> InputError:
         """The error to show for a failed read, located to its row and column if it can be;
         ``delivered`` is how many rows a batched read had yielded (None: not batched)."""
-        found = self._first_bad_value()
+        found = _first_bad_value(self)
         # Before the run (not batched) nothing was sent, so there is nothing to resume.
         then = "run again" if delivered is None else "run again to resume"
         if found is None and delivered is None:
@@ -182,25 +182,26 @@ class Source:
             column=column,
         )
 
-    def _first_bad_value(self) -> tuple[int, str, Any] | None:
-        """The first row and column whose value does not parse as its declared type."""
-        first: tuple[int, str, Any] | None = None
-        raw = self._scan().with_row_index(_POSITION)
-        for column in self.dtypes:
-            try:
-                found = (
-                    raw.filter(
-                        pl.col(column).is_not_null() & self._typed(column, strict=False).is_null()
-                    )
-                    .select(_POSITION, column)
-                    .head(1)
-                    .collect()
+
+def _first_bad_value(source: Source) -> tuple[int, str, Any] | None:
+    """The first row and column whose value does not parse as its declared type."""
+    first: tuple[int, str, Any] | None = None
+    raw = source.scan().with_row_index(_POSITION)
+    for column in source.dtypes:
+        try:
+            found = (
+                raw.filter(
+                    pl.col(column).is_not_null() & source.typed(column, strict=False).is_null()
                 )
-            except (pl.exceptions.PolarsError, OSError):
-                return None
-            if found.height and (first is None or found.item(0, 0) < first[0]):
-                first = (int(found.item(0, 0)), column, found.item(0, 1))
-        return first
+                .select(_POSITION, column)
+                .head(1)
+                .collect()
+            )
+        except (pl.exceptions.PolarsError, OSError):
+            return None
+        if found.height and (first is None or found.item(0, 0) < first[0]):
+            first = (int(found.item(0, 0)), column, found.item(0, 1))
+    return first
 
 
 def _expand(pattern: str) -> list[str]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 
 from batcher.batch.book import describe
 from batcher.config import Job
-from batcher.errors import ConfigError
-from batcher.journal import connect, corrupt, journal_path, verify
+from batcher.journal import journal_path, reading, totals
 from batcher.source import Source
 
 
@@ -52,33 +50,17 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
     path = journal_path(job.checkpoint_dir)
     if not path.exists():
         return JobStatus(total, 0, 0, 0, 0, 0.0)
-    try:
-        connection = connect(path, readonly=True)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"{path}: cannot open the checkpoint: {exc}") from None
-    try:
-        verify(connection, path)
-        rows = connection.execute(
-            "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
-            "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
-        ).fetchall()
+    with reading(path) as connection:
+        held = totals(connection)
         batches = describe(connection)
-    except sqlite3.OperationalError as exc:
-        raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from None
-    except sqlite3.DatabaseError as exc:
-        raise corrupt(path, str(exc)) from None
-    finally:
-        connection.close()
-    ok = failed = prompt = completion = 0
-    cost = 0.0
-    kinds: dict[str, int] = {}
-    for success, kind, count, prompt_tokens, completion_tokens, row_cost in rows:
-        prompt += int(prompt_tokens)
-        completion += int(completion_tokens)
-        cost += float(row_cost)
-        if success:
-            ok += count
-        else:
-            failed += count
-            kinds[kind or "unknown"] = count
-    return JobStatus(total, ok, failed, prompt, completion, cost, kinds, str(path), batches)
+    return JobStatus(
+        total,
+        held.ok,
+        held.failed,
+        held.prompt_tokens,
+        held.completion_tokens,
+        held.cost_usd,
+        held.failed_by_kind,
+        str(path),
+        batches,
+    )

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batcher.errors import BatcherError, exit_code
 from batcher.flow import FlowReport
 from batcher.tally import Tally
 
@@ -32,9 +33,11 @@ class RunSummary:
     wall_s: float
     errors: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
-    aborted: str | None = None
+    aborted: str | None = None  # the message of ``error``
     resume_command: str | None = None
     flow: FlowReport | None = None
+    # Why the run stopped before every row was tried (None: it ran to the end).
+    error: BatcherError | None = None
 
     @classmethod
     def of_run(
@@ -47,7 +50,7 @@ class RunSummary:
         rows_failed: int,
         output_cost_usd: float,
         started: float,
-        aborted: BaseException | None,
+        aborted: BatcherError | None,
         resume_command: str,
         flow: FlowReport | None = None,
     ) -> RunSummary:
@@ -72,13 +75,12 @@ class RunSummary:
             aborted=str(aborted) if aborted is not None else None,
             resume_command=resume_command if aborted is not None else None,
             flow=flow,
+            error=aborted,
         )
 
     @property
     def exit_code(self) -> int:
-        if self.aborted is not None:
-            return 3
-        return 1 if self.rows_failed else 0
+        return exit_code(self.error, self.rows_failed)
 
     def lines(self) -> list[str]:
         rate = (

@@ -20,8 +20,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from batcher.columns import Outcome, Usage
 from batcher.config import load_job
-from batcher.journal import Journal, Outcome, journal_path
+from batcher.journal import Journal, journal_path
 from batcher.plan import Plan
 from batcher.request import RowRequest
 from batcher.sim import SimulatorThread
@@ -40,22 +41,14 @@ def fill_checkpoint(job_path: Path, done: int) -> None:
         for _, item, _ in plan.prepare(batch):
             assert isinstance(item, RowRequest)
             journal.record(
-                Outcome(
-                    key=item.key,
-                    fingerprint=item.fingerprint,
-                    ok=True,
-                    error_kind=None,
+                Outcome.answered(
+                    item.key,
+                    item.fingerprint,
                     response="done before",
                     finish_reason="stop",
-                    model="claude-3-5-haiku-20241022",
-                    prompt_tokens=10,
-                    completion_tokens=3,
-                    total_tokens=13,
-                    cached_tokens=None,
-                    cost_usd=0.00002,
+                    usage=Usage("claude-3-5-haiku-20241022", 10, 3, 13, None, 0.00002),
                     latency_s=0.01,
                     attempts=1,
-                    error=None,
                     response_id="x",
                     extra=None,
                     input_digest=item.input_digest,

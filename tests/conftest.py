@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +15,11 @@ import polars as pl
 import pytest
 import yaml
 
+from batcher.cli import main
 from batcher.sim import SimSettings, SimulatorThread
 
 MODEL = "claude-3-5-haiku-20241022"
+SimFactory = Callable[..., SimulatorThread]  # sim_factory(**SimSettings fields)
 
 
 @pytest.fixture
@@ -22,7 +28,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def sim_factory() -> Iterator[Callable[..., SimulatorThread]]:
+def sim_factory() -> Iterator[SimFactory]:
     started: list[SimulatorThread] = []
 
     def start(**settings: Any) -> SimulatorThread:
@@ -35,9 +41,17 @@ def sim_factory() -> Iterator[Callable[..., SimulatorThread]]:
         server.__exit__()
 
 
+@pytest.fixture(scope="session")
+def shared_simulator() -> Iterator[SimulatorThread]:
+    with SimulatorThread() as server:
+        yield server
+
+
 @pytest.fixture
-def sim(sim_factory: Callable[..., SimulatorThread]) -> SimulatorThread:
-    return sim_factory()
+def sim(shared_simulator: SimulatorThread) -> SimulatorThread:
+    """The session's simulator with default settings, reset: as good as a new one."""
+    shared_simulator.simulator.reset()
+    return shared_simulator
 
 
 def reviews(count: int) -> pl.DataFrame:
@@ -51,6 +65,13 @@ def reviews(count: int) -> pl.DataFrame:
             "stars": [i % 5 + 1 for i in range(count)],
         }
     )
+
+
+def refused_where(data: pl.DataFrame, stars: int) -> pl.DataFrame:
+    """``data`` with the rows of ``stars`` stars marked for the simulator to refuse (HTTP 400,
+    not retried): their rows fail, the others are answered."""
+    marked = pl.when(pl.col("stars") == stars).then("[[sim:400]] " + pl.col("text"))
+    return data.with_columns(marked.otherwise(pl.col("text")).alias("text"))
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -98,3 +119,57 @@ def write_job(
 def prompt_of(row_id: str, text: str) -> str:
     """The prompt the default job template renders for a row."""
     return f"Review {row_id}: {text}"
+
+
+def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
+    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
+    stream = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
+        stdout=stream,
+        stderr=stream,
+    )
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def busy_job(folder: Path, base_url: str, rows: int) -> Path:
+    """A job slow enough to be sabotaged mid-run: ``rows`` reviews at concurrency 4, its
+    checkpoint apart from the output (``ck``)."""
+    return write_job(
+        folder,
+        base_url,
+        data=reviews(rows),
+        limits={"concurrency": 4},
+        output={"checkpoint_dir": "ck"},
+    )
+
+
+def run_sabotaged(
+    job: Path, server: SimulatorThread, sabotage: Callable[[], None], *, after: int
+) -> int:
+    """`batcher run JOB` here while another thread, once the server answered more than
+    ``after`` rows, does ``sabotage``; the run's exit code."""
+
+    def saboteur() -> None:
+        simulator = server.simulator
+        wait_for(lambda: simulator.answered > after)
+        sabotage()
+
+    thread = threading.Thread(target=saboteur)
+    thread.start()
+    try:
+        return main(["run", str(job), "--quiet"])
+    finally:
+        thread.join()
+
+
+def rerun(job: Path) -> int:
+    """The same job again, fast: what a user does once the fault is fixed."""
+    return main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"])

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
+from batcher.sim import SimulatorThread
 from tests.conftest import MODEL, write_job
 
 # Nine rows labelled by raters A, B and C (y = yes, n = no, - = C's row failed). Row 10 failed
@@ -158,7 +159,7 @@ def test_agree_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_agree_on_a_real_run_of_two_models(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(
         tmp_path,

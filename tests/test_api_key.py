@@ -13,7 +13,7 @@ from batcher.client import ChatClient
 from batcher.config import EndpointConfig
 from batcher.errors import AttemptError
 from batcher.sim import SimulatorThread
-from tests.conftest import reviews, write_job
+from tests.conftest import SimFactory, reviews, write_job
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 
@@ -42,7 +42,10 @@ def test_key_only_in_authorization_header(
 
 
 def test_refused_key_stops_the_job(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sim_factory: SimFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = sim_factory(latency_s=0.01)
     monkeypatch.setenv("MY_KEY", SECRET)
@@ -173,7 +176,7 @@ def test_words_about_credit_or_billing_do_not_stop_the_job(
 
 @pytest.mark.parametrize("marker", ["[[sim:quota429]]", "[[sim:billing400]]"])
 def test_quota_and_billing_codes_stop_the_job(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str], marker: str
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str], marker: str
 ) -> None:
     server = sim_factory(latency_s=0.01)
     data = reviews(200).with_columns((f"{marker} " + pl.col("text")).alias("text"))

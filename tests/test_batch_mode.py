@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher.batch import mode
+from batcher.batch import results
 from batcher.batch.book import BatchBook, BookRow
 from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.batch.results import Collector, read_results
@@ -30,7 +29,7 @@ from batcher.parse import OutputParser
 from batcher.prices import PriceTable
 from batcher.sim import SimulatorThread
 from batcher.tally import Tally
-from tests.conftest import MODEL, prompt_of, reviews, write_job
+from tests.conftest import MODEL, prompt_of, reviews, start, wait_for, write_job
 
 COMPARED = ["id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
 
@@ -47,24 +46,6 @@ def batch_job(
 def row_of(identifier: str) -> str:
     """The row part of a custom_id (the rest counts its submissions)."""
     return identifier.rsplit("-", 1)[0]
-
-
-def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
-    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
-    stream = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
-        stdout=stream,
-        stderr=stream,
-    )
-
-
-def wait_for(condition: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_custom_ids_are_unique_and_valid_everywhere() -> None:
@@ -124,10 +105,11 @@ def test_thousand_rows_with_line_failures_and_an_expired_batch(
         assert output.get_column(column).to_list() == live.get_column(column).to_list()
     price = PriceTable.load().get(MODEL)
     assert price is not None
-    for row, live_row in zip(output.iter_rows(named=True), live.iter_rows(named=True), strict=True):
-        list_cost = price.cost(row["prompt_tokens"], row["completion_tokens"])
+    rows = zip(output.iter_rows(named=True), live.iter_rows(named=True), strict=True)
+    for batch_row, live_row in rows:
+        list_cost = price.cost(batch_row["prompt_tokens"], batch_row["completion_tokens"])
         assert live_row["cost_usd"] == pytest.approx(list_cost)
-        assert row["cost_usd"] == pytest.approx(list_cost / 2)
+        assert batch_row["cost_usd"] == pytest.approx(list_cost / 2)
 
 
 def test_sigkill_after_submission_then_rerun(tmp_path: Path, sim_factory: Any) -> None:
@@ -392,7 +374,7 @@ def test_images_go_inline_in_batch_lines(tmp_path: Path, sim_factory: Any) -> No
     )
     assert main(["run", str(job), "--quiet"]) == 0
     seen = server.simulator.images
-    assert [(image["sniffed"], image["width"]) for image in seen] == [
+    assert [(image["decoded"], image["width"]) for image in seen] == [
         ("image/png", 64 + n) for n in range(4)
     ]
     output = pl.read_parquet(tmp_path / "out/result.parquet")
@@ -526,7 +508,7 @@ def test_a_collect_cut_short_is_finished_by_the_rerun(
     tmp_path: Path, sim_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Collected a slice at a time: a crash between slices loses nothing, repeats nothing."""
-    monkeypatch.setattr(mode, "COLLECT_ROWS", 7)
+    monkeypatch.setattr(results, "COLLECT_ROWS", 7)
     original = BatchBook.collect
     calls = {"count": 0}
 

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import polars as pl
@@ -16,23 +15,30 @@ import pytest
 
 import batcher.journal
 from batcher.cli import main
-from batcher.journal import journal_path
-from tests.conftest import reviews, write_job
-from tests.test_resume import start, wait_for
+from batcher.journal import journal_path, reading, totals
+from tests.conftest import (
+    SimFactory,
+    busy_job,
+    rerun,
+    reviews,
+    run_sabotaged,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 def committed_rows(checkpoint: Path) -> int:
-    connection = sqlite3.connect(journal_path(checkpoint))
-    try:
-        return int(connection.execute("SELECT count(*) FROM outcomes").fetchone()[0])
-    finally:
-        connection.close()
+    with reading(journal_path(checkpoint)) as connection:
+        held = totals(connection)
+    return held.ok + held.failed
 
 
 def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = sim_factory(latency_s=0.05)
+    # Slow enough that the first run cannot finish while the second starts and is refused.
+    server = sim_factory(latency_s=0.5)
     job = write_job(tmp_path, server.url, data=reviews(200), limits={"concurrency": 4})
     first = start(job, capture=False)
     try:
@@ -51,11 +57,13 @@ def test_second_run_of_the_same_job_is_refused_and_a_killed_run_is_taken_over(
         first.wait()
     assert server.simulator.answered < 200
     # The kernel dropped the killed run's lock: its successor takes the checkpoint over.
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
 
 
-def test_a_live_runs_temporary_output_is_not_cleaned(tmp_path: Path, sim_factory) -> None:
+def test_a_live_runs_temporary_output_is_not_cleaned(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
     (tmp_path / "out").mkdir()
@@ -70,7 +78,7 @@ def test_a_live_runs_temporary_output_is_not_cleaned(tmp_path: Path, sim_factory
         sleeper.wait()
 
 
-def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory) -> None:
+def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     project = tmp_path / "project"
     project.mkdir()
@@ -84,7 +92,9 @@ def test_moved_project_folder_keeps_its_checkpoint(tmp_path: Path, sim_factory) 
     assert pl.read_parquet(moved / "out/result.parquet").height == 20
 
 
-def test_checkpoint_with_absolute_identity_is_still_this_jobs(tmp_path: Path, sim_factory) -> None:
+def test_checkpoint_with_absolute_identity_is_still_this_jobs(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
     assert main(["run", str(job), "--quiet"]) == 0
@@ -109,7 +119,7 @@ def test_checkpoint_with_absolute_identity_is_still_this_jobs(tmp_path: Path, si
 
 
 def test_damaged_checkpoint_is_found_at_open_by_run_and_status(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(1500), limits={"concurrency": 64})
@@ -135,26 +145,12 @@ def test_damaged_checkpoint_is_found_at_open_by_run_and_status(
 
 
 def test_checkpoint_folder_deleted_mid_run_is_restored(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(300),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 300)
     checkpoint = tmp_path / "ck"
-
-    def delete_when_busy() -> None:
-        wait_for(lambda: server.simulator.answered > 60)
-        shutil.rmtree(checkpoint)
-
-    deleter = threading.Thread(target=delete_when_busy)
-    deleter.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    deleter.join()
+    assert run_sabotaged(job, server, lambda: shutil.rmtree(checkpoint), after=60) == 3
     err = capsys.readouterr().err
     assert "stopped: " in err
     assert "the checkpoint was deleted during the run; every committed row was restored" in err
@@ -169,7 +165,7 @@ def test_checkpoint_folder_deleted_mid_run_is_restored(
 
 def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -194,5 +190,5 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == kept
     monkeypatch.setattr(batcher.journal, "connect", original)
     answered = server.simulator.answered
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered - answered == 400 - kept

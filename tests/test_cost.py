@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from tests.conftest import reviews, write_job
+from tests.conftest import SimFactory, refused_where, reviews, write_job
 
 HAIKU = (0.80, 4.0, 0.08)  # input, output, cache read: USD per million tokens
 
 
-def test_cost_column_is_tokens_times_prices(tmp_path: Path, sim_factory) -> None:
+def test_cost_column_is_tokens_times_prices(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(cached_share=0.25)
     job = write_job(tmp_path, server.url)
     assert main(["run", str(job), "--quiet"]) == 0
@@ -29,7 +29,7 @@ def test_cost_column_is_tokens_times_prices(tmp_path: Path, sim_factory) -> None
 
 
 def test_unknown_model_costs_null_with_one_warning(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, request={"model": "house-model-7"})
@@ -40,7 +40,7 @@ def test_unknown_model_costs_null_with_one_warning(
     assert err.count("no price for model house-model-7") == 1
 
 
-def test_job_prices_and_price_file_override(tmp_path: Path, sim_factory) -> None:
+def test_job_prices_and_price_file_override(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     job = write_job(
         tmp_path,
@@ -51,26 +51,21 @@ def test_job_prices_and_price_file_override(tmp_path: Path, sim_factory) -> None
     assert main(["run", str(job), "--quiet"]) == 0
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     expected = (out["prompt_tokens"] * 1 + out["completion_tokens"] * 2) / 1e6
-    assert (out["cost_usd"] - expected).abs().max() < 1e-12
+    assert ((out["cost_usd"] - expected).abs() < 1e-12).all()
     table = tmp_path / "prices.yaml"
     table.write_text("models:\n  claude-3-5-haiku-20241022: {input: 10, output: 20}\n")
     other = write_job(tmp_path, server.url, name="other.yaml", output={"path": "out/other.parquet"})
     assert main(["run", str(other), "--quiet", "--prices", str(table)]) == 0
     out = pl.read_parquet(tmp_path / "out/other.parquet")
     expected = (out["prompt_tokens"] * 10 + out["completion_tokens"] * 20) / 1e6
-    assert (out["cost_usd"] - expected).abs().max() < 1e-12
+    assert ((out["cost_usd"] - expected).abs() < 1e-12).all()
 
 
 def test_cost_report_totals_and_groups(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
-    data = reviews(60).with_columns(
-        pl.when(pl.col("stars") == 3)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(reviews(60), stars=3)
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
     output = tmp_path / "out/result.parquet"
@@ -95,7 +90,7 @@ def test_cost_report_totals_and_groups(
 
 
 def test_estimate_sends_nothing_and_bounds_the_real_cost(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(200), request={"max_tokens": 24})
@@ -112,7 +107,7 @@ def test_estimate_sends_nothing_and_bounds_the_real_cost(
 
 
 def test_estimate_sample_is_not_paid_twice(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(200))
@@ -128,7 +123,7 @@ def test_estimate_sample_is_not_paid_twice(
 
 
 def test_budget_cap_stops_then_resumes(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.005)
     job = write_job(

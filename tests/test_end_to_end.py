@@ -9,7 +9,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.sim import SimulatorThread
-from tests.conftest import prompt_of, reviews, write_job
+from tests.conftest import SimFactory, prompt_of, reviews, write_job
 
 OUTPUT_COLUMNS = [
     "response",
@@ -49,7 +49,6 @@ def test_job_writes_every_row_in_order_with_usage(
     assert out["attempts"].to_list() == [1] * 50
     assert out["model"].unique().to_list() == ["claude-3-5-haiku-20241022"]
     assert out["stars"].dtype == pl.Int64
-    assert sim.simulator is not None
     usage = sim.simulator.usage_by_prompt
     for row in out.iter_rows(named=True):
         sent = usage[prompt_of(row["id"], row["text"])]
@@ -78,7 +77,7 @@ def test_row_index_key_and_keep_columns(tmp_path: Path, sim: SimulatorThread) ->
 
 
 def test_order_and_uniqueness_under_concurrency_with_random_latency(
-    tmp_path: Path, sim_factory
+    tmp_path: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory(latency_s=0.001, latency_jitter_s=0.05, seed=3)
     data = reviews(400)
@@ -129,6 +128,21 @@ def test_python_api_returns_a_summary(tmp_path: Path, sim: SimulatorThread) -> N
     )
 
 
+def test_python_api_summary_carries_why_the_run_stopped(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    import batcher
+
+    job = write_job(tmp_path, sim.url, limits={"max_cost_usd": 0.0005, "concurrency": 1})
+    summary = batcher.run(job, quiet=True)
+    assert isinstance(summary.error, batcher.BudgetReachedError)
+    assert summary.aborted == str(summary.error)
+    assert summary.exit_code == 3
+    assert summary.rows_ok > 0
+    assert summary.rows_pending > 0
+    assert batcher.run(job, quiet=True, limit=0).error is None
+
+
 def test_simulate_flag_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, "https://gateway.example.invalid/v1")
     assert run(job, "--simulate") == 0
@@ -145,7 +159,7 @@ def test_output_is_replaced_atomically(tmp_path: Path, sim: SimulatorThread) -> 
     assert leftovers == []
 
 
-def test_httpx_transport_is_selectable(tmp_path: Path, sim_factory) -> None:
+def test_httpx_transport_is_selectable(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(
         fail_share=0.3, faults=("503", "drop"), fail_attempts_max=1, retry_after_s=0.01
     )

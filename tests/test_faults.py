@@ -8,10 +8,10 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from tests.conftest import prompt_of, reviews, write_job
+from tests.conftest import SimFactory, prompt_of, refused_where, reviews, write_job
 
 
-def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory) -> None:
+def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(
         fail_share=0.3,
         fail_attempts_min=1,
@@ -47,14 +47,11 @@ def test_every_fault_kind_is_survived(tmp_path: Path, sim_factory) -> None:
 
 
 def test_client_errors_are_not_retried(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
-    data = reviews(100)
+    data = refused_where(reviews(100), stars=2)
     bad = data["stars"] == 2
-    data = data.with_columns(
-        pl.when(bad).then("[[sim:400]] " + pl.col("text")).otherwise(pl.col("text")).alias("text")
-    )
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
     out = pl.read_parquet(tmp_path / "out/result.parquet")
@@ -71,7 +68,7 @@ def test_client_errors_are_not_retried(
     assert "failed rows by error: http_400 20" in capsys.readouterr().err
 
 
-def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory) -> None:
+def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory(fail_share=1.0, fail_attempts_min=9, fail_attempts_max=9, faults=("503",))
     job = write_job(
         tmp_path,
@@ -85,7 +82,9 @@ def test_exhausted_retries_keep_the_last_error(tmp_path: Path, sim_factory) -> N
     assert server.simulator.requests == 20 * 3
 
 
-def test_hung_request_times_out_and_deadline_fails_the_row(tmp_path: Path, sim_factory) -> None:
+def test_hung_request_times_out_and_deadline_fails_the_row(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory(
         fail_share=1.0, fail_attempts_min=9, fail_attempts_max=9, faults=("stall",), stall_s=30
     )

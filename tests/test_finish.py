@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from batcher.cli import main
+from batcher.sim import SimulatorThread
 from tests.conftest import write_job
 from tests.test_models import requests_seen
 
@@ -26,7 +27,9 @@ def mixed_reviews(count: int) -> pl.DataFrame:
     )
 
 
-def test_truncated_rows_fail_then_keep_done_sends_only_them(tmp_path: Path, sim) -> None:
+def test_truncated_rows_fail_then_keep_done_sends_only_them(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
     data = mixed_reviews(20)
     odd = [f"k{i:05d}" for i in range(1, 20, 2)]
     job = write_job(
@@ -64,7 +67,7 @@ def test_truncated_rows_fail_then_keep_done_sends_only_them(tmp_path: Path, sim)
     assert requests_seen(sim.url) == 20 + len(odd) + 10
 
 
-def test_truncation_is_success_by_default(tmp_path: Path, sim) -> None:
+def test_truncation_is_success_by_default(tmp_path: Path, sim: SimulatorThread) -> None:
     job = write_job(
         tmp_path, sim.url, data=mixed_reviews(6), request={"max_tokens": SHORT_MAX_TOKENS}
     )
@@ -74,7 +77,7 @@ def test_truncation_is_success_by_default(tmp_path: Path, sim) -> None:
     assert out["error"].null_count() == 6
 
 
-def test_fail_on_finish_with_keep_done_and_model_list(tmp_path: Path, sim) -> None:
+def test_fail_on_finish_with_keep_done_and_model_list(tmp_path: Path, sim: SimulatorThread) -> None:
     job = write_job(
         tmp_path,
         sim.url,

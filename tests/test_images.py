@@ -14,7 +14,7 @@ from PIL import Image
 
 from batcher import images as images_module
 from batcher.cli import main
-from tests.conftest import write_job
+from tests.conftest import SimFactory, write_job
 
 HEIC_STUB = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
 
@@ -51,7 +51,7 @@ def pics(tmp_path: Path) -> Path:
     return folder
 
 
-def test_mime_comes_from_the_bytes(tmp_path: Path, pics: Path, sim_factory) -> None:
+def test_mime_comes_from_the_bytes(tmp_path: Path, pics: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     picture(pics / "a.png", (64, 48), "PNG", "RGBA")
     picture(pics / "b.jpg", (64, 48), "JPEG")
@@ -76,13 +76,13 @@ def test_mime_comes_from_the_bytes(tmp_path: Path, pics: Path, sim_factory) -> N
         "image/png",
         "image/jpeg",
     ]
-    assert all(s["declared"] == s["sniffed"] for s in seen)
+    assert all(s["declared"] == s["decoded"] for s in seen)
     assert seen[3]["bytes"] == len(HEIC_STUB)  # passed through untouched
     assert seen[0]["bytes"] == (pics / "a.png").stat().st_size
 
 
 def test_large_image_is_downscaled_and_keeps_orientation(
-    tmp_path: Path, pics: Path, sim_factory
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory()
     picture(pics / "big.jpg", (4000, 3000), "JPEG")
@@ -105,7 +105,7 @@ def test_large_image_is_downscaled_and_keeps_orientation(
     assert max(alpha["width"], alpha["height"]) == 1568
 
 
-def test_max_bytes_forces_reencoding(tmp_path: Path, pics: Path, sim_factory) -> None:
+def test_max_bytes_forces_reencoding(tmp_path: Path, pics: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     noisy = Image.effect_noise((1200, 1200), 100).convert("RGB")
     noisy.save(pics / "noise.jpg", quality=95)
@@ -118,7 +118,7 @@ def test_max_bytes_forces_reencoding(tmp_path: Path, pics: Path, sim_factory) ->
 
 
 def test_urls_pass_through_and_several_images_keep_their_order(
-    tmp_path: Path, pics: Path, sim_factory
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory()
     picture(pics / "one.png", (10, 10), "PNG")
@@ -139,7 +139,7 @@ def test_urls_pass_through_and_several_images_keep_their_order(
 
 
 def test_missing_and_corrupt_images_fail_only_their_row(
-    tmp_path: Path, pics: Path, sim_factory
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory()
     picture(pics / "good.png", (10, 10), "PNG")
@@ -160,7 +160,7 @@ def test_missing_and_corrupt_images_fail_only_their_row(
 
 
 def test_changed_image_is_sent_again_and_unchanged_is_not(
-    tmp_path: Path, pics: Path, sim_factory
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory()
     picture(pics / "a.png", (10, 10), "PNG")
@@ -177,7 +177,7 @@ def test_changed_image_is_sent_again_and_unchanged_is_not(
 
 
 def test_heic_that_needs_resizing_asks_for_the_extra(
-    tmp_path: Path, pics: Path, sim_factory
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
 ) -> None:
     server = sim_factory()
     (pics / "huge.heic").write_bytes(HEIC_STUB + b"\x00" * 5000)
@@ -206,7 +206,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def test_images_over_the_pixel_limit_fail_only_their_row(
-    tmp_path: Path, pics: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pics: Path, sim_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = sim_factory()
     # A small limit stands in for Pillow's ~89 million pixels: between it and twice it Pillow
@@ -230,7 +230,9 @@ def test_images_over_the_pixel_limit_fail_only_their_row(
     assert server.simulator.requests == 1
 
 
-def test_image_messages_carry_no_memory_addresses(tmp_path: Path, pics: Path, sim_factory) -> None:
+def test_image_messages_carry_no_memory_addresses(
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     (pics / "noise.png").write_bytes(b"neither a PNG nor anything else")
     job = image_job(tmp_path, server.url, [{"id": "n", "photo": "noise.png"}])
@@ -240,10 +242,12 @@ def test_image_messages_carry_no_memory_addresses(tmp_path: Path, pics: Path, si
     assert error == "image_error: noise.png: not a readable image (cannot identify image file)"
 
 
-def test_an_empty_or_null_image_cell_fails_its_row(tmp_path: Path, pics: Path, sim_factory) -> None:
+def test_an_empty_or_null_image_cell_fails_its_row(
+    tmp_path: Path, pics: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     picture(pics / "good.png", (10, 10), "PNG")
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "good", "photo": "good.png"},
         {"id": "null", "photo": None},
         {"id": "blank", "photo": ""},
@@ -257,7 +261,7 @@ def test_an_empty_or_null_image_cell_fails_its_row(tmp_path: Path, pics: Path, s
 
 
 def test_image_paths_stay_inside_the_image_root(
-    tmp_path: Path, pics: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pics: Path, sim_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = sim_factory()
     home = tmp_path / "home"

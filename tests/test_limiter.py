@@ -12,20 +12,9 @@ from hypothesis import strategies as st
 
 from batcher.client import parse_retry_after
 from batcher.limiter import Cost, RateLimiter
+from tests.fakes import FakeTime
 
-
-class FakeTime:
-    """A clock that moves only when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-        await anyio.lowlevel.checkpoint()
+__all__ = ["FakeTime"]  # test_flow.py takes the fake clock from here
 
 
 def pacer(time: FakeTime, **rates: float) -> RateLimiter:

@@ -12,7 +12,8 @@ import pytest
 
 from batcher.cli import main
 from batcher.ledger import read_ledger
-from tests.conftest import MODEL, reviews, write_job
+from batcher.sim import SimulatorThread
+from tests.conftest import MODEL, SimFactory, reviews, write_job
 
 SONNET = "claude-sonnet-4-20250514"
 OLD_HAIKU = "claude-3-haiku-20240307"
@@ -26,7 +27,9 @@ def requests_seen(base_url: str) -> int:
     return int(stats["requests"])
 
 
-def test_two_models_then_a_third_sends_only_its_rows(tmp_path: Path, sim_factory) -> None:
+def test_two_models_then_a_third_sends_only_its_rows(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     data = reviews(200)
     job = write_job(tmp_path, server.url, data=data, request={"model": [MODEL, SONNET]})
@@ -62,7 +65,9 @@ def test_two_models_then_a_third_sends_only_its_rows(tmp_path: Path, sim_factory
     )
 
 
-def test_single_model_output_has_no_request_model_column(tmp_path: Path, sim) -> None:
+def test_single_model_output_has_no_request_model_column(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
     job = write_job(tmp_path, sim.url)
     assert main(["run", str(job), "--quiet"]) == 0
     out = pl.read_parquet(tmp_path / "out/result.parquet")
@@ -71,7 +76,7 @@ def test_single_model_output_has_no_request_model_column(tmp_path: Path, sim) ->
 
 
 def test_cost_and_estimate_split_by_request_model(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(tmp_path, sim.url, request={"model": [MODEL, SONNET]})
     capsys.readouterr()
@@ -96,7 +101,7 @@ def test_cost_and_estimate_split_by_request_model(
 
 
 def test_model_list_errors_before_sending(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(tmp_path, sim.url, request={"model": [MODEL, MODEL]})
     assert main(["run", str(job), "--quiet"]) == 2
@@ -114,7 +119,7 @@ def test_model_list_errors_before_sending(
 
 
 def test_status_counts_rows_of_every_model(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(tmp_path, sim.url, request={"model": [MODEL, SONNET]})
     assert main(["run", str(job), "--quiet", "--limit", "5"]) == 0

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +16,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.cli import main
-from tests.conftest import reviews, write_job
-from tests.test_resume import start, wait_for
+from tests.conftest import (
+    SimFactory,
+    busy_job,
+    rerun,
+    reviews,
+    run_sabotaged,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 def test_output_path_that_is_a_folder_is_refused_before_sending(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
@@ -38,7 +45,7 @@ def test_output_path_that_is_a_folder_is_refused_before_sending(
 
 def test_disk_full_at_the_output_write(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,7 +91,7 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 
 def test_real_disk_full_at_the_output_write(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
@@ -105,7 +112,7 @@ def test_real_disk_full_at_the_output_write(
 
 def test_real_disk_full_in_the_checkpoint(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
@@ -127,97 +134,67 @@ def test_real_disk_full_in_the_checkpoint(
     assert 0 < kept < 3000
     subprocess.run(["mount", "-o", "remount,size=16m", str(checkpoint)], check=True)
     answered = server.simulator.answered
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered - answered == 3000 - kept
 
 
 def test_output_folder_gone_mid_run(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def replace_folder_with_a_file() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         shutil.rmtree(tmp_path / "out")
         (tmp_path / "out").write_text("not a folder")
 
-    saboteur = threading.Thread(target=replace_folder_with_a_file)
-    saboteur.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    saboteur.join()
+    assert run_sabotaged(job, server, replace_folder_with_a_file, after=20) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"error: {tmp_path / 'out/result.parquet'}: cannot write the output")
     assert "rows already answered are not sent again" in err
     (tmp_path / "out").unlink()
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered == 200
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == 200
 
 
 def test_output_file_system_made_read_only_mid_run(
     tmp_path: Path,
-    sim_factory,
+    sim_factory: SimFactory,
     capsys: pytest.CaptureFixture[str],
     small_disk: Callable[[str, str], Path],
 ) -> None:
     server = sim_factory(latency_s=0.02)
     out = small_disk("out", "16m")
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def make_read_only() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
 
-    saboteur = threading.Thread(target=make_read_only)
-    saboteur.start()
-    assert main(["run", str(job), "--quiet"]) == 3
-    saboteur.join()
+    assert run_sabotaged(job, server, make_read_only, after=20) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "cannot write the output (Read-only file system)" in err
     subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True)
-    assert main(["run", str(job), "--quiet", "--set", "limits.concurrency=64"]) == 0
+    assert rerun(job) == 0
     assert server.simulator.answered == 200
     assert pl.read_parquet(out / "result.parquet").height == 200
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_folder_made_read_only_mid_run(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.02)
-    job = write_job(
-        tmp_path,
-        server.url,
-        data=reviews(200),
-        limits={"concurrency": 4},
-        output={"checkpoint_dir": "ck"},
-    )
+    job = busy_job(tmp_path, server.url, 200)
 
     def make_read_only() -> None:
-        wait_for(lambda: server.simulator.answered > 20)
         (tmp_path / "out").chmod(0o555)
 
-    saboteur = threading.Thread(target=make_read_only)
-    saboteur.start()
     try:
-        assert main(["run", str(job), "--quiet"]) == 3
+        assert run_sabotaged(job, server, make_read_only, after=20) == 3
     finally:
-        saboteur.join()
         (tmp_path / "out").chmod(0o755)
     err = capsys.readouterr().err
     assert "cannot write the output (Permission denied)" in err
@@ -226,7 +203,7 @@ def test_output_folder_made_read_only_mid_run(
 
 
 def test_limit_bounds_what_is_sent_not_the_output(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url, data=reviews(30))
@@ -260,7 +237,7 @@ def _big_output_job(folder: Path, base_url: str) -> Path:
     ids=["SIGTERM", "SIGINT-twice"],
 )
 def test_signal_during_the_output_write(
-    tmp_path: Path, sim_factory, signals: list[signal.Signals]
+    tmp_path: Path, sim_factory: SimFactory, signals: list[signal.Signals]
 ) -> None:
     server = sim_factory()
     job = _big_output_job(tmp_path, server.url)

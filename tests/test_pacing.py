@@ -13,7 +13,7 @@ import pytest
 
 from batcher.cli import main
 from bench.pacing import CASES, pacing_case
-from tests.conftest import reviews, write_job
+from tests.conftest import SimFactory, reviews, write_job
 
 # case: (rows, least share of the limit achieved, most 429s as a share of requests). The floors
 # leave room for a busy machine (CI shares two cores with the simulator): what they catch is a
@@ -52,7 +52,7 @@ def test_random_429s_are_reported_as_noise(tmp_path: Path) -> None:
     assert "429s the pace did not cause" in "\n".join(summary.lines())
 
 
-def test_429s_do_not_use_up_attempts(tmp_path: Path, sim_factory) -> None:
+def test_429s_do_not_use_up_attempts(tmp_path: Path, sim_factory: SimFactory) -> None:
     # Every row is refused its first three attempts with 429; max_attempts is 2.
     server = sim_factory(fail_share=1.0, fail_attempts_min=3, fail_attempts_max=3, faults=("429",))
     job = write_job(tmp_path, server.url, retry={"max_attempts": 2}, limits={"concurrency": 8})
@@ -63,7 +63,7 @@ def test_429s_do_not_use_up_attempts(tmp_path: Path, sim_factory) -> None:
 
 
 def test_a_server_answering_only_429_stops_the_run(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(random_429_share=1.0, retry_after_s=0.2)
     job = write_job(tmp_path, server.url, limits={"stall_timeout_s": 2, "concurrency": 4})
@@ -79,7 +79,7 @@ def test_a_server_answering_only_429_stops_the_run(
 
 
 def test_status_lines_without_a_terminal_and_a_concurrency_hint(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(latency_s=0.5)
     job = write_job(

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from batcher.cli import main
-from tests.conftest import MODEL, write_job
+from batcher.sim import SimulatorThread
+from tests.conftest import MODEL, SimFactory, write_job
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = re.compile(
@@ -57,7 +58,7 @@ def with_images(body: dict[str, Any], describe: Any) -> dict[str, Any]:
 
 
 def test_image_sample_bodies_equal_what_run_sends(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(record_bodies=True)
     job = str(ROOT / "configs/caption_images.yaml")
@@ -96,7 +97,7 @@ def test_image_sample_bodies_equal_what_run_sends(
 
 
 def test_text_bodies_equal_what_run_sends_for_each_model(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory(record_bodies=True)
     job = str(ROOT / "configs/label_reviews.yaml")
@@ -135,7 +136,7 @@ def test_preview_needs_no_key_and_shows_text(
 
 
 def test_preview_runs_the_pre_flight_checks(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(tmp_path, sim.url, request={"prompt": "{{ missing }}"})
     assert main(["preview", str(job)]) == 2
@@ -147,7 +148,7 @@ def test_preview_runs_the_pre_flight_checks(
 
 
 def test_preview_shows_rows_that_fail_before_sending(
-    tmp_path: Path, sim, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = pl.DataFrame({"id": ["a", "b"], "photo": ["missing.png", ""]})
     job = write_job(

@@ -10,7 +10,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.tally import Progress, Tally
-from tests.conftest import write_job
+from tests.conftest import SimFactory, write_job
 
 
 class Terminal(io.StringIO):
@@ -34,7 +34,7 @@ def test_bar_shows_counts_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_quiet_and_not_a_terminal_show_only_the_summary(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)

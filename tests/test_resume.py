@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -14,7 +14,8 @@ import pytest
 
 from batcher.cli import main
 from batcher.journal import COMMIT_ROWS
-from tests.conftest import reviews, write_job
+from batcher.sim import SimulatorThread
+from tests.conftest import SimFactory, refused_where, reviews, start, wait_for, write_job
 
 COMPARED = [
     "id",
@@ -28,25 +29,13 @@ COMPARED = [
 CONCURRENCY = 32
 
 
-def start(job: Path, *, capture: bool = True) -> subprocess.Popen[bytes]:
-    """`batcher run` in a real subprocess; read its output with communicate() when captured."""
-    stream = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet"],
-        stdout=stream,
-        stderr=stream,
-    )
+def answered_or_ended(
+    server: SimulatorThread, before: int, process: subprocess.Popen[bytes]
+) -> bool:
+    return server.simulator.answered > before or process.poll() is not None
 
 
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def uninterrupted(tmp_path: Path, sim_factory, data: pl.DataFrame) -> pl.DataFrame:
+def uninterrupted(tmp_path: Path, sim_factory: SimFactory, data: pl.DataFrame) -> pl.DataFrame:
     folder = tmp_path / "baseline"
     folder.mkdir()
     server = sim_factory()
@@ -56,7 +45,7 @@ def uninterrupted(tmp_path: Path, sim_factory, data: pl.DataFrame) -> pl.DataFra
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> None:
+def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory: SimFactory) -> None:
     data = reviews(5000)
     expected = uninterrupted(tmp_path, sim_factory, data)
     server = sim_factory(latency_s=0.01, latency_jitter_s=0.03, seed=5)
@@ -68,7 +57,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> N
         before = server.simulator.answered
         process = start(job, capture=False)
         # Wait until this run has answered something, then kill it at a random moment.
-        wait_for(lambda b=before, p=process: server.simulator.answered > b or p.poll() is not None)
+        wait_for(partial(answered_or_ended, server, before, process))
         time.sleep(chance.uniform(0.05, 0.8))
         if process.poll() is not None:
             break
@@ -90,7 +79,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, sim_factory) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_finishes_in_flight_and_resumes_without_duplicates(
-    tmp_path: Path, sim_factory, stop: signal.Signals
+    tmp_path: Path, sim_factory: SimFactory, stop: signal.Signals
 ) -> None:
     data = reviews(3000)
     expected = uninterrupted(tmp_path, sim_factory, data)
@@ -117,7 +106,7 @@ def test_interrupt_finishes_in_flight_and_resumes_without_duplicates(
     assert max(server.simulator.answered_by_prompt.values()) == 1
 
 
-def test_edit_template_resends_only_changed_rows(tmp_path: Path, sim_factory) -> None:
+def test_edit_template_resends_only_changed_rows(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     data = reviews(60)
     job = write_job(tmp_path, server.url, data=data)
@@ -145,15 +134,12 @@ def test_edit_template_resends_only_changed_rows(tmp_path: Path, sim_factory) ->
     assert set(moved["id"]) <= set(data.filter(pl.col("stars") == 5)["id"])
 
 
-def test_failed_rows_are_retried_unless_skip_failed(tmp_path: Path, sim_factory) -> None:
+def test_failed_rows_are_retried_unless_skip_failed(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
     server = sim_factory()
     data = reviews(30)
-    data = data.with_columns(
-        pl.when(pl.col("stars") == 1)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(data, stars=1)
     bad = data.filter(pl.col("stars") == 1).height
     job = write_job(tmp_path, server.url, data=data)
     assert main(["run", str(job), "--quiet"]) == 1
@@ -166,7 +152,7 @@ def test_failed_rows_are_retried_unless_skip_failed(tmp_path: Path, sim_factory)
 
 
 def test_foreign_journal_is_refused_and_fresh_replaces_it(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
@@ -183,16 +169,11 @@ def test_foreign_journal_is_refused_and_fresh_replaces_it(
 
 
 def test_status_reads_the_journal(
-    tmp_path: Path, sim_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = sim_factory()
     data = reviews(40)
-    data = data.with_columns(
-        pl.when(pl.col("stars") == 2)
-        .then("[[sim:400]] " + pl.col("text"))
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
+    data = refused_where(data, stars=2)
     job = write_job(tmp_path, server.url, data=data)
     assert main(["status", str(job)]) == 0
     assert "no checkpoint yet: 40 rows pending" in capsys.readouterr().out
@@ -204,7 +185,7 @@ def test_status_reads_the_journal(
     assert f"failed by error: http_400 {bad}" in out
 
 
-def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory) -> None:
+def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory: SimFactory) -> None:
     server = sim_factory()
     job = write_job(tmp_path, server.url)
     (tmp_path / "out").mkdir()
@@ -216,7 +197,7 @@ def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory) -> None:
 
 
 def test_resume_renders_only_rows_whose_inputs_changed(
-    tmp_path: Path, sim_factory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sim_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batcher.request import RequestBuilder
 

@@ -15,9 +15,9 @@ from typing import Any, Self
 import httpx
 import orjson
 
-from batcher.client import classify_status, shorten
+from batcher.client import classify_status
 from batcher.config import EndpointConfig, RetryConfig
-from batcher.errors import AttemptError, BatchApiError
+from batcher.errors import AttemptError, BatchApiError, shorten
 from batcher.retry import retrying
 
 CHAT_URL = "/v1/chat/completions"
@@ -82,36 +82,29 @@ class BatchApi:
         try:
             async for attempt in retrying(policy):
                 with attempt:
-                    try:
-                        if upload is None:
-                            response = await self._client.request(method, path, **kwargs)
-                        else:
-                            with upload.open("rb") as handle:
-                                files = {"file": (upload.name, handle, "application/jsonl")}
-                                response = await self._client.request(
-                                    method, path, files=files, **kwargs
-                                )
-                    except httpx.TransportError as exc:
-                        raise AttemptError(
-                            "connection", shorten(str(exc) or type(exc).__name__), retryable=True
-                        ) from None
+                    response = await _send(self._client, method, path, upload, kwargs)
                     if response.status_code < 300:
                         return response
-                    if response.status_code in (404, 405):
-                        raise NoBatchApiError(f"{method} /{path}", response.status_code)
-                    error = classify_status(
-                        response, response.content, self._endpoint.api_key_env, self._secret
-                    )
-                    if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
-                        raise TooLargeError(error.message)
-                    if error.retryable:
-                        raise error
-                    raise BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
+                    raise self._refusal(method, path, response)
         except AttemptError as exc:  # still failing after retry.max_attempts
             if once:
                 raise
             raise BatchApiError(f"{method} /{path}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _refusal(self, method: str, path: str, response: httpx.Response) -> Exception:
+        """What a reply of 300 or more means: no Batch API, too large, a transient error
+        (AttemptError, retried) or a refusal."""
+        if response.status_code in (404, 405):
+            return NoBatchApiError(f"{method} /{path}", response.status_code)
+        error = classify_status(
+            response, response.content, self._endpoint.api_key_env, self._secret
+        )
+        if response.status_code in (400, 413) and _TOO_LARGE.search(error.message):
+            return TooLargeError(error.message)
+        if error.retryable:
+            return error
+        return BatchApiError(f"{method} /{path}: HTTP {error.status}: {error.message}")
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = await self._call(method, path, **kwargs)
@@ -128,24 +121,6 @@ class BatchApi:
         await self._call("GET", "files", params={"purpose": "batch", "limit": 1})
         await self._call("GET", "batches", params={"limit": 1})
 
-    async def _idempotent(
-        self, send: Callable[[], Awaitable[str]], find: Callable[[], Awaitable[str | None]]
-    ) -> str:
-        """``send``, retried on transient failures; before each retry ``find`` asks whether the
-        server acted on an attempt whose reply was lost (a timeout, a dropped connection), so
-        a file is never uploaded, nor a batch created, twice."""
-        first = True
-        try:
-            async for attempt in retrying(self._retry):
-                with attempt:
-                    if not first and (found := await find()) is not None:
-                        return found
-                    first = False
-                    return await send()
-        except AttemptError as exc:
-            raise BatchApiError(str(exc)) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
-
     async def upload(self, path: Path) -> str:
         """Upload a JSONL file with purpose=batch under its own name; its file id."""
 
@@ -155,7 +130,7 @@ class BatchApi:
             )
             return str(data["id"])
 
-        return await self._idempotent(send, lambda: self.find_file(path.name))
+        return await _idempotent(self._retry, send, lambda: self.find_file(path.name))
 
     async def find_file(self, filename: str) -> str | None:
         """The id of an uploaded batch file by name (after a kill between upload and commit)."""
@@ -186,7 +161,7 @@ class BatchApi:
             found = await self.find_batch(chunk)
             return str(found["id"]) if found is not None else None
 
-        return await self._idempotent(send, find)
+        return await _idempotent(self._retry, send, find)
 
     async def find_batch(self, chunk: str, pages: int = 10) -> dict[str, Any] | None:
         """A batch created for ``chunk`` (after a kill between create and commit)."""
@@ -214,3 +189,39 @@ class BatchApi:
     async def content(self, file_id: str) -> bytes:
         response = await self._call("GET", f"files/{file_id}/content")
         return response.content
+
+
+async def _idempotent(
+    retry: RetryConfig,
+    send: Callable[[], Awaitable[str]],
+    find: Callable[[], Awaitable[str | None]],
+) -> str:
+    """``send``, retried on transient failures; before each retry ``find`` asks whether the
+    server acted on an attempt whose reply was lost (a timeout, a dropped connection), so
+    a file is never uploaded, nor a batch created, twice."""
+    first = True
+    try:
+        async for attempt in retrying(retry):
+            with attempt:
+                if not first and (found := await find()) is not None:
+                    return found
+                first = False
+                return await send()
+    except AttemptError as exc:
+        raise BatchApiError(str(exc)) from None
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+
+async def _send(
+    client: httpx.AsyncClient, method: str, path: str, upload: Path | None, kwargs: dict[str, Any]
+) -> httpx.Response:
+    """One request; ``upload`` is a file sent as the multipart ``file`` field."""
+    try:
+        if upload is None:
+            return await client.request(method, path, **kwargs)
+        with upload.open("rb") as handle:
+            files = {"file": (upload.name, handle, "application/jsonl")}
+            return await client.request(method, path, files=files, **kwargs)
+    except httpx.TransportError as exc:
+        message = shorten(str(exc) or type(exc).__name__)
+        raise AttemptError("connection", message, retryable=True) from None

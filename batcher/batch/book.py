@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 from batcher.batch.lines import Chunk, LineRow
-from batcher.journal import Outcome, connect, insert_outcomes
+from batcher.columns import Outcome
+from batcher.journal import connect, insert_outcomes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_chunks (

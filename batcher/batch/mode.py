@@ -9,25 +9,26 @@ knows; Ctrl-C leaves the batches running on the server; ``--cancel`` cancels the
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from batcher.batch.api import TERMINAL, BatchApi, NoBatchApiError
 from batcher.batch.book import BatchBook, ChunkState
+from batcher.batch.cancel import cancel_in_flight
+from batcher.batch.control import RunControl, watch_signals
+from batcher.batch.filler import Filler
 from batcher.batch.progress import BatchProgress
-from batcher.batch.results import Collector, read_results
-from batcher.batch.submit import RunControl, Submitter
+from batcher.batch.results import Collector, collect_batch
+from batcher.batch.submit import Submitter
 from batcher.errors import (
     AbortError,
-    BatchApiError,
     BatcherError,
     ConfigError,
-    InterruptedRunError,
 )
 from batcher.journal import Journal, journal_path
 from batcher.outcome import OutcomeBuilder
@@ -36,8 +37,6 @@ from batcher.summary import RunSummary
 
 if TYPE_CHECKING:
     from batcher.runner import Run
-
-COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
 
 
 def check_batch_job(run: Run) -> None:
@@ -85,48 +84,42 @@ class BatchRun:
     async def execute(self, base_url: str) -> RunSummary:
         started = time.monotonic()
         journal_file = journal_path(self.job.checkpoint_dir)
-        identity = {
-            "input": self.job.input_path,
-            "output": str(self.job.output_path),
-            "key_column": self.plan.source.key_column,
-        }
-        fresh = self.options.fresh
-        if fresh and journal_file.exists():
-            self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
-        # The journal checks the checkpoint's identity and answers "which rows are done";
-        # in batch mode every write goes through the book, in its own transactions.
-        self.journal = await anyio.to_thread.run_sync(
-            lambda: Journal(journal_file, identity, fresh=fresh)
+        self.journal, self.book = await anyio.to_thread.run_sync(
+            _open_checkpoint, self.run, journal_file, self.folder
         )
-        self.book = await anyio.to_thread.run_sync(BatchBook, journal_file)
-        if fresh:
-            for stale in self.folder.glob("*"):
-                stale.unlink(missing_ok=True)
         total = self.plan.total_rows
         self.progress = BatchProgress(self.tally, total, quiet=self.options.quiet)
         endpoint = self.config.endpoint.model_copy(update={"base_url": base_url})
         try:
             async with BatchApi(endpoint, self.plan.api_key, self.config.retry) as api:
                 self.api = api
-                self.submitter = Submitter(
-                    self.run, self.journal, self.book, api, self.progress, self.prices, self.control
+                filler = Filler(
+                    self.run, self.journal, self.book, self.progress, self.prices, self.control
                 )
+                self.submitter = Submitter(self.run, self.book, api, self.control, filler)
                 try:
                     await api.probe()
                 except NoBatchApiError as exc:
-                    raise self._no_batch_api(base_url, exc) from None
+                    raise _no_batch_api(self.job.source, base_url, exc) from None
                 # anyio wraps what a task group's body raises in an ExceptionGroup: run
                 # failures are taken out here and raised as they are, after the group.
                 failure: BatcherError | None = None
                 async with anyio.create_task_group() as group:
                     if threading.current_thread() is threading.main_thread():
-                        group.start_soon(self._watch_signals, group.cancel_scope)
+                        group.start_soon(
+                            watch_signals,
+                            self.control,
+                            self.options.notify,
+                            self._running,
+                            self.job.source,
+                            group.cancel_scope,
+                        )
                     try:
                         await self._main()
                     except AbortError as exc:
                         self.control.stop(exc)
                     except NoBatchApiError as exc:
-                        failure = self._no_batch_api(base_url, exc)
+                        failure = _no_batch_api(self.job.source, base_url, exc)
                     except BatcherError as exc:
                         failure = exc
                     group.cancel_scope.cancel()
@@ -141,12 +134,6 @@ class BatchRun:
             lambda: write_output(self.plan, run.layout, journal_file)
         )
         return self._summary(written.rows, written.ok, written.cost_usd, started)
-
-    def _no_batch_api(self, base_url: str, exc: NoBatchApiError) -> ConfigError:
-        return ConfigError(
-            f"{self.job.source}: endpoint.mode: {base_url} does not serve the Batch API "
-            f"({exc}); set endpoint.mode: live to send the rows one by one"
-        )
 
     async def _main(self) -> None:
         await self._show(await anyio.to_thread.run_sync(self.book.active))
@@ -194,74 +181,26 @@ class BatchRun:
                 chunk.name, path, chunk.lines, chunk.bytes, message, lines_refused=True
             )
             return
-        contents = []
-        for field in ("output_file_id", "error_file_id"):
-            if batch.get(field):
-                contents.append(await self.api.content(str(batch[field])))
-        results = read_results(*contents)
-        del contents
-        rows = await anyio.to_thread.run_sync(self.book.rows_in, chunk.name)
-        # In slices, each committed with its rows' states: a 50,000-line batch's outcomes are
-        # never all in memory, and a run killed midway collects only the rest next time.
-        for start in range(0, max(len(rows), 1), COLLECT_ROWS):
-            part = rows[start : start + COLLECT_ROWS]
-            collected = self.collector.collect(part, results, status, chunk.cancel_requested)
-            last = start + COLLECT_ROWS >= len(rows)
-            await anyio.to_thread.run_sync(
-                self.book.collect,
-                chunk.name,
-                status if last else None,
-                collected.outcomes,
-                collected.updates,
-            )
-            self.progress.advance(len(collected.outcomes))
-            if collected.stop is not None:
-                self.control.stop(collected.stop)
+        collected = await collect_batch(
+            chunk, batch, self.api, self.book, self.collector, self.progress.advance
+        )
+        if collected is not None:
+            self.control.stop(collected)
 
     async def _cancel_all(self) -> None:
         """``--cancel``: cancel every batch in flight and forget chunks never created."""
         self.control.stop(AbortError("cancelled"))
-        for chunk in await anyio.to_thread.run_sync(self.book.active):
-            batch_id = chunk.batch_id
-            if batch_id is None and chunk.state == "uploaded":
-                found = await self.api.find_batch(chunk.name)
-                if found is not None:
-                    batch_id = str(found["id"])
-                    await anyio.to_thread.run_sync(
-                        self.book.set_submitted, chunk.name, batch_id, found.get("status")
-                    )
-            if batch_id is None:
-                await anyio.to_thread.run_sync(self.book.drop_chunk, chunk.name)
-                stale = anyio.Path(self.folder / f"batcher-{chunk.name}.jsonl")
-                await stale.unlink(missing_ok=True)
-                continue
-            # Journal first: the rows of a batch we cancel come back uncounted.
-            await anyio.to_thread.run_sync(self.book.set_cancel_requested, chunk.name)
-            try:
-                await self.api.cancel(batch_id)
-            except BatchApiError as exc:
-                self.options.notify(f"cannot cancel batch {batch_id}: {exc}")
-                continue
-            self.cancelled += 1
+        self.cancelled = await cancel_in_flight(
+            self.book, self.api, self.folder, self.options.notify
+        )
         self.control.abort = AbortError(
             f"cancelled {self.cancelled} batch(es) in flight as asked; "
             "rerun without --cancel to submit their rows again"
         )
 
-    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for received in signals:
-                name = signal.Signals(received).name
-                running = sum(self._statuses.values()) + sum(self.submitter.created.values())
-                message = (
-                    f"interrupted by {name}: {running} batch(es) keep running on the server and "
-                    "will be billed; rerun the same command to collect them, or cancel them with "
-                    f"`batcher cancel {self.job.source}`"
-                )
-                self.control.stop(InterruptedRunError(message))
-                self.options.notify(message)
-                scope.cancel()
-                return
+    def _running(self) -> int:
+        """Batches running on the server, as far as this run knows."""
+        return sum(self._statuses.values()) + sum(self.submitter.created.values())
 
     def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
         return RunSummary.of_run(
@@ -286,3 +225,31 @@ def _refused_as_too_large(batch: dict[str, Any]) -> bool:
     errors = (batch.get("errors") or {}).get("data") or []
     text = " ".join(f"{e.get('code')} {e.get('message')}" for e in errors if isinstance(e, dict))
     return any(word in text.lower() for word in ("too large", "too many", "exceed"))
+
+
+def _no_batch_api(source: Path, base_url: str, exc: NoBatchApiError) -> ConfigError:
+    return ConfigError(
+        f"{source}: endpoint.mode: {base_url} does not serve the Batch API "
+        f"({exc}); set endpoint.mode: live to send the rows one by one"
+    )
+
+
+def _open_checkpoint(run: Run, journal_file: Path, folder: Path) -> tuple[Journal, BatchBook]:
+    """The journal (it checks the checkpoint's identity and answers "which rows are done")
+    and the book: in batch mode every write goes through the book, in its own transactions.
+    With --fresh both start empty and chunk files left by earlier runs are removed
+    (blocking: run in a thread)."""
+    job, fresh = run.job, run.options.fresh
+    identity = {
+        "input": job.input_path,
+        "output": str(job.output_path),
+        "key_column": run.plan.source.key_column,
+    }
+    if fresh and journal_file.exists():
+        run.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
+    journal = Journal(journal_file, identity, fresh=fresh)
+    book = BatchBook(journal_file)
+    if fresh:
+        for stale in folder.glob("*"):
+            stale.unlink(missing_ok=True)
+    return journal, book

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 
-from batcher.batch.book import BookRow, RowUpdate
+from batcher.batch.api import BatchApi
+from batcher.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
 from batcher.client import Reply, classify_status, parse_reply
+from batcher.columns import Outcome
 from batcher.config import JobConfig
 from batcher.errors import AccountError, AttemptError, BatcherError, KeyRefusedError
-from batcher.journal import Outcome
 from batcher.outcome import OutcomeBuilder
 from batcher.parse import OutputParser
 from batcher.request import RowRequest
+
+COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
 
 # What a line without a result means, by how its batch ended.
 _MISSING = {
@@ -193,3 +198,40 @@ class Collector:
     @staticmethod
     def _uncounted(collected: Collected, row: BookRow, why: str) -> None:
         collected.updates.append(RowUpdate(row.key, "retry", row.attempts - 1, why))
+
+
+async def collect_batch(
+    chunk: ChunkState,
+    batch: dict[str, Any],
+    api: BatchApi,
+    book: BatchBook,
+    collector: Collector,
+    advance: Callable[[int], None],
+) -> BatcherError | None:
+    """Collect a batch that ended: every line that completed is kept, whatever the end.
+    Returns a key or account refusal found among its lines (the run stops submitting)."""
+    status = str(batch.get("status"))
+    contents = []
+    for field_name in ("output_file_id", "error_file_id"):
+        if batch.get(field_name):
+            contents.append(await api.content(str(batch[field_name])))
+    results = read_results(*contents)
+    del contents
+    rows = await anyio.to_thread.run_sync(book.rows_in, chunk.name)
+    stop: BatcherError | None = None
+    # In slices, each committed with its rows' states: a 50,000-line batch's outcomes are
+    # never all in memory, and a run killed midway collects only the rest next time.
+    for start in range(0, max(len(rows), 1), COLLECT_ROWS):
+        part = rows[start : start + COLLECT_ROWS]
+        collected = collector.collect(part, results, status, chunk.cancel_requested)
+        last = start + COLLECT_ROWS >= len(rows)
+        await anyio.to_thread.run_sync(
+            book.collect,
+            chunk.name,
+            status if last else None,
+            collected.outcomes,
+            collected.updates,
+        )
+        advance(len(collected.outcomes))
+        stop = stop or collected.stop
+    return stop

@@ -9,93 +9,52 @@ A rerun first finishes what a killed run left between the journal and the server
 
 from __future__ import annotations
 
-import math
-import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from batcher.batch.api import BatchApi, TooLargeError
-from batcher.batch.book import BatchBook, BookRow
-from batcher.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
-from batcher.batch.progress import BatchProgress
-from batcher.errors import BatchApiError, BatcherError, BudgetReachedError
-from batcher.images import ImageError, inline_images
-from batcher.journal import Journal, Outcome
-from batcher.plan import RowFailure, Unchanged
-from batcher.prices import PriceTable
-from batcher.request import PROMPT_MARGIN, RowRequest
-from batcher.worker import failure_outcome
+from batcher.batch.book import BatchBook
+from batcher.batch.control import RunControl
+from batcher.batch.filler import Filler
+from batcher.batch.lines import Chunk, ChunkWriter
+from batcher.errors import BatchApiError
 
 if TYPE_CHECKING:
     from batcher.runner import Run
-
-
-@dataclass(slots=True)
-class RunControl:
-    """Whether a batch run still submits, and why it stopped; shared by its parts."""
-
-    abort: BatcherError | None = None
-    stopped: bool = False
-
-    def stop(self, reason: BatcherError) -> None:
-        if self.abort is None:
-            self.abort = reason
-        self.stopped = True
 
 
 class Submitter:
     """Turns a run's pending rows into batches; ``created`` counts the batches it created."""
 
     def __init__(
-        self,
-        run: Run,
-        journal: Journal,
-        book: BatchBook,
-        api: BatchApi,
-        progress: BatchProgress,
-        prices: PriceTable,
-        control: RunControl,
+        self, run: Run, book: BatchBook, api: BatchApi, control: RunControl, filler: Filler
     ) -> None:
-        self.plan = run.plan
-        self.options = run.options
-        self.config = run.job.config
+        self.notify = run.options.notify
+        self.batch = run.job.config.batch
         self.tally = run.tally
-        self.journal = journal
         self.book = book
         self.api = api
-        self.progress = progress
         self.control = control
+        self.filler = filler
         self.folder = run.job.checkpoint_dir / "batches"
-        self.max_lines = self.config.batch.max_lines
-        self.max_bytes = self.config.batch.max_bytes
+        self.max_lines = self.batch.max_lines
+        self.max_bytes = self.batch.max_bytes
         self.created: Counter[str] = Counter()
-        self._price = prices.get(self.config.request.models[0])
-        max_tokens = self.config.request.max_tokens
-        self._max_completion = max_tokens if max_tokens is not None else 1024
-        self._started_wall = time.time()
-        # Input positions: rows before ``_seen`` were counted (skipped, failed) by this run.
-        self._position = 0
-        self._seen = 0
-        self._committed_usd = 0.0
-        self._failed_here: set[Any] = set()  # keys whose line could not be written, this run
 
     async def submit_pending(self) -> None:
         """Scan the input; every row that needs an answer and is not in flight is submitted."""
         while not self.control.stopped:
             active = await anyio.to_thread.run_sync(self.book.active)
-            self._committed_usd = sum(c.upper_cost_usd for c in active)
-            self._position = 0
+            self.filler.rescan(sum(c.upper_cost_usd for c in active))
             writer = ChunkWriter(self.folder, self.max_lines, self.max_bytes)
-            batches = self.plan.batches()
+            batches = self.filler.plan.batches()
             refused = False
             try:
                 while not refused:
-                    closed, more = await anyio.to_thread.run_sync(self._fill, batches, writer)
+                    closed, more = await anyio.to_thread.run_sync(self.filler.fill, batches, writer)
                     if not more:  # the input's end, or the budget's: send what fits
                         last = writer.close()
                         closed += [last] if last is not None else []
@@ -109,110 +68,6 @@ class Submitter:
                 writer.discard()
             if not refused:
                 return
-
-    def _fill(self, batches: Iterator[Any], writer: ChunkWriter) -> tuple[list[Chunk], bool]:
-        """Write the lines of one input batch; the chunks they closed, and whether there is
-        more input (blocking: runs in a worker thread)."""
-        batch = next(batches, None)
-        if batch is None or self.control.stopped:
-            return [], False
-        skip_failed = self.options.skip_failed
-        prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
-        booked = self.book.rows([key for key, _, _ in prepared])
-        closed: list[Chunk] = []
-        failures: list[Outcome] = []
-        for key, item, previous in prepared:
-            fresh = self._position >= self._seen  # first time this run looks at the row
-            self._position += 1
-            self._seen = max(self._seen, self._position)
-            if isinstance(item, Unchanged) or (
-                previous is not None
-                and previous.fingerprint == item.fingerprint
-                and (previous.ok or skip_failed)
-            ):
-                if fresh:
-                    self.tally.skipped += 1
-                    self.progress.advance()
-                continue
-            if isinstance(item, RowFailure):
-                if fresh:
-                    failures.append(self._failed_before(failure_outcome(item)))
-                continue
-            if key in self._failed_here:
-                continue  # its line could not be written (image, size): failed this run
-            row = booked.get(key)
-            if row is not None and row.state == "submitted":
-                continue  # in a batch in flight: its result will come
-            if row is not None and row.state == "done" and self._settled_now(row):
-                continue  # finally failed in this run: a rerun tries it again
-            made = self._line(key, item, row, writer)
-            if isinstance(made, Outcome):
-                self._failed_here.add(key)
-                failures.append(self._failed_before(made))
-                continue
-            line, line_row = made
-            if self._over_budget(line_row.upper_cost_usd):
-                break
-            self._committed_usd += line_row.upper_cost_usd
-            done = writer.add(line, line_row)
-            if done is not None:
-                closed.append(done)
-        if failures:
-            self.book.record_failures(failures)
-        return closed, not self.control.stopped
-
-    def _line(
-        self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
-    ) -> tuple[bytes, LineRow] | Outcome:
-        """A row's JSONL line, or the failure that keeps it from being sent."""
-        attempt = row.attempts + 1 if row is not None and row.state == "retry" else 1
-        submission = row.submissions + 1 if row is not None else 1
-        try:
-            body = inline_images(item, self.plan.images) if item.images else item.body
-        except ImageError as exc:
-            return _line_failure(item, "image_error", str(exc))
-        identifier = custom_id(key, submission)
-        line = encode_line(identifier, body)
-        if not writer.fits_alone(line):
-            message = f"the request is {len(line):,} bytes, over batch.max_bytes={self.max_bytes:,}"
-            return _line_failure(item, "too_large", message)
-        upper = self._upper_cost(item)
-        fingerprint, digest = item.fingerprint, item.input_digest
-        return line, LineRow(key, identifier, fingerprint, digest, attempt, submission, upper)
-
-    def _over_budget(self, upper_usd: float) -> bool:
-        """Would this line cross limits.max_cost_usd, with every batch at its upper bound?"""
-        cap = self.config.limits.max_cost_usd
-        if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
-            return False
-        self.control.stop(
-            BudgetReachedError(
-                f"the budget limits.max_cost_usd={cap:g} would be crossed "
-                f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
-                "held for batches at their upper bound); raise it and run again to resume"
-            )
-        )
-        return True
-
-    def _settled_now(self, row: BookRow) -> bool:
-        return row.settled_at is not None and row.settled_at >= self._started_wall
-
-    def _failed_before(self, outcome: Outcome) -> Outcome:
-        self.tally.failed += 1
-        self.tally.errors[f"final:{outcome.error_kind}"] += 1
-        self.progress.advance()
-        return outcome
-
-    def _upper_cost(self, request: RowRequest) -> float:
-        """An upper bound of a line's cost: the prompt with the heuristic's margin, every
-        choice at max_tokens, at batch prices."""
-        if self._price is None:
-            return 0.0
-        choices = self.config.request.n or 1
-        prompt = request.estimated_tokens - self._max_completion * choices
-        return self._price.cost(
-            math.ceil(max(prompt, 0) * PROMPT_MARGIN), self._max_completion * choices
-        )
 
     async def _submit(self, chunk: Chunk) -> bool:
         """Journal, upload and create one chunk; False if the server found it too large."""
@@ -232,7 +87,7 @@ class Submitter:
 
     async def _create(self, name: str, path: Path, file_id: str, lines: int, size: int) -> bool:
         try:
-            batch_id = await self.api.create(file_id, self.config.batch.completion_window, name)
+            batch_id = await self.api.create(file_id, self.batch.completion_window, name)
         except TooLargeError as exc:
             await self.too_large(name, path, lines, size, str(exc), lines_refused=True)
             return False
@@ -253,7 +108,7 @@ class Submitter:
         if lines_refused:
             self.max_lines = max(1, min(self.max_lines, lines // 2))
         self.max_bytes = max(1024, min(self.max_bytes, size // 2))
-        self.options.notify(
+        self.notify(
             f"the server refused a batch of {lines} lines, {size:,} bytes, as too large "
             f"({message}); splitting into batches of at most {self.max_lines} lines, "
             f"{self.max_bytes:,} bytes"
@@ -287,9 +142,3 @@ class Submitter:
                     )
                 else:
                     await self._create(chunk.name, path, chunk.file_id, chunk.lines, chunk.bytes)
-
-
-def _line_failure(request: RowRequest, kind: str, message: str) -> Outcome:
-    return failure_outcome(
-        RowFailure(request.key, request.fingerprint, kind, message, request.input_digest)
-    )

@@ -10,8 +10,9 @@ the tool's schema), ``[[sim:n1]]`` (one choice whatever ``n`` asks).
 ``GET /sim/stats`` reports what the server saw; ``POST /sim/reset`` clears it.
 """
 
+from batcher.sim.faults import FAULT_KINDS
 from batcher.sim.hosting import SimulatorThread, serve
 from batcher.sim.replies import count_tokens
-from batcher.sim.server import FAULT_KINDS, SimSettings, Simulator
+from batcher.sim.server import SimSettings, Simulator
 
 __all__ = ["FAULT_KINDS", "SimSettings", "Simulator", "SimulatorThread", "count_tokens", "serve"]

@@ -16,11 +16,13 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
+from batcher.sim.files import FileStore, error_body, error_response, json_response
 from batcher.sim.replies import build_reply, digest, user_text
 
 if TYPE_CHECKING:
@@ -36,29 +38,38 @@ class BatchService:
     def __init__(self, simulator: Simulator) -> None:
         self.simulator = simulator
         self.settings = simulator.settings
-        self.files: dict[str, bytes] = {}
-        self.file_objects: dict[str, dict[str, Any]] = {}
+        self.store = FileStore(self.settings)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every file and batch (a test's simulator as good as new)."""
+        self.store.reset()
+        self.files = self.store.files
+        self.file_objects = self.store.file_objects
         self.batches: dict[str, dict[str, Any]] = {}
         self._started: dict[str, float] = {}
         self._cancelled_at: dict[str, float] = {}
         self._ordinal: dict[str, int] = {}  # 1-based, in order of creation
         self._random = random.Random(self.settings.seed)
-        self.uploaded: Counter[str] = Counter()  # custom_id → times uploaded
-        self.uploaded_prompts: Counter[str] = Counter()
-        self.line_attempts: Counter[str] = Counter()  # prompt → lines processed
-        self.answered_by_prompt: Counter[str] = Counter()
+        self.uploaded = self.store.uploaded  # custom_id → times uploaded
+        self.uploaded_prompts = self.store.uploaded_prompts
+        self.file_sizes = self.store.file_sizes
+        self.lines = LineRunner(self.simulator)
+        self.answered_by_prompt = self.lines.answered_by_prompt
         self.fates: dict[str, str] = {}  # custom_id → ok, 500, 400, expired, cancelled
-        self.file_sizes: list[int] = []
         self.batch_lines: list[int] = []
-        self.refused_uploads = 0
         self.refused_batches = 0
         self.cancel_requests = 0
 
+    @property
+    def refused_uploads(self) -> int:
+        return self.store.refused_uploads
+
     def register(self, app: web.Application) -> None:
         for prefix in ("/v1", ""):
-            app.router.add_post(f"{prefix}/files", self._upload)
-            app.router.add_get(f"{prefix}/files", self._list_files)
-            app.router.add_get(f"{prefix}/files/{{file_id}}/content", self._content)
+            app.router.add_post(f"{prefix}/files", self.store.upload)
+            app.router.add_get(f"{prefix}/files", self.store.list_files)
+            app.router.add_get(f"{prefix}/files/{{file_id}}/content", self.store.content)
             app.router.add_post(f"{prefix}/batches", self._create)
             app.router.add_get(f"{prefix}/batches", self._list_batches)
             app.router.add_get(f"{prefix}/batches/{{batch_id}}", self._get)
@@ -69,55 +80,13 @@ class BatchService:
         return {
             "uploaded": dict(self.uploaded),
             "fates": self.fates,
-            "file_sizes": self.file_sizes,
+            "file_sizes": self.store.file_sizes,
             "batch_lines": self.batch_lines,
-            "refused_uploads": self.refused_uploads,
+            "refused_uploads": self.store.refused_uploads,
             "refused_batches": self.refused_batches,
             "cancel_requests": self.cancel_requests,
             "statuses": dict(Counter(b["status"] for b in self.batches.values())),
         }
-
-    # -- files ----------------------------------------------------------------------------
-
-    async def _upload(self, request: web.Request) -> web.Response:
-        reader = await request.multipart()
-        purpose = filename = None
-        content = b""
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "purpose":
-                purpose = (await part.read()).decode()
-            elif part.name == "file":
-                filename = part.filename
-                content = bytes(await part.read())
-        if purpose != "batch" or filename is None:
-            return _error(400, "the upload needs purpose=batch and a file")
-        limit = self.settings.batch_max_file_bytes
-        if limit is not None and len(content) > limit:
-            self.refused_uploads += 1
-            return _error(413, f"file is too large: {len(content)} bytes, over {limit}")
-        file_id = f"file-{len(self.file_objects) + 1:06d}"
-        self.files[file_id] = content
-        self.file_sizes.append(len(content))
-        for raw in content.splitlines():
-            line = orjson.loads(raw)
-            self.uploaded[line["custom_id"]] += 1
-            self.uploaded_prompts[user_text(line["body"]["messages"])] += 1
-        self.file_objects[file_id] = _file_object(file_id, filename, len(content), "batch")
-        await asyncio.sleep(self.settings.batch_reply_delay_s)
-        return _json(self.file_objects[file_id])
-
-    async def _list_files(self, request: web.Request) -> web.Response:
-        purpose = request.query.get("purpose")
-        items = [f for f in self.file_objects.values() if purpose in (None, f["purpose"])]
-        return _json({"object": "list", "data": items, "has_more": False})
-
-    async def _content(self, request: web.Request) -> web.Response:
-        content = self.files.get(request.match_info["file_id"])
-        if content is None:
-            return _error(404, "no such file")
-        return web.Response(body=content, content_type="application/octet-stream")
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -125,32 +94,23 @@ class BatchService:
         body = await request.json()
         file_id = body.get("input_file_id")
         if file_id not in self.files or body.get("endpoint") != _CHAT:
-            return _error(400, "input_file_id must name an uploaded file; endpoint " + _CHAT)
+            return error_response(
+                400, "input_file_id must name an uploaded file; endpoint " + _CHAT
+            )
         lines = len(self.files[file_id].splitlines())
         limit = self.settings.batch_max_lines
         if limit is not None and lines > limit:
             self.refused_batches += 1
-            return _error(400, f"batch is too large: {lines} requests, over the limit of {limit}")
+            return error_response(
+                400, f"batch is too large: {lines} requests, over the limit of {limit}"
+            )
         batch_id = f"batch_{len(self.batches) + 1:06d}"
         self.batch_lines.append(lines)
-        self.batches[batch_id] = {
-            "id": batch_id,
-            "object": "batch",
-            "endpoint": _CHAT,
-            "errors": None,
-            "input_file_id": file_id,
-            "completion_window": body.get("completion_window", "24h"),
-            "status": "in_progress",
-            "output_file_id": None,
-            "error_file_id": None,
-            "created_at": int(time.time()),
-            "request_counts": {"total": lines, "completed": 0, "failed": 0},
-            "metadata": body.get("metadata"),
-        }
+        self.batches[batch_id] = _batch_object(batch_id, file_id, body, lines)
         self._started[batch_id] = time.monotonic()
         self._ordinal[batch_id] = len(self.batches)
         await asyncio.sleep(self.settings.batch_reply_delay_s)
-        return _json(self.batches[batch_id])
+        return json_response(self.batches[batch_id])
 
     async def _list_batches(self, request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "20"))
@@ -159,28 +119,32 @@ class BatchService:
         if after:
             newest_first = [b for b in newest_first if b["id"] < after]
         page = [self._advance(b["id"]) for b in newest_first[:limit]]
-        return _json({"object": "list", "data": page, "has_more": len(newest_first) > limit})
+        return json_response(
+            {"object": "list", "data": page, "has_more": len(newest_first) > limit}
+        )
 
     async def _get(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"]
         if batch_id not in self.batches:
-            return _error(404, "no such batch")
-        return _json(self._advance(batch_id))
+            return error_response(404, "no such batch")
+        return json_response(self._advance(batch_id))
 
     async def _cancel(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"]
         if batch_id not in self.batches:
-            return _error(404, "no such batch")
+            return error_response(404, "no such batch")
         batch = self._advance(batch_id)
         if batch["status"] in _TERMINAL:
-            return _error(400, f"batch {batch_id} is {batch['status']} and cannot be cancelled")
+            return error_response(
+                400, f"batch {batch_id} is {batch['status']} and cannot be cancelled"
+            )
         self.cancel_requests += 1
         batch["status"] = "cancelling"
         self._cancelled_at[batch_id] = time.monotonic()
-        return _json(batch)
+        return json_response(batch)
 
     async def _stats(self, _: web.Request) -> web.Response:
-        return _json(self.stats())
+        return json_response(self.stats())
 
     # -- processing -----------------------------------------------------------------------------
 
@@ -205,45 +169,30 @@ class BatchService:
     def _finish(
         self, batch: dict[str, Any], lines: list[dict[str, Any]], done: int, status: str, code: str
     ) -> None:
-        output: list[bytes] = []
-        errors: list[bytes] = []
-        completed = failed = 0
-        for number, line in enumerate(lines):
-            identifier = line["custom_id"]
-            if number >= done:
-                self.fates[identifier] = status
-                message = f"this request did not run before the batch was {status}"
-                entry = {"id": f"batch_req_{identifier}", "custom_id": identifier,
-                         "response": None, "error": {"code": code, "message": message}}  # fmt: skip
-                errors.append(orjson.dumps(entry))
-                continue
-            status_code, body = self._run_line(line["body"])
-            self.fates[identifier] = "ok" if status_code == 200 else str(status_code)
-            entry = {
-                "id": f"batch_req_{identifier}",
-                "custom_id": identifier,
-                "response": {"status_code": status_code, "request_id": identifier, "body": body},
-                "error": None,
-            }
-            if status_code == 200:
-                completed += 1
-                output.append(orjson.dumps(entry))
-            else:
-                failed += 1
-                errors.append(orjson.dumps(entry))
+        output, errors = run_lines(lines, done, status, code, self.lines.run, self.fates)
         for name, entries in (("output_file_id", output), ("error_file_id", errors)):
             if entries:
                 self._random.shuffle(entries)
-                file_id = f"file-{len(self.file_objects) + 1:06d}"
-                self.files[file_id] = b"\n".join(entries) + b"\n"
-                self.file_objects[file_id] = _file_object(
-                    file_id, f"{batch['id']}_{name}.jsonl", len(self.files[file_id]), "batch_output"
-                )
-                batch[name] = file_id
+                batch[name] = self.store.add_output(f"{batch['id']}_{name}.jsonl", entries)
         batch["status"] = status
-        batch["request_counts"] = {"total": len(lines), "completed": completed, "failed": failed}
+        completed = len(output)
+        batch["request_counts"] = {
+            "total": len(lines),
+            "completed": completed,
+            "failed": min(done, len(lines)) - completed,
+        }
 
-    def _run_line(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+
+class LineRunner:
+    """Answers batch lines as the live endpoint would, but for the injected line failures."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self.simulator = simulator
+        self.settings = simulator.settings
+        self.line_attempts: Counter[str] = Counter()  # prompt → lines processed
+        self.answered_by_prompt: Counter[str] = Counter()
+
+    def run(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """What the live endpoint would answer, but for the injected line failures."""
         messages = body.get("messages") or []
         prompt = user_text(messages)
@@ -253,38 +202,64 @@ class BatchService:
             ("[[sim:402]]", 402, "Your credit balance is too low"),
         ):
             if marker in prompt:
-                return status, _error_body(message)
+                return status, error_body(message)
         s = self.settings
         h = digest(orjson.dumps(body), s.seed, "batch")
         if (h % 10_000) / 10_000 < s.batch_fail_share and self.line_attempts[prompt] == 1:
-            return 500, _error_body("simulated 500")
+            return 500, error_body("simulated 500")
         # The live endpoint's own token count, so batch and live usage agree.
-        prompt_tokens = self.simulator._count_prompt(messages)
+        prompt_tokens = self.simulator.count_prompt(messages)
         reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
         self.answered_by_prompt[prompt] += 1
         return 200, reply
 
 
-def _file_object(file_id: str, filename: str, size: int, purpose: str) -> dict[str, Any]:
+def run_lines(
+    lines: list[dict[str, Any]],
+    done: int,
+    status: str,
+    code: str,
+    run_line: Callable[[dict[str, Any]], tuple[int, dict[str, Any]]],
+    fates: dict[str, str],
+) -> tuple[list[bytes], list[bytes]]:
+    """The output and error entries of a batch's lines: the first ``done`` run, the rest
+    never ran (the batch ended ``status``); each line's fate noted in ``fates``."""
+    output: list[bytes] = []
+    errors: list[bytes] = []
+    for number, line in enumerate(lines):
+        identifier = line["custom_id"]
+        if number >= done:
+            fates[identifier] = status
+            message = f"this request did not run before the batch was {status}"
+            entry = {"id": f"batch_req_{identifier}", "custom_id": identifier,
+                     "response": None, "error": {"code": code, "message": message}}  # fmt: skip
+            errors.append(orjson.dumps(entry))
+            continue
+        status_code, body = run_line(line["body"])
+        fates[identifier] = "ok" if status_code == 200 else str(status_code)
+        entry = {
+            "id": f"batch_req_{identifier}",
+            "custom_id": identifier,
+            "response": {"status_code": status_code, "request_id": identifier, "body": body},
+            "error": None,
+        }
+        (output if status_code == 200 else errors).append(orjson.dumps(entry))
+    return output, errors
+
+
+def _batch_object(batch_id: str, file_id: str, body: dict[str, Any], lines: int) -> dict[str, Any]:
+    """A new batch as the Batch API describes it."""
     return {
-        "id": file_id,
-        "object": "file",
-        "bytes": size,
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": _CHAT,
+        "errors": None,
+        "input_file_id": file_id,
+        "completion_window": body.get("completion_window", "24h"),
+        "status": "in_progress",
+        "output_file_id": None,
+        "error_file_id": None,
         "created_at": int(time.time()),
-        "filename": filename,
-        "purpose": purpose,
+        "request_counts": {"total": lines, "completed": 0, "failed": 0},
+        "metadata": body.get("metadata"),
     }
-
-
-def _error_body(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error"}}
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(_error_body(message)), content_type="application/json"
-    )
-
-
-def _json(data: dict[str, Any]) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")

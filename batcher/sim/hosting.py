@@ -38,11 +38,18 @@ class SimulatorThread:
         self.settings = settings
         self.port = port
         self.url = ""
-        self.simulator: Simulator | None = None
+        self._simulator: Simulator | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._main, name="batcher-sim", daemon=True)
+
+    @property
+    def simulator(self) -> Simulator:
+        """The running simulator's state (what it saw, its settings)."""
+        if self._simulator is None:
+            raise RuntimeError("the simulator thread is not running")
+        return self._simulator
 
     def __enter__(self) -> SimulatorThread:
         self._thread.start()
@@ -61,6 +68,6 @@ class SimulatorThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with serve(self.settings, port=self.port) as (url, simulator):
-            self.url, self.simulator = url, simulator
+            self.url, self._simulator = url, simulator
             self._ready.set()
             await self._stop.wait()

@@ -9,9 +9,13 @@ sliding window counts the last ``window_s`` seconds.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from batcher.sim.server import SimSettings
 
 LIMITER_KINDS = ("bucket", "window", "sliding")
 
@@ -179,3 +183,73 @@ def advertise(style: str, meters: dict[str, Meter], now: float) -> dict[str, str
             headers[f"anthropic-ratelimit-{budget}-remaining"] = f"{math.floor(remaining)}"
             headers[f"anthropic-ratelimit-{budget}-reset"] = when.isoformat(timespec="seconds")
     return headers
+
+
+class Limits:
+    """The limits one simulator enforces: a meter per budget, and the schedule that moves them."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        self.settings = settings
+        self.meters: dict[str, Meter] = {}
+        self._first_request: float | None = None
+        self._schedule = sorted(settings.schedule)
+        self.set(settings.requests_per_minute, settings.tokens_per_minute)
+
+    def set(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        """Enforce these limits from now on (None: that budget unlimited)."""
+        s, now = self.settings, time.monotonic()
+        for budget, per_minute in (
+            ("requests", requests_per_minute),
+            ("tokens", tokens_per_minute),
+        ):
+            if per_minute is None:
+                self.meters.pop(budget, None)
+            elif budget in self.meters:
+                self.meters[budget].per_minute = per_minute
+            else:
+                self.meters[budget] = meter(
+                    s.limiter, per_minute, burst_s=s.burst_s, window_s=s.window_s, now=now
+                )
+
+    def follow_schedule(self) -> None:
+        now = time.monotonic()
+        if self._first_request is None:
+            self._first_request = now
+        while self._schedule and now - self._first_request >= self._schedule[0][0]:
+            _, per_minute = self._schedule.pop(0)
+            self.set(per_minute, self.settings.tokens_per_minute)
+
+    def admit(self, tokens: int) -> float:
+        """0 and charge a request of ``tokens`` if every budget has room; else the seconds
+        until the fullest one would (and nothing is charged)."""
+        now = time.monotonic()
+        charged: list[tuple[Meter, float]] = []
+        for budget, cost in (("requests", 1), ("tokens", tokens)):
+            found = self.meters.get(budget)
+            if found is None:
+                continue
+            wait = found.take(cost, now)
+            if wait > 0:
+                for earlier, amount in charged:  # refused: charge nothing
+                    earlier.give_back(amount, now)
+                return wait
+            charged.append((found, cost))
+        return 0.0
+
+    def retry_after(self, wait_s: float) -> float | None:
+        """The Retry-After of a 429 for a request that would fit in ``wait_s``."""
+        s = self.settings
+        if not s.send_retry_after:
+            return None
+        return s.limit_retry_after_s if s.limit_retry_after_s is not None else wait_s
+
+    def give_back_tokens(self, unused: int) -> None:
+        """A reply took fewer tokens than max_tokens reserved."""
+        if "tokens" in self.meters:
+            self.meters["tokens"].give_back(unused, time.monotonic())
+
+    def advertised(self) -> dict[str, str] | None:
+        style = self.settings.ratelimit_headers
+        if style is None or not self.meters:
+            return None
+        return advertise(style, self.meters, time.monotonic())

@@ -1,0 +1,164 @@
+"""A row's life, unit by unit: replies from ``httpx.MockTransport``, a clock that moves only
+when something sleeps, and sleeps that record their waits instead of waiting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from batcher.budget import BudgetStop
+from batcher.client import ChatClient
+from batcher.columns import Outcome
+from batcher.config import JobConfig
+from batcher.flow import FlowController
+from batcher.images import ImageLoader
+from batcher.parse import OutputParser
+from batcher.prices import PriceTable
+from batcher.request import RequestBuilder
+from batcher.sender import Sender
+from batcher.tally import Tally
+from batcher.worker import RowWorker
+from tests.conftest import merge
+from tests.fakes import FakeTime, Script, answer, refusal
+
+pytestmark = pytest.mark.anyio
+BASE_URL = "http://gateway.test/v1"
+MODEL = "claude-3-5-haiku-20241022"
+
+
+def job_config(**sections: Any) -> JobConfig:
+    job: dict[str, Any] = {
+        "name": "unit",
+        "input": {"path": "data.csv", "id_column": "id"},
+        "endpoint": {"base_url": BASE_URL, "transport": "httpx"},
+        "request": {"model": MODEL, "prompt": "Say {{ text }}", "max_tokens": 32},
+        "limits": {"concurrency": 4},
+        "retry": {"initial_backoff_s": 1, "max_backoff_s": 4},
+    }
+    return JobConfig.model_validate(merge(job, sections))
+
+
+async def process(script: Script, time: FakeTime, tally: Tally, **sections: Any) -> Outcome:
+    """One row, ``{"text": "hi"}``, through every part of a row's life."""
+    config = job_config(**sections)
+    builder = RequestBuilder(config.request, BASE_URL)
+    transport = httpx.MockTransport(script)
+    flow = FlowController(config.limits, clock=time.clock, sleep=time.pace_sleep)
+    images = ImageLoader(Path("."), config.images)
+    async with ChatClient(config.endpoint, None, 4, transport=transport) as client:
+        sender = Sender.for_job(config, builder, client, flow, images, tally, clock=time.clock)
+        worker = RowWorker.for_job(
+            config,
+            builder,
+            sender,
+            OutputParser(config),
+            PriceTable.load(),
+            tally,
+            sleep=time.retry_sleep,
+            clock=time.clock,
+        )
+        return await worker.process(builder.build("k1", {"text": "hi"}))
+
+
+async def test_answered_at_once_waits_for_nothing() -> None:
+    time, tally = FakeTime(), Tally()
+    outcome = await process(Script.of(answer("hello")), time, tally)
+    assert (outcome.ok, outcome.response, outcome.attempts) == (True, "hello", 1)
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (10, 5)
+    assert outcome.cost_usd == pytest.approx((10 * 0.8 + 5 * 4) / 1_000_000)
+    assert tally.cost_usd == outcome.cost_usd
+    assert (tally.requests, tally.retries) == (1, 0)
+    assert time.retry_waits == []
+    assert time.pace_waits == []
+
+
+async def test_a_server_error_is_retried_after_a_backoff() -> None:
+    time, tally = FakeTime(), Tally()
+    outcome = await process(Script.of(refusal(503), answer()), time, tally)
+    assert (outcome.ok, outcome.attempts) == (True, 2)
+    assert (tally.requests, tally.retries, tally.errors["http_503"]) == (2, 1, 1)
+    (wait,) = time.retry_waits
+    assert 0 <= wait <= 1  # full jitter under initial_backoff_s
+
+
+async def test_429s_wait_their_retry_after_and_do_not_use_up_attempts() -> None:
+    time, tally = FakeTime(), Tally()
+    script = Script.of([refusal(429, retry_after_s=2)] * 3, answer())
+    outcome = await process(script, time, tally, retry={"max_attempts": 2})
+    assert (outcome.ok, outcome.attempts, outcome.error) == (True, 4, None)
+    assert tally.rate_limited == 3
+    assert len(time.retry_waits) == 3
+    # Exactly the server's Retry-After, plus at most a tenth so refused requests spread out.
+    assert all(2.0 <= wait <= 2.2 for wait in time.retry_waits)
+
+
+async def test_max_attempts_counts_failures_other_than_429() -> None:
+    time, tally = FakeTime(), Tally()
+    outcome = await process(Script.of(refusal(500)), time, tally, retry={"max_attempts": 3})
+    assert (outcome.ok, outcome.error_kind, outcome.attempts) == (False, "http_500", 3)
+    assert outcome.error == "http_500: status 500"
+    assert len(time.retry_waits) == 2
+
+
+async def test_invalid_output_has_its_own_count_and_keeps_the_raw_reply() -> None:
+    time, tally = FakeTime(), Tally()
+    json_output = {"parse": "json", "schema": {"type": "object", "properties": {}}}
+    script = Script.of(answer("not json"))
+    outcome = await process(
+        script,
+        time,
+        tally,
+        output=json_output,
+        retry={"max_attempts": 1, "invalid_output_attempts": 2},
+    )
+    # max_attempts=1 does not cut it short: three replies, each paid for, none parsed.
+    assert (outcome.ok, outcome.error_kind, outcome.attempts) == (False, "invalid_output", 3)
+    assert outcome.response == "not json"
+    assert outcome.prompt_tokens == 30
+    assert len(script.sent) == 3
+
+
+async def test_a_reply_that_parses_after_invalid_ones_is_answered() -> None:
+    time, tally = FakeTime(), Tally()
+    json_output = {"parse": "json", "schema": {"type": "object", "properties": {}}}
+    script = Script.of(answer("nope"), answer("{}"))
+    outcome = await process(script, time, tally, output=json_output)
+    assert (outcome.ok, outcome.attempts) == (True, 2)
+    assert outcome.prompt_tokens == 20  # the wasted reply is paid for too
+    assert outcome.extra == {"parsed": {}}
+
+
+async def test_the_deadline_ends_a_row_retried_too_long() -> None:
+    time, tally = FakeTime(), Tally()
+    outcome = await process(
+        Script.of(refusal(503)),
+        time,
+        tally,
+        retry={"max_attempts": 100, "deadline_s": 5, "initial_backoff_s": 4},
+    )
+    assert (outcome.ok, outcome.error_kind) == (False, "deadline")
+    assert "retry.deadline_s=5" in (outcome.error or "")
+    assert sum(time.retry_waits) >= 5 - sum(time.pace_waits)
+
+
+async def test_fan_out_sends_one_request_per_choice() -> None:
+    time, tally = FakeTime(), Tally()
+    script = Script.of(answer("a"), refusal(500), answer("b"), answer("c"))
+    outcome = await process(script, time, tally, request={"n": 3, "n_mode": "fanout"})
+    assert outcome.ok
+    assert outcome.attempts == 4
+    assert outcome.extra is not None
+    assert outcome.extra["responses"] == ["a", "b", "c"]
+    assert all("n" not in body for body in script.sent)
+
+
+async def test_budget_stops_before_anything_is_sent() -> None:
+    time, tally = FakeTime(), Tally()
+    script = Script.of(answer())
+    with pytest.raises(BudgetStop):
+        await process(script, time, tally, limits={"max_cost_usd": 1e-9})
+    assert script.sent == []
+    assert tally.inflight_cost_usd == 0
