@@ -19,7 +19,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.batch import BatchRun
 from batcher.client import ChatClient
-from batcher.config import Job, load_job
+from batcher.config import Job, LimitsConfig, load_job
 from batcher.errors import (
     AccountError,
     BatcherError,
@@ -65,6 +65,8 @@ class RunOptions:
     progress_every_s: float = 30.0  # status lines when stderr is not a terminal; 0: none
     cancel: bool = False  # batch mode: cancel the batches in flight instead of submitting
     notify: Callable[[str], None] = _stderr
+    # Builds the run's flow controller (--ray: one whose pacing is leased from a shared budget).
+    flow_factory: Callable[[LimitsConfig], FlowController] = FlowController
 
 
 class Run:
@@ -172,7 +174,7 @@ class Run:
     async def _dispatch(self, journal: Journal, base_url: str) -> None:
         config = self.job.config
         plan = self.plan
-        self.flow = flow = FlowController(config.limits)
+        self.flow = flow = self.options.flow_factory(config.limits)
         total = plan.total_rows if self.options.positions is None else len(self.options.positions)
         progress = Progress(
             self.tally,
