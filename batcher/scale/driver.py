@@ -187,7 +187,9 @@ class _Dispatch:
         if not self.pending:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
-        self.budget = BudgetActor.remote(self.job.config.limits, state)  # type: ignore[attr-defined]
+        self.budget = BudgetActor.options(**self._options()).remote(  # type: ignore[attr-defined]
+            self.job.config.limits, state
+        )
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         count = self.job.config.ray.workers or max(int(cpus), 1)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
@@ -240,11 +242,11 @@ class _Dispatch:
             f"({len(self.results)}/{len(self.tasks)} shards)"
         )
 
+    def _options(self) -> dict[str, Any]:
+        return {"runtime_env": {"env_vars": self.env}} if self.env else {}
+
     def _worker(self) -> Any:
-        options: dict[str, Any] = {}
-        if self.env:
-            options["runtime_env"] = {"env_vars": self.env}
-        return ShardWorker.options(**options).remote(self.budget)  # type: ignore[attr-defined]
+        return ShardWorker.options(**self._options()).remote(self.budget)  # type: ignore[attr-defined]
 
     def _notify(self, message: str) -> None:
         if not self.options.quiet:
