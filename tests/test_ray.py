@@ -100,12 +100,36 @@ def test_cli_flag_and_a_parquet_input(
     same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
 
 
+class Background:
+    """A cluster run in a thread, with the actors it starts at hand."""
+
+    def __init__(self, job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from batcher.scale import driver
+
+        self.workers: list[Any] = []
+        self.dispatch: Any = None
+        spawn = driver._Dispatch._worker
+
+        def recorded(dispatch: Any) -> Any:
+            self.dispatch = dispatch
+            self.workers.append(spawn(dispatch))
+            return self.workers[-1]
+
+        monkeypatch.setattr(driver._Dispatch, "_worker", recorded)
+        self.result: list[RunSummary] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(run_on_ray(job)))
+        self.thread.start()
+
+    def join(self) -> RunSummary:
+        self.thread.join(120)
+        assert self.result, "the run did not end"
+        return self.result[0]
+
+
 def test_a_killed_worker_s_shard_finishes_exact(
     tmp_path: Path, sim_factory: Callable[..., SimulatorThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
-
-    from batcher.scale import driver
 
     rows = 240
     data = reviews(rows)
@@ -118,28 +142,47 @@ def test_a_killed_worker_s_shard_finishes_exact(
     folder = tmp_path / "many"
     folder.mkdir()
     job = write_job(folder, sim.url, data=data, **sections)
-    workers: list[Any] = []
-    spawn = driver._Dispatch._worker
-
-    def recorded(self: Any) -> Any:
-        workers.append(spawn(self))
-        return workers[-1]
-
-    monkeypatch.setattr(driver._Dispatch, "_worker", recorded)
-    result: list[RunSummary] = []
-    thread = threading.Thread(target=lambda: result.append(run_on_ray(job)))
-    thread.start()
+    background = Background(job, monkeypatch)
     assert sim.simulator is not None
     simulator = sim.simulator
     wait_for(lambda: simulator.answered >= 60, 60)
-    ray.kill(workers[0])
-    thread.join(120)
-    assert result, "the run did not end"
-    assert len(workers) == 3  # the dead worker's shard went to a new one
-    assert result[0].rows_ok == rows
+    ray.kill(background.workers[0])
+    summary = background.join()
+    assert len(background.workers) == 3  # the dead worker's shard went to a new one
+    assert summary.rows_ok == rows
     same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
     # At most what was in flight and one journal copy's worth is sent again.
     assert simulator.answered <= rows * 1.15
+
+
+def test_workers_share_one_budget_even_across_its_restart(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers, the job at the server's 1,200/min (100 in any sliding 5 s): together
+    they keep to it (each pacing itself at the job's rate would send 4×), even with the
+    budget actor killed and restarted mid-run (its state restored: see test_lease.py)."""
+    import ray
+
+    rows = 240
+    sim = sim_factory(requests_per_minute=1200, limiter="sliding", window_s=5, latency_s=0.05)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(rows),
+        limits={"requests_per_minute": 1200, "concurrency": "auto"},
+        ray={"shard_rows": 30, "workers": 4},
+    )
+    background = Background(job, monkeypatch)
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    wait_for(lambda: simulator.answered >= 100, 60)
+    ray.kill(background.dispatch.budget, no_restart=False)
+    summary = background.join()
+    assert summary.rows_ok == rows
+    assert simulator.statuses["429"] <= 0.03 * simulator.requests
+    times = sorted(simulator.answered_at)
+    rate = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert 0.8 * 1200 <= rate <= 1.05 * 1200
 
 
 def test_sigkill_of_the_driver_leaves_no_ray_and_a_rerun_is_exact(

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 
+from batcher.cli import main
 from batcher.scale.shards import cut, read_shard
-from tests.conftest import reviews
+from tests.conftest import reviews, write_job
 
 
 def test_parquet_shards_end_on_row_groups(tmp_path: Path) -> None:
@@ -41,3 +43,19 @@ def test_csv_shards_hold_the_global_position_as_key(tmp_path: Path) -> None:
     assert last.get_column("row_index").to_list() == [20, 21, 22]
     assert last.get_column("stars").dtype == pl.String  # as stored: dtypes apply later
     assert last.get_column("id").to_list() == ["k00020", "k00021", "k00022"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ray.shard_rows=0", "ray.shard_rows: Input should be greater than or equal to 1 (got 0)"),
+        ("ray.workers=0", "ray.workers: Input should be greater than or equal to 1 (got 0)"),
+        ("ray.nodes=3", "ray.nodes: unknown key"),
+    ],
+)
+def test_the_ray_section_is_checked_like_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9/v1")
+    assert main(["run", str(job), "--ray", "--set", setting]) == 2
+    assert capsys.readouterr().err == f"error: {job}: {message}\n"

@@ -24,12 +24,15 @@ class BudgetActor:
     """The job's one budget. Every call answers at once (see ``lease.py``). Its state is saved
     at ``state_location`` about once a second; restarted, it takes up from there."""
 
-    def __init__(self, limits: LimitsConfig, state_location: str) -> None:
+    def __init__(self, limits: LimitsConfig, state_location: str, run_id: str) -> None:
         self.budget = SharedBudget(limits)
         self.state_location = state_location
+        self.run_id = run_id
         saved = storage.read_bytes(state_location)
-        if saved is not None:
-            self.budget.restore(BudgetState.of_json(orjson.loads(saved)))
+        data = orjson.loads(saved) if saved is not None else {}
+        # Only a restart within the same run takes up the state: a new run learns afresh.
+        if data.get("run") == run_id:
+            self.budget.restore(BudgetState.of_json(data))
         self._saved_at = 0.0
 
     def lease(self, costs: Sequence[Cost], answers: Sequence[Answer]) -> Grant:
@@ -47,7 +50,8 @@ class BudgetActor:
         state = self.budget.state()
         if state.saved_at - self._saved_at >= SAVE_EVERY_S:
             self._saved_at = state.saved_at
-            storage.write_bytes(self.state_location, orjson.dumps(state.as_json()))
+            data = {"run": self.run_id, **state.as_json()}
+            storage.write_bytes(self.state_location, orjson.dumps(data))
 
 
 class ActorLeaseSource:
@@ -73,8 +77,3 @@ class ShardWorker:
 
     def run(self, task: ShardTask) -> ShardResult:
         return run_shard(task, self.source)
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 import anyio
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from batcher.config import Job
 from batcher.errors import AbortError, BatcherError, ConfigError
@@ -32,6 +33,7 @@ from batcher.scale.assembly import merge_journals, part_locations, write_parts
 from batcher.scale.reaper import Reaper
 from batcher.scale.shard import PART, ShardResult, ShardTask, done_result, task_identity
 from batcher.scale.shards import cut
+from batcher.sink import check_output_target
 from batcher.summary import RunSummary
 
 SHARD_ATTEMPTS = 4  # a shard whose worker dies is given to a new one this many times in all
@@ -105,6 +107,8 @@ def _check(job: Job, options: RunOptions, where: Locations) -> dict[str, str] | 
         read_api_key(job, required=not options.simulate)
         return None
     job, plan = prepare(job, options)
+    if not storage.is_remote(where.output):
+        check_output_target(job.source, job.output_path)
 
     async def check_output() -> None:
         Run(job, options, plan)  # the output schema, prices and input columns
@@ -188,8 +192,15 @@ class _Dispatch:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
         self.budget = BudgetActor.options(**self._options()).remote(  # type: ignore[attr-defined]
-            self.job.config.limits, state
+            self.job.config.limits, state, uuid.uuid4().hex
         )
+        try:
+            return self._dispatch()
+        finally:
+            for actor in [self.budget, *self.idle, *(w for w, _, _ in self.running.values())]:
+                ray.kill(actor)  # idle actors would hold the cluster's CPUs until collected
+
+    def _dispatch(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         count = self.job.config.ray.workers or max(int(cpus), 1)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
@@ -219,15 +230,17 @@ class _Dispatch:
         worker, task, attempt = self.running.pop(ref)
         try:
             result: ShardResult = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError, RayActorError):
+        except (ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError) as exc:
+            died = not isinstance(exc, RayTaskError)
+            what = "its worker died" if died else f"it failed ({_first_line(exc)})"
             if attempt >= SHARD_ATTEMPTS:
                 self.stop = self.stop or AbortError(
-                    f"{task.shard.name}: its worker died {attempt} times; run again to resume"
+                    f"{task.shard.name}: {what}, {attempt} times; run again to resume"
                 )
-                return
-            self._notify(f"{task.shard.name}: its worker died; a new worker resumes it")
-            self.pending.appendleft(task)
-            self.idle.append(self._worker())
+            else:
+                self._notify(f"{task.shard.name}: {what}; it is resumed from its journal")
+                self.pending.appendleft(task)
+            self.idle.append(self._worker() if died else worker)
             return
         self.idle.append(worker)
         if result.error is not None:
@@ -297,3 +310,9 @@ def _summary(
         resume_command=resume if aborted is not None else None,
         flow=flow,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip()
+    return text.splitlines()[-1] if text else type(cause).__name__
