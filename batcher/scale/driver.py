@@ -24,6 +24,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from batcher.config import Job
 from batcher.errors import AbortError, BatcherError, ConfigError
 from batcher.flow import FlowReport
+from batcher.journal import Journal, journal_path
 from batcher.lock import RunLock
 from batcher.plan import read_api_key
 from batcher.runner import Run, RunOptions, prepare
@@ -117,11 +118,18 @@ def _check(job: Job, options: RunOptions, where: Locations) -> dict[str, str] | 
     if storage.is_remote(where.checkpoint) or storage.is_remote(where.output):
         return None
     folder = job.source.parent
-    return {
+    identity = {
         "input": os.path.relpath(job.input_path, folder),
         "output": os.path.relpath(job.output_path, folder),
         "key_column": plan.source.key_column,
     }
+    # A checkpoint of another job is refused now, not after every shard has run; --fresh
+    # replaces it now, as on one machine.
+    path = journal_path(job.checkpoint_dir)
+    failure = Journal(path, identity, fresh=options.fresh).close()
+    if failure is not None:
+        raise failure
+    return identity
 
 
 @contextmanager
@@ -180,6 +188,7 @@ class _Dispatch:
         self.idle: list[Any] = []
         self.budget: Any = None
         self.stop: BatcherError | None = None
+        self.cpus_each = 1.0
 
     def run(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
         for task in self.tasks:
@@ -203,6 +212,9 @@ class _Dispatch:
     def _dispatch(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         count = self.job.config.ray.workers or max(int(cpus), 1)
+        # More workers than CPUs share them: a worker waiting for a CPU another one holds
+        # to the end would hold its shard forever.
+        self.cpus_each = min(1.0, cpus / count)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
         while self.pending or self.running:
             while self.idle and self.pending and self.stop is None:
@@ -259,7 +271,8 @@ class _Dispatch:
         return {"runtime_env": {"env_vars": self.env}} if self.env else {}
 
     def _worker(self) -> Any:
-        return ShardWorker.options(**self._options()).remote(self.budget)  # type: ignore[attr-defined]
+        options = {"num_cpus": self.cpus_each, **self._options()}
+        return ShardWorker.options(**options).remote(self.budget)  # type: ignore[attr-defined]
 
     def _notify(self, message: str) -> None:
         if not self.options.quiet:
