@@ -105,11 +105,17 @@ class LeaseBudget(RateLimiter):
             for budget, rate in self.rates.items():
                 self._next[budget] = start + cost.of(budget) / rate
             starts.append(start)
+        if len(starts) < len(costs) or (starts and starts[-1] > now):
+            self.waits += 1  # the pace held requests back (discovery grows only then)
         return tuple(starts)
 
-    def next_free(self) -> float:
-        """When the next slot starts (the pause included)."""
-        return max([self._clock(), self.paused_until, *self._next.values()])
+    def retry_at(self, horizon_s: float = HORIZON_S) -> float:
+        """When slots refused now may be granted: the pause's end, or when the next slot is
+        within the horizon."""
+        now = self._clock()
+        if now < self.paused_until:
+            return self.paused_until
+        return max([now + 0.001, *(t - horizon_s for t in self._next.values())])
 
     def snapshot(self) -> dict[str, float]:
         return dict(self._next)
@@ -129,21 +135,14 @@ class SharedBudget:
         self.pacer = LeaseBudget(clock=clock)
         self.flow = FlowController(limits, clock=clock, pacer=self.pacer)
         self._last_tick = clock()
-        self.granted = 0
-        self.refused = 0
 
     def lease(self, costs: Sequence[Cost], answers: Sequence[Answer] = ()) -> Grant:
         """Slots for ``costs``; never waits."""
         self.report(answers)
         self._tick()
         starts = self.pacer.grant(costs)
-        self.granted += len(starts)
-        if len(starts) < len(costs):
-            self.refused += 1
-            # The next slot is at most HORIZON_S away when asked again.
-            retry_at = max(self.pacer.next_free() - HORIZON_S, self._clock() + 0.001)
-            return Grant(starts, retry_at, self.flow.discovery.epoch)
-        return Grant(starts, None, self.flow.discovery.epoch)
+        retry_at = self.pacer.retry_at() if len(starts) < len(costs) else None
+        return Grant(starts, retry_at, self.flow.discovery.epoch)
 
     def report(self, answers: Sequence[Answer]) -> None:
         """Replies seen by the workers: they move the shared rates as the local ones would."""
@@ -152,9 +151,7 @@ class SharedBudget:
             if answer.kind == "answered":
                 slot.answered(answer.usage or answer.cost, answer.limits)
             elif answer.kind == "rate_limited":
-                self.pacer.waiting += 1  # the pace is what holds requests: growth may go on
                 slot.rate_limited(answer.retry_after_s, answer.limits)
-                self.pacer.waiting -= 1
             else:
                 slot.failed(answer.limits)
 
@@ -163,9 +160,6 @@ class SharedBudget:
         now = self._clock()
         if now - self._last_tick >= 1.0:
             self._last_tick = now
-            # Leases refused since the last tick are requests held by the pace.
-            self.pacer.waits += self.refused
-            self.refused = 0
             self.flow.tick()
 
     def state(self) -> BudgetState:
