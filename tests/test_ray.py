@@ -18,6 +18,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.config import load_job
+from batcher.errors import ConfigError
 from batcher.runner import RunOptions, run
 from batcher.scale.reaper import descendants, start_time
 from batcher.sim import SimulatorThread
@@ -28,10 +29,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 TIMING = ["latency_s"]
 
 
-def run_on_ray(job: Path, **options: Any) -> RunSummary:
+def run_on_ray(job: Path, overrides: list[str] | None = None, **options: Any) -> RunSummary:
     from batcher.scale.driver import run_on_ray as driver_run
 
-    return driver_run(load_job(job), RunOptions(quiet=True, **options))
+    return driver_run(load_job(job, overrides), RunOptions(quiet=True, **options))
 
 
 def one_machine(folder: Path, data: pl.DataFrame, **sections: Any) -> pl.DataFrame:
@@ -274,3 +275,6 @@ def test_input_and_output_on_s3(
         got = pl.read_parquet(handle)
     same_output(got, expected)
     assert s3.get_file_info("jobs/ckpt/ray/shard-00002/journal.sqlite").type == pafs.FileType.File
+    # An input in object storage is checked like a local one (on its first shard).
+    with pytest.raises(ConfigError, match=r"job\.yaml: request\.prompt uses column\(s\) nope"):
+        run_on_ray(job, ["request.prompt='Say {{ nope }}'"])

@@ -9,6 +9,7 @@ and resumes the others from their journals.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -26,14 +27,22 @@ from batcher.errors import AbortError, BatcherError, ConfigError
 from batcher.flow import FlowReport
 from batcher.journal import Journal, journal_path
 from batcher.lock import RunLock
-from batcher.plan import read_api_key
+from batcher.plan import Plan, read_api_key
 from batcher.runner import Run, RunOptions, prepare
 from batcher.scale import storage
 from batcher.scale.actors import BudgetActor, ShardWorker
 from batcher.scale.assembly import merge_journals, part_locations, write_parts
 from batcher.scale.reaper import Reaper
-from batcher.scale.shard import PART, ShardResult, ShardTask, done_result, task_identity
-from batcher.scale.shards import cut
+from batcher.scale.shard import (
+    PART,
+    ShardResult,
+    ShardTask,
+    done_result,
+    shard_config,
+    task_identity,
+    write_shard_input,
+)
+from batcher.scale.shards import ShardedInput, cut
 from batcher.sink import check_output_target
 from batcher.summary import RunSummary
 
@@ -64,8 +73,8 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
     if options.limit is not None:
         raise ConfigError(f"{job.source}: --limit is not available with --ray")
     where = Locations(job)
-    identity = _check(job, options, where)
     sharded = cut(where.input, config.ray.shard_rows)
+    identity = _check(job, options, where, sharded)
     lock = None if storage.is_remote(where.checkpoint) else RunLock(Path(where.checkpoint))
     try:
         if options.fresh:
@@ -101,20 +110,21 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
     return _summary(job, options, where.output, sharded.rows, results, flow, started)
 
 
-def _check(job: Job, options: RunOptions, where: Locations) -> dict[str, str] | None:
-    """Everything a one-machine run checks before sending, where the input is local; the
-    identity of the job's own journal (None: the checkpoint is not on local disk)."""
+def _check(
+    job: Job, options: RunOptions, where: Locations, sharded: ShardedInput
+) -> dict[str, str] | None:
+    """Everything a one-machine run checks before sending (an input in object storage: on
+    its first shard); the identity of the job's own journal (None: not on local disk)."""
     if storage.is_remote(where.input):
-        read_api_key(job, required=not options.simulate)
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            write_shard_input(sharded, sharded.shards[0], job.config, work)
+            config = shard_config(job.config, job.source, sharded.files[0], work)
+            _check_run(Job(config, job.source), options)
         return None
-    job, plan = prepare(job, options)
+    plan = _check_run(job, options)
     if not storage.is_remote(where.output):
         check_output_target(job.source, job.output_path)
-
-    async def check_output() -> None:
-        Run(job, options, plan)  # the output schema, prices and input columns
-
-    anyio.run(check_output)
     if storage.is_remote(where.checkpoint) or storage.is_remote(where.output):
         return None
     folder = job.source.parent
@@ -130,6 +140,16 @@ def _check(job: Job, options: RunOptions, where: Locations) -> dict[str, str] | 
     if failure is not None:
         raise failure
     return identity
+
+
+def _check_run(job: Job, options: RunOptions) -> Plan:
+    job, plan = prepare(job, options)
+
+    async def check_output() -> None:
+        Run(job, options, plan)  # the output schema, prices and input columns
+
+    anyio.run(check_output)
+    return plan
 
 
 @contextmanager

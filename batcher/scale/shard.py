@@ -38,6 +38,7 @@ from batcher.summary import RunSummary
 SYNC_S = 2.0  # how often a shard's journal is copied to the checkpoint location
 JOURNAL = "journal.sqlite"
 PART = "part.parquet"
+INPUT = "input.parquet"
 DONE = "done.json"
 
 
@@ -163,17 +164,16 @@ def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
     if task.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    shard_input = work / "input.parquet"
-    if not shard_input.exists():
-        frame = read_shard(task.sharded, task.shard, task.config.input.id_column)
-        temporary = work / ".input.parquet.tmp"
-        frame.write_parquet(temporary)
-        temporary.replace(shard_input)
+    if not (work / INPUT).exists():
+        write_shard_input(task.sharded, task.shard, task.config, work)
     journal = journal_path(work / "checkpoint")
     stored_journal = storage.join(task.location, JOURNAL)
     if not task.fresh:
         _take_fuller_journal(journal, stored_journal)
-    job = _shard_job(task, work, shard_input)
+    # The job file's place decides the journal's identity (paths relative to it): one in
+    # the shard's folder keeps it the same wherever the shard runs.
+    config = shard_config(task.config, Path(task.job_source), task.sharded.files[0], work)
+    job = Job(config, work / "job.yaml")
 
     def flow_factory(limits: LimitsConfig) -> FlowController:
         if source is None:
@@ -209,19 +209,17 @@ def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
     return result
 
 
-def _shard_job(task: ShardTask, work: Path, shard_input: Path) -> Job:
-    """The job as one machine would run it on the shard's rows alone."""
-    config = task.config
-    source = Path(task.job_source)
+def shard_config(config: JobConfig, job_source: Path, first_file: str, work: Path) -> JobConfig:
+    """The job as one machine would run it on a shard's rows alone (``work/input.parquet``)."""
     image_root = config.input.image_root
-    root = storage.resolve(source.parent, image_root) if image_root else None
-    if root is None and not storage.is_remote(task.sharded.files[0]):
-        root = str(Path(task.sharded.files[0]).parent)
-    shard_config = config.model_copy(
+    root = storage.resolve(job_source.parent, image_root) if image_root else None
+    if root is None and not storage.is_remote(first_file):
+        root = str(Path(first_file).parent)
+    return config.model_copy(
         update={
             "input": config.input.model_copy(
                 update={
-                    "path": str(shard_input),
+                    "path": str(work / INPUT),
                     "id_column": config.input.id_column or ROW_INDEX,
                     "image_root": root,
                 }
@@ -231,9 +229,14 @@ def _shard_job(task: ShardTask, work: Path, shard_input: Path) -> Job:
             ),
         }
     )
-    # The job file's place decides the journal's identity (paths relative to it): one in
-    # the shard's folder keeps it the same wherever the shard runs.
-    return Job(shard_config, work / "job.yaml")
+
+
+def write_shard_input(sharded: ShardedInput, shard: Shard, config: JobConfig, work: Path) -> None:
+    """The shard's rows as its run's input, written whole."""
+    frame = read_shard(sharded, shard, config.input.id_column)
+    temporary = work / f".{INPUT}.tmp"
+    frame.write_parquet(temporary)
+    temporary.replace(work / INPUT)
 
 
 def _outcomes(path: Path) -> int:
