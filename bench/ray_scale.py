@@ -1,10 +1,12 @@
 """Ray scale-out benchmark: one global budget across workers, and image jobs on 1, 2, 4 workers.
 
-    python bench/ray_scale.py [--rate-rows 800] [--image-rows 120] [--skip-rate] [--skip-images]
+    python -m bench.ray_scale [--rate-rows 800] [--image-rows 120] [--skip-rate] [--skip-images]
+                              [--discover]
 
 1. Rate: 4 workers against a simulator enforcing 1,200 requests/min over sliding 10 s windows,
    the job at 1,200/min. Prints the combined rate as a share of the limit and the 429 share
-   (each worker pacing itself at the job's rate would send 4 × 1,200/min).
+   (each worker pacing itself at the job's rate would send 4 × 1,200/min). ``--discover``
+   adds the same with no rate in the job: the budget actor discovers it from every 429.
 2. Images: 3000x2000 JPEGs decoded, resized and encoded per row (as ``bench/images.py``), on
    1, 2 and 4 workers of one local Ray cluster (4 CPUs declared). Prints rows/s and the
    speed-up against linear. On a machine with fewer cores than workers, the cores bound it.
@@ -40,7 +42,7 @@ def write(folder: Path, job: dict[str, Any]) -> Path:
     return path
 
 
-def rate_case(rows: int) -> None:
+def rate_case(rows: int, *, job_rpm: float | None = SERVER_RPM) -> None:
     settings = SimSettings(
         requests_per_minute=SERVER_RPM, limiter="sliding", window_s=10, latency_s=0.2
     )
@@ -54,7 +56,7 @@ def rate_case(rows: int) -> None:
                 "input": {"path": "rows.parquet"},
                 "endpoint": {"base_url": sim.url},
                 "request": {"model": "claude-3-5-haiku-20241022", "prompt": "Row {{ n }}."},
-                "limits": {"requests_per_minute": SERVER_RPM},
+                "limits": {"requests_per_minute": job_rpm} if job_rpm else {},
                 "output": {"path": "out.parquet"},
                 "ray": {"workers": 4, "shard_rows": max(rows // 8, 1)},
             },
@@ -65,8 +67,10 @@ def rate_case(rows: int) -> None:
         rate = (len(times) - 1) / (times[-1] - times[0]) * 60
         limited = sim.simulator.statuses["429"]
         requests = sim.simulator.requests
+        stated = f"job at {job_rpm:,.0f}/min" if job_rpm else "no rate stated (discovered)"
         print(
-            f"rate: 4 workers, {rows} rows, server {SERVER_RPM:,}/min over sliding 10 s windows: "
+            f"rate: 4 workers, {rows} rows, {stated}, "
+            f"server {SERVER_RPM:,}/min over sliding 10 s windows: "
             f"{rate:,.0f}/min = {rate / SERVER_RPM:.0%} of the limit, "
             f"429s {limited} of {requests} ({limited / requests:.1%}), "
             f"{summary.rows_ok} ok, wall {summary.wall_s:.1f} s"
@@ -109,6 +113,9 @@ def main() -> None:
     parser.add_argument("--image-rows", type=int, default=120)
     parser.add_argument("--files", type=int, default=12)
     parser.add_argument("--skip-rate", action="store_true")
+    parser.add_argument(
+        "--discover", action="store_true", help="also the rate case with no rate in the job"
+    )
     parser.add_argument("--skip-images", action="store_true")
     arguments = parser.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -116,6 +123,8 @@ def main() -> None:
     try:
         if not arguments.skip_rate:
             rate_case(arguments.rate_rows)
+        if arguments.discover:
+            rate_case(arguments.rate_rows, job_rpm=None)
         if arguments.skip_images:
             return
         with tempfile.TemporaryDirectory() as name:
