@@ -32,7 +32,7 @@ TIMING = ["latency_s"]
 def run_on_ray(job: Path, overrides: list[str] | None = None, **options: Any) -> RunSummary:
     from batcher.scale.driver import run_on_ray as driver_run
 
-    return driver_run(load_job(job, overrides), RunOptions(quiet=True, **options))
+    return driver_run(load_job(job, overrides), RunOptions(**{"quiet": True, **options}))
 
 
 def one_machine(folder: Path, data: pl.DataFrame, **sections: Any) -> pl.DataFrame:
@@ -104,7 +104,7 @@ def test_cli_flag_and_a_parquet_input(
 class Background:
     """A cluster run in a thread, with the actors it starts at hand."""
 
-    def __init__(self, job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, job: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
         from batcher.scale import driver
 
         self.workers: list[Any] = []
@@ -118,7 +118,9 @@ class Background:
 
         monkeypatch.setattr(driver._Dispatch, "_worker", recorded)
         self.result: list[RunSummary] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(run_on_ray(job)))
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(run_on_ray(job, **options))
+        )
         self.thread.start()
 
     def join(self) -> RunSummary:
@@ -173,13 +175,19 @@ def test_workers_share_one_budget_even_across_its_restart(
         limits={"requests_per_minute": 1200, "concurrency": "auto"},
         ray={"shard_rows": 30, "workers": 4},
     )
-    background = Background(job, monkeypatch)
+    lines: list[str] = []
+    background = Background(
+        job, monkeypatch, quiet=False, progress_every_s=2.0, notify=lines.append
+    )
     assert sim.simulator is not None
     simulator = sim.simulator
     wait_for(lambda: simulator.answered >= 100, 60)
     ray.kill(background.dispatch.budget, no_restart=False)
     summary = background.join()
     assert summary.rows_ok == rows
+    status = [line for line in lines if line.startswith("ray: ")]
+    assert status, lines
+    assert "requests sent, rate 1,200/min (job)" in status[0]
     assert simulator.statuses["429"] <= 0.03 * simulator.requests
     times = sorted(simulator.answered_at)
     rate = (len(times) - 1) / (times[-1] - times[0]) * 60

@@ -43,6 +43,9 @@ class BudgetActor:
     def report(self, answers: Sequence[Answer]) -> None:
         self.budget.report(answers)
 
+    def describe(self) -> str:
+        return self.budget.describe()
+
     def flow_report(self) -> FlowReport:
         return self.budget.flow.report()
 

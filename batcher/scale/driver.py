@@ -209,6 +209,7 @@ class _Dispatch:
         self.budget: Any = None
         self.stop: BatcherError | None = None
         self.cpus_each = 1.0
+        self.last_status = time.monotonic()
 
     def run(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
         for task in self.tasks:
@@ -248,6 +249,7 @@ class _Dispatch:
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
             if self.reaper is not None:
                 self.reaper.watch()
+            self._status()
             for ref in ready:
                 self._collect(ref)
         flow: FlowReport = ray.get(self.budget.flow_report.remote())
@@ -285,6 +287,19 @@ class _Dispatch:
         self._notify(
             f"{task.shard.name} done: {result.rows_ok} ok, {result.rows_failed} failed "
             f"({len(self.results)}/{len(self.tasks)} shards)"
+        )
+
+    def _status(self) -> None:
+        """Every ``--progress-every`` seconds, a line of how far the run is."""
+        every = self.options.progress_every_s
+        now = time.monotonic()
+        if self.options.quiet or every <= 0 or now < self.last_status + every:
+            return
+        self.last_status = now
+        budget: str = ray.get(self.budget.describe.remote())
+        self.options.notify(
+            f"ray: {len(self.results)}/{len(self.tasks)} shards done, "
+            f"{len(self.running)} running; {budget}"
         )
 
     def _options(self) -> dict[str, Any]:

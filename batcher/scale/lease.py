@@ -135,12 +135,14 @@ class SharedBudget:
         self.pacer = LeaseBudget(clock=clock)
         self.flow = FlowController(limits, clock=clock, pacer=self.pacer)
         self._last_tick = clock()
+        self.granted = 0
 
     def lease(self, costs: Sequence[Cost], answers: Sequence[Answer] = ()) -> Grant:
         """Slots for ``costs``; never waits."""
         self.report(answers)
         self._tick()
         starts = self.pacer.grant(costs)
+        self.granted += len(starts)
         retry_at = self.pacer.retry_at() if len(starts) < len(costs) else None
         return Grant(starts, retry_at, self.flow.discovery.epoch)
 
@@ -161,6 +163,13 @@ class SharedBudget:
         if now - self._last_tick >= 1.0:
             self._last_tick = now
             self.flow.tick()
+
+    def describe(self) -> str:
+        """For the driver's status line: slots granted and the rate in force."""
+        status = self.flow.status()
+        rate = status.requests_per_minute
+        pace = f"{rate:,.0f}/min ({status.source})" if rate is not None else "unpaced"
+        return f"{self.granted:,} requests sent, rate {pace}"
 
     def state(self) -> BudgetState:
         found = self.flow.discovery.rate_rps
