@@ -391,14 +391,7 @@ def _cancel(arguments: argparse.Namespace) -> int:
     if job.config.endpoint.mode != "batch":
         raise ConfigError(f"{job.source}: endpoint.mode: cancel is for endpoint.mode: batch")
     options = RunOptions(limit=arguments.limit, quiet=arguments.quiet, cancel=True)
-    if arguments.ray:
-        try:
-            from batcher.scale.driver import run_on_ray  # Ray is imported with --ray only
-        except ImportError as exc:
-            raise ConfigError(f"--ray needs Ray ({exc}): pip install 'batcher[ray]'") from None
-        summary = run_on_ray(job, options)
-    else:
-        summary = anyio.run(lambda: arun(job, options))
+    summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)
     return 0
