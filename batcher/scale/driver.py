@@ -8,6 +8,7 @@ and resumes the others from their journals.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -273,7 +274,8 @@ class _Dispatch:
                 )
             else:
                 self._notify(f"{task.shard.name}: {what}; it is resumed from its journal")
-                self.pending.appendleft(task)
+                # Resumed, not started afresh again: --fresh applied to its first attempt.
+                self.pending.appendleft(dataclasses.replace(task, fresh=False))
             self.idle.append(self._worker() if died else worker)
             return
         self.idle.append(worker)
