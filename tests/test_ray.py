@@ -25,7 +25,7 @@ from batcher.sim import SimulatorThread
 from batcher.summary import RunSummary
 from tests.conftest import reviews, write_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 TIMING = ["latency_s"]
 
 
