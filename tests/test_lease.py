@@ -10,6 +10,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batcher.config import LimitsConfig
 from batcher.limiter import Cost
@@ -177,3 +179,27 @@ def test_nothing_of_ray_is_imported_without_the_flag(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.floats(0, 0.3), st.integers(1, 20), st.integers(0, 3_000)), max_size=200
+    ),
+    per_minute=st.sampled_from([60, 600, 1200, 6000]),
+)
+def test_no_window_holds_more_than_the_rate(
+    calls: list[tuple[float, int, int]], per_minute: int
+) -> None:
+    """Whatever the order, timing and size of the workers' lease calls, the slots granted
+    in any stretch of time are at most what the rate allows in it, plus one."""
+    clock = FakeClock()
+    budget = SharedBudget(limits(requests_per_minute=per_minute, adaptive=False), clock=clock)
+    starts: list[float] = []
+    for advance, count, tokens in calls:
+        clock.now += advance
+        starts += budget.lease([Cost(input_tokens=tokens)] * count).starts
+    starts.sort()
+    # Slots at least 1/rate apart: then no stretch of t seconds holds more than t × rate + 1.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(gap >= 60 / per_minute - 1e-9 for gap in gaps)
