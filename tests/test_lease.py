@@ -200,6 +200,6 @@ def test_no_window_holds_more_than_the_rate(
         clock.now += advance
         starts += budget.lease([Cost(input_tokens=tokens)] * count).starts
     starts.sort()
-    # Slots at least 1/rate apart: then no stretch of t seconds holds more than t × rate + 1.
+    # Slots at least 1/rate apart: then no stretch of t seconds holds more than t * rate + 1.
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert all(gap >= 60 / per_minute - 1e-9 for gap in gaps)
