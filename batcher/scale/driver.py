@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -173,14 +175,18 @@ def _cluster(job: Job) -> Iterator[Reaper | None]:
         return
     address = os.environ.get("RAY_ADDRESS") or job.config.ray.address
     quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, **quiet)
+        _keep_sigterm(handler)
         try:
             yield None
         finally:
             ray.shutdown()
         return
     ray.init(address="local", include_dashboard=False, **quiet)
+    _keep_sigterm(handler)
     reaper = Reaper()
     reaper.watch()
     try:
@@ -188,6 +194,14 @@ def _cluster(job: Job) -> Iterator[Reaper | None]:
     finally:
         ray.shutdown()
         reaper.close()
+
+
+def _keep_sigterm(handler: Any) -> None:
+    """``ray.init`` puts its own SIGTERM handlers in (they end the driver on the spot); the
+    one in force before it (the CLI's: an interrupt, so the cluster is shut down and one line
+    printed) is put back."""
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _Dispatch:

@@ -253,17 +253,19 @@ def _outcomes(path: Path) -> int:
 
 
 def _take_fuller_journal(local: Path, stored: str) -> None:
-    """Start from the local journal or the stored copy, whichever holds more rows."""
+    """Start from the local journal or the stored copy, whichever holds more rows. The
+    checkpoint location is the truth: with no copy there (deleted, or never made), a local
+    journal left by an earlier run is not used either."""
+    files = [local, local.with_name(local.name + "-wal"), local.with_name(local.name + "-shm")]
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / JOURNAL
         if not storage.download(stored, copy):
+            for stale in files:
+                stale.unlink(missing_ok=True)
             return
         if _outcomes(copy) > _outcomes(local):
             local.parent.mkdir(parents=True, exist_ok=True)
-            for stale in (
-                local.with_name(local.name + "-wal"),
-                local.with_name(local.name + "-shm"),
-            ):
+            for stale in files:
                 stale.unlink(missing_ok=True)
             shutil.copyfile(copy, local)
 
