@@ -36,6 +36,7 @@ from batcher.source import ROW_INDEX
 from batcher.summary import RunSummary
 
 SYNC_S = 2.0  # how often a shard's journal is copied to the checkpoint location
+FIRST_COPY_S = 0.2  # until the first copy, how often to look whether the journal is open
 JOURNAL = "journal.sqlite"
 PART = "part.parquet"
 INPUT = "input.parquet"
@@ -270,10 +271,11 @@ def _take_fuller_journal(local: Path, stored: str) -> None:
             shutil.copyfile(copy, local)
 
 
-def copy_journal(local: Path, stored: str) -> None:
-    """Put a consistent copy of the journal's committed rows at ``stored``."""
+def copy_journal(local: Path, stored: str) -> bool:
+    """Put a consistent copy of the journal's committed rows at ``stored``; False if there
+    is no journal yet."""
     if not local.exists():
-        return
+        return False
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / JOURNAL
         source = sqlite3.connect(f"file:{local}?mode=ro", uri=True)
@@ -284,10 +286,13 @@ def copy_journal(local: Path, stored: str) -> None:
             source.close()
             target.close()
         storage.upload(copy, stored)
+    return True
 
 
 class _JournalCopier:
-    """Copies the journal every ``SYNC_S`` seconds while the shard runs, and once at the end."""
+    """Copies the journal as soon as the run has opened it, then every ``SYNC_S`` seconds
+    while the shard runs, and once at the end. The first copy marks the local journal as
+    this checkpoint's (see ``_take_fuller_journal``)."""
 
     def __init__(self, local: Path, stored: str) -> None:
         self.local, self.stored = local, stored
@@ -304,8 +309,9 @@ class _JournalCopier:
         copy_journal(self.local, self.stored)
 
     def _loop(self) -> None:
-        while not self._stop.wait(SYNC_S):
+        copied = False
+        while not self._stop.wait(SYNC_S if copied else FIRST_COPY_S):
             try:
-                copy_journal(self.local, self.stored)
+                copied = copy_journal(self.local, self.stored) or copied
             except (OSError, sqlite3.Error):
                 continue  # the next copy will do; the local journal is intact
