@@ -286,3 +286,39 @@ def test_input_and_output_on_s3(
     # An input in object storage is checked like a local one (on its first shard).
     with pytest.raises(ConfigError, match=r"job\.yaml: request\.prompt uses column\(s\) nope"):
         run_on_ray(job, ["request.prompt='Say {{ nope }}'"])
+
+
+def test_sigterm_interrupts_the_driver_as_on_one_machine(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread]
+) -> None:
+    """ray.init puts in handlers that end the driver on the spot; the run's own must hold:
+    exit 3 with one line, and the cluster shut down."""
+    sim = sim_factory(latency_s=0.02)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(300),
+        ray={"shard_rows": 100, "workers": 2},
+        limits={"requests_per_minute": 1200, "concurrency": 8},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(job), "--ray", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    try:
+        wait_for(lambda: simulator.answered >= 30, 120)
+        cluster = {pid: start_time(pid) for pid in descendants(driver.pid)}
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 3
+    assert err.splitlines()[-1] == "error: interrupted; run the same command again to resume"
+    assert all(start_time(pid) != started for pid, started in cluster.items())
