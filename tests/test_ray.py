@@ -29,6 +29,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cl
 TIMING = ["latency_s"]
 
 
+@pytest.fixture(autouse=True)
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Shard work goes under the test's folder (subprocess drivers inherit it too)."""
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv("BATCHER_SCRATCH_DIR", str(folder))
+    return folder
+
+
 def run_on_ray(job: Path, overrides: list[str] | None = None, **options: Any) -> RunSummary:
     from batcher.scale.driver import run_on_ray as driver_run
 
@@ -59,7 +67,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
 
 
 def test_output_equals_one_machine_and_a_rerun_skips_done_shards(
-    tmp_path: Path, sim_factory: Callable[..., SimulatorThread], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    capsys: pytest.CaptureFixture[str],
+    scratch: Path,
 ) -> None:
     """A CSV without an id column (keys are input positions across shards), cut into five
     shards; status and cost read the result; a rerun sends nothing."""
@@ -75,6 +86,8 @@ def test_output_equals_one_machine_and_a_rerun_skips_done_shards(
     output = folder / "out" / "result.parquet"
     same_output(pl.read_parquet(output), expected)
     assert summary.exit_code == 0
+    assert scratch.is_dir()
+    assert not list(scratch.rglob("*.sqlite"))  # done shards leave nothing on the node
     assert main(["status", str(job)]) == 0
     assert "110 done, 0 failed, 0 pending" in capsys.readouterr().out
     assert main(["cost", str(output)]) == 0

@@ -93,6 +93,7 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
                     shard=shard,
                     store=where.store,
                     identity=task_identity(config, sharded, shard),
+                    scratch=os.environ.get("BATCHER_SCRATCH_DIR"),
                     simulate=options.simulate,
                     fresh=options.fresh,
                     skip_failed=options.skip_failed,

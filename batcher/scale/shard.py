@@ -54,6 +54,7 @@ class ShardTask:
     shard: Shard
     store: str  # the job's checkpoint location for shards (a folder or a URI)
     identity: str  # the job and shard this work belongs to (see ``task_identity``)
+    scratch: str | None = None  # the local folder for shard work (None: the system's temp)
     simulate: bool = False
     fresh: bool = False
     skip_failed: bool = False
@@ -145,10 +146,11 @@ def done_result(task: ShardTask) -> ShardResult | None:
     )
 
 
-def scratch_root(store: str) -> Path:
-    """This node's working folder for the shards of the job whose checkpoint is ``store``."""
+def scratch_root(store: str, scratch: str | None) -> Path:
+    """This node's working folder for the shards of the job whose checkpoint is ``store``:
+    under ``scratch`` (``BATCHER_SCRATCH_DIR``) or the system's temporary folder."""
     digest = hashlib.sha256(store.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "batcher-ray" / digest
+    return Path(scratch or tempfile.gettempdir()) / "batcher-ray" / digest
 
 
 def run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
@@ -161,7 +163,7 @@ def run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
 
 
 def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
-    work = scratch_root(task.store) / task.shard.name
+    work = scratch_root(task.store, task.scratch) / task.shard.name
     if task.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
