@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without a terminal, a status line every S seconds (0: none; default 30)",
     )
     run.add_argument("--prices", metavar="FILE", help="a price table instead of the shipped one")
+    run.add_argument("--ray", action="store_true", help="run across a Ray cluster (batcher[ray])")
     run.add_argument(
         "--cancel",
         action="store_true",
@@ -358,7 +359,14 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
     job = load_job(arguments.job, arguments.overrides)
     if arguments.cancel and job.config.endpoint.mode != "batch":
         raise ConfigError(f"{job.source}: endpoint.mode: --cancel is for endpoint.mode: batch")
-    summary = anyio.run(lambda: arun(job, options))
+    if arguments.ray:
+        try:
+            from batcher.scale.driver import run_on_ray  # Ray is imported with --ray only
+        except ImportError as exc:
+            raise ConfigError(f"--ray needs Ray ({exc}): pip install 'batcher[ray]'") from None
+        summary = run_on_ray(job, options)
+    else:
+        summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary.exit_code

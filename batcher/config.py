@@ -197,6 +197,14 @@ class PriceConfig(_Section):
     batch_output: float | None = Field(default=None, ge=0)  # default: half of output
 
 
+class RayConfig(_Section):
+    """``batcher run --ray``: the cluster to join and how the input is cut into shards."""
+
+    address: str | None = None  # None: RAY_ADDRESS, else a local cluster for the run
+    workers: int | None = Field(default=None, ge=1, le=10_000)  # None: the cluster's CPUs
+    shard_rows: int = Field(default=50_000, ge=1)
+
+
 class JobConfig(_Section):
     name: str = Field(max_length=200)
     input: InputConfig
@@ -208,6 +216,7 @@ class JobConfig(_Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("name")
     @classmethod

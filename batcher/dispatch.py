@@ -44,6 +44,7 @@ class Dispatch:
         prices: PriceTable,
         positions: frozenset[int] | None,
         skip_failed: bool,
+        flow: FlowController,
     ) -> None:
         self.plan = plan
         self.journal = journal
@@ -53,7 +54,7 @@ class Dispatch:
         self.prices = prices
         self.positions = positions
         self.skip_failed = skip_failed
-        self.flow = FlowController(plan.job.config.limits)
+        self.flow = flow
 
     async def run(self, base_url: str, progress: Progress) -> None:
         config, plan, flow = self.plan.job.config, self.plan, self.flow

@@ -92,10 +92,15 @@ class FlowController:
     """Shared by all workers of a run: ``async with flow.slot(cost) as slot`` around a send."""
 
     def __init__(
-        self, limits: LimitsConfig, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep
+        self,
+        limits: LimitsConfig,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+        pacer: RateLimiter | None = None,  # --ray: a pacer that leases from a shared budget
     ) -> None:
         self._clock = clock
-        self.pacer = RateLimiter(clock=clock, sleep=sleep)
+        self.pacer = pacer if pacer is not None else RateLimiter(clock=clock, sleep=sleep)
         self.adaptive = limits.adaptive
         self.discovery = Discovery()
         self.stall_timeout_s = limits.stall_timeout_s

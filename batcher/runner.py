@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from batcher.batch import BatchRun
-from batcher.config import Job
+from batcher.config import Job, LimitsConfig
 from batcher.dispatch import Dispatch
 from batcher.errors import (
     BatcherError,
@@ -56,6 +56,8 @@ class RunOptions:
     progress_every_s: float = 30.0  # status lines when stderr is not a terminal; 0: none
     cancel: bool = False  # batch mode: cancel the batches in flight instead of submitting
     notify: Callable[[str], None] = _stderr
+    # Builds the run's flow controller (--ray: one whose pacing is leased from a shared budget).
+    flow_factory: Callable[[LimitsConfig], FlowController] = FlowController
 
 
 class Run:
@@ -121,6 +123,7 @@ class Run:
             prices=self.prices,
             positions=options.positions,
             skip_failed=options.skip_failed,
+            flow=options.flow_factory(self.plan.job.config.limits),
         )
         self.flow = dispatch.flow
         total = self.plan.total_rows if options.positions is None else len(options.positions)

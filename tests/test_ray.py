@@ -1,0 +1,337 @@
+"""`batcher run --ray` on a local Ray cluster: the one-machine output, exact after kills, and on
+a local S3-compatible server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batcher.cli import main
+from batcher.config import load_job
+from batcher.errors import ConfigError
+from batcher.runner import RunOptions, run
+from batcher.scale.reaper import descendants, start_time
+from batcher.sim import SimulatorThread
+from batcher.summary import RunSummary
+from tests.conftest import reviews, write_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+TIMING = ["latency_s"]
+
+
+@pytest.fixture(autouse=True)
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Shard work goes under the test's folder (subprocess drivers inherit it too)."""
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv("BATCHER_SCRATCH_DIR", str(folder))
+    return folder
+
+
+def run_on_ray(job: Path, overrides: list[str] | None = None, **options: Any) -> RunSummary:
+    from batcher.scale.driver import run_on_ray as driver_run
+
+    return driver_run(load_job(job, overrides), RunOptions(**{"quiet": True, **options}))
+
+
+def one_machine(folder: Path, data: pl.DataFrame, **sections: Any) -> pl.DataFrame:
+    """The output a one-machine run of the same job writes (its own simulator)."""
+    folder.mkdir()
+    with SimulatorThread() as server:
+        job = write_job(folder, server.url, data=data, **sections)
+        summary = run(job, quiet=True)
+    assert summary.rows_ok == data.height
+    return pl.read_parquet(folder / "out" / "result.parquet")
+
+
+def same_output(got: pl.DataFrame, expected: pl.DataFrame) -> None:
+    assert got.columns == expected.columns
+    assert got.schema == expected.schema
+    assert got.drop(TIMING).equals(expected.drop(TIMING))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_output_equals_one_machine_and_a_rerun_skips_done_shards(
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    capsys: pytest.CaptureFixture[str],
+    scratch: Path,
+) -> None:
+    """A CSV without an id column (keys are input positions across shards), cut into five
+    shards; status and cost read the result; a rerun sends nothing."""
+    data = reviews(110)
+    sections: dict[str, Any] = {"input": {"id_column": None}, "ray": {"shard_rows": 25}}
+    expected = one_machine(tmp_path / "one", data, **sections)
+    sim = sim_factory()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(folder, sim.url, data=data, **sections)
+    summary = run_on_ray(job)
+    assert (summary.rows_ok, summary.rows_failed, summary.requests) == (110, 0, 110)
+    output = folder / "out" / "result.parquet"
+    same_output(pl.read_parquet(output), expected)
+    assert summary.exit_code == 0
+    assert scratch.is_dir()
+    assert not list(scratch.rglob("*.sqlite"))  # done shards leave nothing on the node
+    assert main(["status", str(job)]) == 0
+    assert "110 done, 0 failed, 0 pending" in capsys.readouterr().out
+    assert main(["cost", str(output)]) == 0
+    assert "110" in capsys.readouterr().out
+
+    again = run_on_ray(job)
+    assert (again.requests, again.rows_skipped, again.rows_ok) == (0, 110, 110)
+    assert sim.simulator is not None
+    assert sim.simulator.answered == 110
+    same_output(pl.read_parquet(output), expected)
+
+
+def test_cli_flag_and_a_parquet_input(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread]
+) -> None:
+    data = reviews(60)
+    sections: dict[str, Any] = {"ray": {"shard_rows": 20, "workers": 2}}
+    expected = one_machine(tmp_path / "one", data, fmt="parquet", **sections)
+    sim = sim_factory()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(folder, sim.url, data=data, fmt="parquet", **sections)
+    assert main(["run", str(job), "--ray", "--quiet"]) == 0
+    same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
+
+
+class Background:
+    """A cluster run in a thread, with the actors it starts at hand."""
+
+    def __init__(self, job: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
+        from batcher.scale import driver
+
+        self.workers: list[Any] = []
+        self.dispatch: Any = None
+        spawn = driver._Dispatch._worker
+
+        def recorded(dispatch: Any) -> Any:
+            self.dispatch = dispatch
+            self.workers.append(spawn(dispatch))
+            return self.workers[-1]
+
+        monkeypatch.setattr(driver._Dispatch, "_worker", recorded)
+        self.result: list[RunSummary] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(run_on_ray(job, **options))
+        )
+        self.thread.start()
+
+    def join(self) -> RunSummary:
+        self.thread.join(120)
+        assert self.result, "the run did not end"
+        return self.result[0]
+
+
+def test_a_killed_worker_s_shard_finishes_exact(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    rows = 240
+    data = reviews(rows)
+    sections: dict[str, Any] = {
+        "ray": {"shard_rows": 120, "workers": 2},
+        "limits": {"requests_per_minute": 2400, "concurrency": 8},
+    }
+    expected = one_machine(tmp_path / "one", data, **sections)
+    sim = sim_factory(latency_s=0.02)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(folder, sim.url, data=data, **sections)
+    background = Background(job, monkeypatch)
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    wait_for(lambda: simulator.answered >= 60, 60)
+    ray.kill(background.workers[0])
+    summary = background.join()
+    assert len(background.workers) == 3  # the dead worker's shard went to a new one
+    assert summary.rows_ok == rows
+    same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
+    # At most what was in flight and one journal copy's worth is sent again.
+    assert simulator.answered <= rows * 1.15
+
+
+def test_workers_share_one_budget_even_across_its_restart(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers, the job at the server's 1,200/min (100 in any sliding 5 s): together
+    they keep to it (each pacing itself at the job's rate would send 4×), even with the
+    budget actor killed and restarted mid-run (its state restored: see test_lease.py)."""
+    import ray
+
+    rows = 240
+    sim = sim_factory(requests_per_minute=1200, limiter="sliding", window_s=5, latency_s=0.05)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(rows),
+        limits={"requests_per_minute": 1200, "concurrency": "auto"},
+        ray={"shard_rows": 30, "workers": 4},
+    )
+    lines: list[str] = []
+    background = Background(
+        job, monkeypatch, quiet=False, progress_every_s=2.0, notify=lines.append
+    )
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    wait_for(lambda: simulator.answered >= 100, 60)
+    ray.kill(background.dispatch.budget, no_restart=False)
+    summary = background.join()
+    assert summary.rows_ok == rows
+    status = [line for line in lines if line.startswith("ray: ")]
+    assert status, lines
+    assert "requests sent, rate 1,200/min (job)" in status[0]
+    assert simulator.statuses["429"] <= 0.03 * simulator.requests
+    times = sorted(simulator.answered_at)
+    rate = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert 0.8 * 1200 <= rate <= 1.05 * 1200
+
+
+def test_sigkill_of_the_driver_leaves_no_ray_and_a_rerun_is_exact(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread]
+) -> None:
+    rows = 300
+    data = reviews(rows)
+    sections: dict[str, Any] = {
+        "ray": {"shard_rows": 100, "workers": 2},
+        "limits": {"requests_per_minute": 2400, "concurrency": 8},
+    }
+    expected = one_machine(tmp_path / "one", data, **sections)
+    sim = sim_factory(latency_s=0.02)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(folder, sim.url, data=data, **sections)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["BATCHER_API_KEY"] = "test-key"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(job), "--ray", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    try:
+        wait_for(lambda: simulator.answered >= 90, 120)
+        cluster = {pid: start_time(pid) for pid in descendants(driver.pid)}
+        assert any(cluster.values())
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+    def cluster_gone() -> bool:
+        return all(start_time(pid) != started for pid, started in cluster.items())
+
+    wait_for(cluster_gone, 30)
+    summary = run_on_ray(job)
+    assert summary.rows_ok == rows
+    same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
+    assert simulator.answered <= rows * 1.15
+
+
+def test_input_and_output_on_s3(
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    s3_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pyarrow.fs as pafs
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    data = reviews(50)
+    sections: dict[str, Any] = {"ray": {"shard_rows": 20}}
+    expected = one_machine(tmp_path / "one", data, fmt="parquet", **sections)
+    s3 = pafs.S3FileSystem(
+        endpoint_override=s3_server.removeprefix("http://"),
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    s3.create_dir("jobs")
+    local = tmp_path / "data.parquet"
+    data.write_parquet(local, row_group_size=10)  # shards of two row groups: 20, 20, 10
+    pafs.copy_files(str(local), "jobs/in/data.parquet", destination_filesystem=s3)
+    sim = sim_factory()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(
+        folder,
+        sim.url,
+        data=data,
+        input={"path": "s3://jobs/in/data.parquet", "id_column": "id"},
+        output={"path": "s3://jobs/out/result.parquet", "checkpoint_dir": "s3://jobs/ckpt"},
+        **sections,
+    )
+    summary = run_on_ray(job)
+    assert summary.rows_ok == 50
+    with s3.open_input_file("jobs/out/result.parquet") as handle:
+        got = pl.read_parquet(handle)
+    same_output(got, expected)
+    assert s3.get_file_info("jobs/ckpt/ray/shard-00002/journal.sqlite").type == pafs.FileType.File
+    # An input in object storage is checked like a local one (on its first shard).
+    with pytest.raises(ConfigError, match=r"job\.yaml: request\.prompt uses column\(s\) nope"):
+        run_on_ray(job, ["request.prompt='Say {{ nope }}'"])
+
+
+def test_sigterm_interrupts_the_driver_as_on_one_machine(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread]
+) -> None:
+    """ray.init puts in handlers that end the driver on the spot; the run's own must hold:
+    exit 3 with one line, and the cluster shut down."""
+    sim = sim_factory(latency_s=0.02)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(300),
+        ray={"shard_rows": 100, "workers": 2},
+        limits={"requests_per_minute": 1200, "concurrency": 8},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(job), "--ray", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    try:
+        wait_for(lambda: simulator.answered >= 30, 120)
+        cluster = {pid: start_time(pid) for pid in descendants(driver.pid)}
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 3
+    assert err.splitlines()[-1] == "error: interrupted; run the same command again to resume"
+    assert all(start_time(pid) != started for pid, started in cluster.items())
