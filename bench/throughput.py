@@ -160,10 +160,12 @@ def batcher_job(folder: Path, url: str, rows: int, concurrency: int) -> Path:
 
 
 def client_argv(kind: str, url: str, rows: int, concurrency: int, job: Path) -> list[str]:
+    # -P: "-m" would otherwise put the working directory first on the path, and a baseline
+    # started from this checkout would import this checkout's batcher, not its own.
     if kind == "batcher":
-        return [sys.executable, "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
+        return [sys.executable, "-P", "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
     if kind == "baseline":  # another install of batcher (an earlier version), same job
-        return [BASELINE[0], "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
+        return [BASELINE[0], "-P", "-m", "batcher.cli", "run", str(job), "--quiet", "--fresh"]
     return [
         sys.executable,
         str(HERE / "throughput.py"),
