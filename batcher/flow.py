@@ -127,9 +127,15 @@ class FlowController:
     @asynccontextmanager
     async def slot(self, cost: Cost) -> AsyncIterator[Slot]:
         """Wait for room in flight and for the pace, then hold the request's place."""
-        if self._gate.available_tokens < 1:
+        gate = self._gate
+        try:
+            # A free place is taken without a trip round the event loop, which anyio's
+            # acquire makes every time (a tenth of the client's CPU per request).
+            gate.acquire_nowait()
+        except anyio.WouldBlock:
             self._gate_waits += 1
-        async with self._gate:
+            await gate.acquire()
+        try:
             await self.pacer.acquire(cost)
             slot = Slot(self, cost, self.discovery.epoch, self._clock())
             self.in_flight += 1
@@ -137,6 +143,8 @@ class FlowController:
                 yield slot
             finally:
                 self.in_flight -= 1
+        finally:
+            gate.release()
 
     def _answered(self, slot: Slot, usage: Cost, limits: ServerLimits | None) -> None:
         now = self._clock()
