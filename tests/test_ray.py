@@ -53,6 +53,16 @@ def one_machine(folder: Path, data: pl.DataFrame, **sections: Any) -> pl.DataFra
     return pl.read_parquet(folder / "out" / "result.parquet")
 
 
+def both_ways(
+    tmp_path: Path, sim: SimulatorThread, data: pl.DataFrame, **sections: Any
+) -> tuple[pl.DataFrame, Path, Path]:
+    """The one-machine output of ``data``, and the same job against ``sim`` in its own folder."""
+    expected = one_machine(tmp_path / "one", data, **sections)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    return expected, folder, write_job(folder, sim.url, data=data, **sections)
+
+
 def same_output(got: pl.DataFrame, expected: pl.DataFrame) -> None:
     assert got.columns == expected.columns
     assert got.schema == expected.schema
@@ -76,11 +86,8 @@ def test_output_equals_one_machine_and_a_rerun_skips_done_shards(
     shards; status and cost read the result; a rerun sends nothing."""
     data = reviews(110)
     sections: dict[str, Any] = {"input": {"id_column": None}, "ray": {"shard_rows": 25}}
-    expected = one_machine(tmp_path / "one", data, **sections)
     sim = sim_factory()
-    folder = tmp_path / "many"
-    folder.mkdir()
-    job = write_job(folder, sim.url, data=data, **sections)
+    expected, folder, job = both_ways(tmp_path, sim, data, **sections)
     summary = run_on_ray(job)
     assert (summary.rows_ok, summary.rows_failed, summary.requests) == (110, 0, 110)
     output = folder / "out" / "result.parquet"
@@ -105,11 +112,8 @@ def test_cli_flag_and_a_parquet_input(
 ) -> None:
     data = reviews(60)
     sections: dict[str, Any] = {"ray": {"shard_rows": 20, "workers": 2}}
-    expected = one_machine(tmp_path / "one", data, fmt="parquet", **sections)
     sim = sim_factory()
-    folder = tmp_path / "many"
-    folder.mkdir()
-    job = write_job(folder, sim.url, data=data, fmt="parquet", **sections)
+    expected, folder, job = both_ways(tmp_path, sim, data, fmt="parquet", **sections)
     assert main(["run", str(job), "--ray", "--quiet"]) == 0
     same_output(pl.read_parquet(folder / "out" / "result.parquet"), expected)
 
@@ -153,11 +157,8 @@ def test_a_killed_worker_s_shard_finishes_exact(
         "ray": {"shard_rows": 120, "workers": 2},
         "limits": {"requests_per_minute": 2400, "concurrency": 8},
     }
-    expected = one_machine(tmp_path / "one", data, **sections)
     sim = sim_factory(latency_s=0.02)
-    folder = tmp_path / "many"
-    folder.mkdir()
-    job = write_job(folder, sim.url, data=data, **sections)
+    expected, folder, job = both_ways(tmp_path, sim, data, **sections)
     background = Background(job, monkeypatch)
     assert sim.simulator is not None
     simulator = sim.simulator
@@ -216,11 +217,8 @@ def test_sigkill_of_the_driver_leaves_no_ray_and_a_rerun_is_exact(
         "ray": {"shard_rows": 100, "workers": 2},
         "limits": {"requests_per_minute": 2400, "concurrency": 8},
     }
-    expected = one_machine(tmp_path / "one", data, **sections)
     sim = sim_factory(latency_s=0.02)
-    folder = tmp_path / "many"
-    folder.mkdir()
-    job = write_job(folder, sim.url, data=data, **sections)
+    expected, folder, job = both_ways(tmp_path, sim, data, **sections)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["BATCHER_API_KEY"] = "test-key"
     driver = subprocess.Popen(
