@@ -24,14 +24,11 @@ since probing a rate that is not used proves nothing. Pure: time comes in as arg
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
-LAST_ANSWERS = 20  # the 429 share of a paced rate that triggers a cut, over these answers
-SERVED_S = 3.0  # what the server serves now: successes over this span
-MIN_SPAN_S = 0.25
+from batcher.observed import RecentAnswers, ServedRate
+
 CUT_SHARE = 0.9  # a cut aims under the rate the server was seen to serve
 FLOOR = 0.25  # one cut never goes below this share of the rate before it
 UNSURE_SHARE = 0.75  # answers slower than this share of the pace measure the pace, not the server
@@ -64,6 +61,34 @@ class _Trial:
     unsure_from: float | None = None  # the pace a cut that measured little came from
     looked: bool = False  # the early verdict was tried (only one: each look is a new chance)
 
+    def fall(self) -> tuple[float, float, float]:
+        """The 429 share before and after the cut, and how significant its fall is (a
+        two-proportion z-test; negative when it rose)."""
+        before = self.before_limited / self.before_answers
+        after = self.limited / self.answers
+        pooled = (self.before_limited + self.limited) / (self.before_answers + self.answers)
+        spread = math.sqrt(
+            max(pooled * (1 - pooled), 1e-9) * (1 / self.before_answers + 1 / self.answers)
+        )
+        return before, after, (before - after) / spread
+
+
+@dataclass(slots=True)
+class _Curve:
+    """CUBIC's growth (RFC 8312): back to ``peak`` in ``PLATEAU_S``, then doubling it in about
+    ``DOUBLING_S`` more; concave where the limit was met, convex past it, so a stable limit is
+    probed gently and a raised one found quickly."""
+
+    peak: float | None = None  # where congestion was met (CUBIC's W_max)
+    origin: float = 0.0  # when the curve started
+
+    def rate(self, now: float) -> float | None:
+        if self.peak is None:
+            return None
+        t = now - self.origin - PLATEAU_S
+        scale = (1 - CUT_SHARE) / PLATEAU_S**3 if t < 0 else 1 / DOUBLING_S**3
+        return self.peak * (1 + scale * t**3)
+
 
 class Discovery:
     """The discovered request rate (``rate_rps``, None while no limit is known)."""
@@ -75,35 +100,17 @@ class Discovery:
         self.cuts = 0
         self.noise_verdicts = 0
         self.lowest_rps: float | None = None
-        self._recent: deque[tuple[float, bool]] = deque()
-        self._recent_limited = 0
-        self._served: deque[float] = deque()
-        self._first_success: float | None = None
+        self._recent = RecentAnswers()  # of the current epoch
+        self._served = ServedRate()
         self._trial: _Trial | None = None
         self._episode: _Trial | None = None  # the first unproven cut of a run of them
         self._proven_peak: float | None = None  # the rate served when congestion was proven
-        self._peak: float | None = None  # where congestion was met (CUBIC's W_max)
-        self._origin = 0.0  # when the growth curve started
+        self._curve = _Curve()
         self._last_cut = float("-inf")
 
     @property
     def trial_running(self) -> bool:
         return self._trial is not None
-
-    def served_rps(self, now: float) -> float:
-        """Successes per second over the last ``SERVED_S`` seconds, or since the last cut when
-        that is at least a second ago."""
-        while self._served and self._served[0] < now - SERVED_S:
-            self._served.popleft()
-        if self._first_success is None:
-            return 0.0
-        start = max(now - SERVED_S, self._first_success)
-        if now - self._last_cut >= 1.0:
-            start = max(start, self._last_cut)
-        served = sum(1 for when in self._served if when >= start)
-        # A short span may include a burst the server allowed (then the cut is too shallow
-        # and the next trial cuts deeper); a longer floor would understate a fast server.
-        return served / max(now - start, MIN_SPAN_S)
 
     def record(
         self, now: float, epoch: int, *, limited: bool, pacing: Callable[[], float | None]
@@ -111,14 +118,10 @@ class Discovery:
         """One answer (a success or a 429) to a request sent in ``epoch``; True if the rate
         changed. ``pacing`` tells the request rate in force now (None: unpaced)."""
         if not limited:
-            self._served.append(now)
-            if self._first_success is None:
-                self._first_success = now
+            self._served.add(now)
         if epoch != self.epoch:
             return False
-        self._recent.append((now, limited))
-        self._recent_limited += limited
-        self._forget(now)
+        self._recent.add(now, limited=limited)
         trial = self._trial
         if trial is not None:
             trial.answers += 1
@@ -135,36 +138,29 @@ class Discovery:
 
     def suspects(self, now: float) -> bool:
         """The recent 429 share is above the noise: a 429 now is likely congestion."""
-        self._forget(now)
+        self._recent.forget(now)
         return self._suspect()
 
     def grow(self, now: float, elapsed_s: float, *, pace_binds: bool) -> None:
         """Move along the growth curve (called about once a second)."""
         if not pace_binds:
-            self._origin += elapsed_s  # an unused rate proves nothing: hold the curve
-        if self._trial is not None or self._peak is None or self.rate_rps is None:
+            self._curve.origin += elapsed_s  # an unused rate proves nothing: hold the curve
+        curve = self._curve.rate(now)
+        if self._trial is not None or curve is None or self.rate_rps is None:
             return
-        t = now - self._origin - PLATEAU_S
-        # Concave up to the old peak, convex past it: gentle where the limit was, quick to
-        # find one that was raised.
-        scale = (1 - CUT_SHARE) / PLATEAU_S**3 if t < 0 else 1 / DOUBLING_S**3
-        self.rate_rps = max(self.rate_rps, self._peak * (1 + scale * t**3))
+        self.rate_rps = max(self.rate_rps, curve)
         if self.noise_share and len(self._recent) >= 100 and not self._suspect():
             # Noise drifts: follow it while no congestion is suspected.
-            share = self._recent_limited / len(self._recent)
+            share = self._recent.limited / len(self._recent)
             self.noise_share += (share - self.noise_share) * _NOISE_DRIFT
 
     def release(self) -> None:
         """The discovered rate climbed past every other limit: forget it."""
         if self._trial is None:
-            self.rate_rps = self._peak = None
-
-    def _forget(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - RECENT_S:
-            self._recent_limited -= self._recent.popleft()[1]
+            self.rate_rps = self._curve.peak = None
 
     def _suspect(self) -> bool:
-        return self.suspicious(self._recent_limited, len(self._recent))
+        return self.suspicious(self._recent.limited, len(self._recent))
 
     def suspicious(self, limited: int, answers: int) -> bool:
         """Whether ``limited`` 429s among ``answers`` are significantly above the noise."""
@@ -175,40 +171,21 @@ class Discovery:
         return z > Z_SUSPECT
 
     def _cut(self, now: float, pacing_rps: float | None) -> bool:
-        served = self.served_rps(now)
-        unsure_from = None
-        if pacing_rps is not None and self._recent:
-            # Paced, the server takes what is sent now less the share of 429s in the last
-            # answers: a count over seconds would include a burst the server allowed, or the
-            # slower pace of a moment ago.
-            last = list(self._recent)[-LAST_ANSWERS:]
-            sending = pacing_rps
-            if len(last) >= 10 and last[-1][0] > last[0][0]:
-                sending = min(sending, (len(last) - 1) / (last[-1][0] - last[0][0]))
-            served = sending * (1 - sum(limited for _, limited in last) / len(last))
-            if sending < UNSURE_SHARE * pacing_rps:
-                unsure_from = pacing_rps  # answers lag a pace that just rose, or pauses
-        if served <= 0:
+        served = self._served.rps(now, since=self._last_cut)
+        aim = _aim(now, served, pacing_rps, self._recent)
+        if aim is None:
             return False  # nothing served yet to aim under: the Retry-After pauses cover it
-        target = CUT_SHARE * served
-        if pacing_rps is not None:
-            if target <= FLOOR * pacing_rps:
-                unsure_from = pacing_rps  # a drained burst looks like a slow server
-            target = min(max(target, FLOOR * pacing_rps), CUT_SHARE * pacing_rps)
-        elif self._recent:
-            # Unpaced: never below a share of what was being sent (answers of any kind).
-            span = max(now - self._recent[0][0], MIN_SPAN_S)
-            target = max(target, FLOOR * len(self._recent) / span)
+        target, unsure_from = aim
         # The 429 that raised the suspicion is left out of the share before the cut: a sample
         # that stops at its own high point overstates the share, and every noise trial would
         # then seem to show a fall.
         self._trial = _Trial(
             now,
             len(self._recent) - 1,
-            self._recent_limited - 1,
+            self._recent.limited - 1,
             self.rate_rps,
-            self._peak,
-            self._origin,
+            self._curve.peak,
+            self._curve.origin,
             # Above the rate a proven cut set, congestion is the likely cause.
             self._proven_peak is not None and (pacing_rps or 0.0) > CUT_SHARE * self._proven_peak,
         )
@@ -220,13 +197,7 @@ class Discovery:
         return True
 
     def _judge(self, now: float, trial: _Trial) -> bool:
-        before = trial.before_limited / trial.before_answers
-        after = trial.limited / trial.answers
-        pooled = (trial.before_limited + trial.limited) / (trial.before_answers + trial.answers)
-        spread = math.sqrt(
-            max(pooled * (1 - pooled), 1e-9) * (1 / trial.before_answers + 1 / trial.answers)
-        )
-        z = (before - after) / spread
+        before, after, z = trial.fall()
         if (
             trial.limited >= 4
             and trial.answers >= 10
@@ -254,8 +225,8 @@ class Discovery:
         # high point by the suspicion), so later suspicions are judged against it.
         self.noise_share = min(max(self.noise_share, after), NOISE_MAX)
         prior = self._episode or trial
-        self.rate_rps, self._peak = prior.prior_rate, prior.prior_peak
-        self._origin = prior.prior_origin + (now - prior.started)
+        self.rate_rps = prior.prior_rate
+        self._curve = _Curve(prior.prior_peak, prior.prior_origin + (now - prior.started))
         self._trial = self._episode = None
         self.noise_verdicts += 1
         self._new_epoch()
@@ -270,14 +241,14 @@ class Discovery:
             self._proven_peak = self.rate_rps / CUT_SHARE
         elif self._episode is None:
             self._episode = self._trial  # noise could still explain it: remember where it began
-        self._peak = self.rate_rps / CUT_SHARE
+        peak = self.rate_rps / CUT_SHARE
         trial = self._trial
         if trial is not None and trial.unsure_from is not None:
             # The cut measured little of the server: the limit lies between it and the pace
             # known too fast, so the curve climbs towards the middle of the two instead of
             # creeping up from the cut.
-            self._peak = math.sqrt(self._peak * trial.unsure_from)
-        self._origin = now
+            peak = math.sqrt(peak * trial.unsure_from)
+        self._curve = _Curve(peak, now)
         self._trial = None
 
     def forget_recent(self) -> None:
@@ -288,4 +259,29 @@ class Discovery:
     def _new_epoch(self) -> None:
         self.epoch += 1
         self._recent.clear()
-        self._recent_limited = 0
+
+
+def _aim(
+    now: float, served: float, pacing_rps: float | None, recent: RecentAnswers
+) -> tuple[float, float | None] | None:
+    """Where a cut goes: just under what the server serves, within bounds of the pace; and the
+    pace it came from when the cut measured little of the server (else None)."""
+    unsure_from = None
+    if pacing_rps is not None and recent:
+        # Paced, the server takes what is sent now less the share of 429s in the last
+        # answers: a count over seconds would include a burst the server allowed, or the
+        # slower pace of a moment ago.
+        served, sending = recent.taken_rps(pacing_rps)
+        if sending < UNSURE_SHARE * pacing_rps:
+            unsure_from = pacing_rps  # answers lag a pace that just rose, or pauses
+    if served <= 0:
+        return None
+    target = CUT_SHARE * served
+    if pacing_rps is not None:
+        if target <= FLOOR * pacing_rps:
+            unsure_from = pacing_rps  # a drained burst looks like a slow server
+        target = min(max(target, FLOOR * pacing_rps), CUT_SHARE * pacing_rps)
+    elif recent:
+        # Unpaced: never below a share of what was being sent (answers of any kind).
+        target = max(target, FLOOR * recent.sent_rps(now))
+    return target, unsure_from

@@ -50,6 +50,17 @@ class FlowStatus:
         )
         return f"rate {rate}, in flight {self.in_flight}/{self.concurrency} ({self.bound or '-'})"
 
+    @classmethod
+    def of(cls, flow: FlowController) -> FlowStatus:
+        rps = flow.rates.equivalent_rps()
+        return cls(
+            requests_per_minute=rps * 60 if rps is not None else None,
+            source=flow.rates.binding_source(),
+            in_flight=flow.in_flight,
+            concurrency=flow.concurrency,
+            bound=flow.bound(),
+        )
+
 
 @dataclass(slots=True)
 class FlowReport:
@@ -66,6 +77,23 @@ class FlowReport:
     concurrency: int = 0
     concurrency_cap: int = 0
     concurrency_auto: bool = True
+
+    @classmethod
+    def of(cls, flow: FlowController) -> FlowReport:
+        found, lowest = flow.discovery.rate_rps, flow.discovery.lowest_rps
+        return cls(
+            job={b: r * 60 for b, r in flow.rates.job.items()},
+            headers={b: r * 60 / HEADER_SHARE for b, r in flow.rates.headers.items()},
+            header_style=flow.rates.header_style,
+            discovered_rpm=found * 60 if found is not None else None,
+            lowest_discovered_rpm=lowest * 60 if lowest is not None else None,
+            cuts=flow.discovery.cuts,
+            noise_share=flow.discovery.noise_share,
+            bound_seconds=dict(flow.bound_seconds),
+            concurrency=flow.concurrency,
+            concurrency_cap=flow.sizer.cap,
+            concurrency_auto=flow.sizer.auto,
+        )
 
 
 class Slot:
@@ -196,6 +224,11 @@ class FlowController:
     # -- the run's side ---------------------------------------------------------------------
 
     @property
+    def concurrency(self) -> int:
+        """Requests allowed in flight now."""
+        return int(self._gate.total_tokens)
+
+    @property
     def requests_per_s(self) -> float | None:
         """The request rate in force, or None when requests are not paced."""
         return self.rates.requests_per_s
@@ -239,28 +272,7 @@ class FlowController:
         return None
 
     def status(self) -> FlowStatus:
-        rps = self.rates.equivalent_rps()
-        return FlowStatus(
-            requests_per_minute=rps * 60 if rps is not None else None,
-            source=self.rates.binding_source(),
-            in_flight=self.in_flight,
-            concurrency=int(self._gate.total_tokens),
-            bound=self.bound(),
-        )
+        return FlowStatus.of(self)
 
     def report(self) -> FlowReport:
-        found = self.discovery.rate_rps
-        lowest = self.discovery.lowest_rps
-        return FlowReport(
-            job={b: r * 60 for b, r in self.rates.job.items()},
-            headers={b: r * 60 / HEADER_SHARE for b, r in self.rates.headers.items()},
-            header_style=self.rates.header_style,
-            discovered_rpm=found * 60 if found is not None else None,
-            lowest_discovered_rpm=lowest * 60 if lowest is not None else None,
-            cuts=self.discovery.cuts,
-            noise_share=self.discovery.noise_share,
-            bound_seconds=dict(self.bound_seconds),
-            concurrency=int(self._gate.total_tokens),
-            concurrency_cap=self.sizer.cap,
-            concurrency_auto=self.sizer.auto,
-        )
+        return FlowReport.of(self)

@@ -1,0 +1,82 @@
+"""What discovery sees of the server: the recent answers and the rate it served.
+
+Pure: time comes in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
+LAST_ANSWERS = 20  # the 429 share of a paced rate that triggers a cut, over these answers
+SERVED_S = 3.0  # what the server serves now: successes over this span
+MIN_SPAN_S = 0.25
+
+
+class RecentAnswers:
+    """Answers (successes and 429s) of the last ``RECENT_S`` seconds, oldest first."""
+
+    __slots__ = ("_answers", "limited")
+
+    def __init__(self) -> None:
+        self._answers: deque[tuple[float, bool]] = deque()
+        self.limited = 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def add(self, now: float, *, limited: bool) -> None:
+        self._answers.append((now, limited))
+        self.limited += limited
+        self.forget(now)
+
+    def forget(self, now: float) -> None:
+        while self._answers and self._answers[0][0] < now - RECENT_S:
+            self.limited -= self._answers.popleft()[1]
+
+    def clear(self) -> None:
+        self._answers.clear()
+        self.limited = 0
+
+    def sent_rps(self, now: float) -> float:
+        """Answers of any kind a second: how fast requests were going out."""
+        span = max(now - self._answers[0][0], MIN_SPAN_S) if self._answers else MIN_SPAN_S
+        return len(self._answers) / span
+
+    def taken_rps(self, pacing_rps: float) -> tuple[float, float]:
+        """(what the server takes now, how fast answers come): what is being sent (the pace,
+        or the answers' own rate when slower) less the share of 429s in the last answers."""
+        last = list(self._answers)[-LAST_ANSWERS:]
+        sending = pacing_rps
+        if len(last) >= 10 and last[-1][0] > last[0][0]:
+            sending = min(sending, (len(last) - 1) / (last[-1][0] - last[0][0]))
+        return sending * (1 - sum(limited for _, limited in last) / len(last)), sending
+
+
+class ServedRate:
+    """Successes a second over the last ``SERVED_S`` seconds."""
+
+    __slots__ = ("_first", "_times")
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque()
+        self._first: float | None = None
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+        if self._first is None:
+            self._first = now
+
+    def rps(self, now: float, since: float) -> float:
+        """Over the last seconds, or since ``since`` (the last cut) when a second ago or more."""
+        while self._times and self._times[0] < now - SERVED_S:
+            self._times.popleft()
+        if self._first is None:
+            return 0.0
+        start = max(now - SERVED_S, self._first)
+        if now - since >= 1.0:
+            start = max(start, since)
+        served = sum(1 for when in self._times if when >= start)
+        # A short span may include a burst the server allowed (then the cut is too shallow
+        # and the next trial cuts deeper); a longer floor would understate a fast server.
+        return served / max(now - start, MIN_SPAN_S)
