@@ -201,8 +201,9 @@ def test_a_damaged_line_is_found_before_sending_when_it_can_be(
 
 
 def test_a_damaged_line_met_mid_read_bounds_the_good_rows(tmp_path: Path) -> None:
-    """Far into a large file, polars has yielded batches before it meets the line: the error
-    says how far reading got, and the output rebuild reads up to there cleanly."""
+    """Far into a large file: the error says how far reading got (how many batches polars
+    yields before it meets the line depends on its threads, none at times), and the output
+    rebuild reads up to there cleanly."""
     lines = ["id,text", *(f"k{i:05d},t{i}" for i in range(30_000))]
     lines[25_001] += ",extra"
     path = tmp_path / "data.csv"
@@ -213,7 +214,7 @@ def test_a_damaged_line_met_mid_read_bounds_the_good_rows(tmp_path: Path) -> Non
         heights.extend(batch.height for batch in source.batches(["text"]))
     read = sum(heights)
     assert caught.value.row == read
-    assert 0 < read <= 25_000
+    assert 0 <= read <= 25_000
     assert f"cannot read input after row {read}: found more fields" in str(caught.value)
     assert sum(b.height for b in source.batches(["text"], limit=read)) == read
 
