@@ -22,8 +22,10 @@ from tests.conftest import SimFactory, reviews, write_job
 TARGETS = {
     "rpm at limit": (600, 0.90, 0.0),
     "tpm at limit": (600, 0.90, 0.0),
-    "rpm 3x adaptive": (600, 0.80, 0.05),  # the first seconds dominate 600 rows
-    "tpm 3x adaptive": (600, 0.80, 0.05),
+    # The first second's 429s (what is in flight when the server's burst runs out) weigh on
+    # 600 rows; a controller that did not adapt would see about two thirds refused.
+    "rpm 3x adaptive": (600, 0.80, 0.08),
+    "tpm 3x adaptive": (600, 0.80, 0.08),
     "no rate, bucket": (1200, 0.70, 0.08),  # 600 rows would be mostly the first minute
     "headers openai": (450, 0.85, 0.02),
     "headers anthropic": (450, 0.85, 0.02),

@@ -90,7 +90,10 @@ def test_random_429s_are_noise_and_the_job_rate_is_kept(tmp_path: Path) -> None:
     # verdict) cost some of that at the start.
     span = max(r.ended_at for r in answered) - min(r.started_at for r in records)
     achieved = _per_minute(len(answered), span)
-    assert achieved >= 0.70 * 1200, f"{achieved:.0f}/min over {span:.1f} s; {flow}"
+    # A 20 s run is short against the trials that tell noise apart (each holds a cut for a few
+    # seconds before the verdict undoes it): the floor catches a collapse (the old controller
+    # reached 7.5 % of the rate), the benchmark measures the figure over longer runs.
+    assert achieved >= 0.60 * 1200, f"{achieved:.0f}/min over {span:.1f} s; {flow}"
 
 
 def _spend_all_but(server: LLMockServer, left: int) -> None:
