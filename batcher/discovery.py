@@ -36,12 +36,16 @@ PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestio
 DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
 Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
+Z_ROSE = 1.5  # a share this significantly higher after a cut is no sign of noise
 Z_FELL = 3.0  # how significantly the share must fall after a cut to call it congestion
 Z_FELL_PROBING = 1.0  # the same, when the cut came above a rate already proven too fast
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
 TRIAL_EXPECTED = 4  # a trial lasts until this many 429s would be in it, were nothing changed
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
+SHALLOW_LIMITED, SHALLOW_ANSWERS = 4, 6  # ... once this many 429s among this many answers
+DEEPER_SHARE = 0.5  # ... when at least this share of the answers since the cut were 429s
+DEEPER_MAX = 2  # cuts in a row made at once for that; then a new suspicion is needed
 NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
 NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
 _NOISE_DRIFT = 0.05  # the noise share moves this far towards the measured share a second
@@ -59,6 +63,7 @@ class _Trial:
     answers: int = 0
     limited: int = 0
     unsure_from: float | None = None  # the pace a cut that measured little came from
+    depth: int = 0  # cuts in a row that each came because the one before was too shallow
     looked: bool = False  # the early verdict was tried (only one: each look is a new chance)
 
     def fall(self) -> tuple[float, float, float]:
@@ -126,7 +131,7 @@ class Discovery:
         if trial is not None:
             trial.answers += 1
             trial.limited += limited
-            return self._judge(now, trial)
+            return self._judge(now, trial, pacing)
         if limited and self._suspect():
             return self._cut(now, pacing())
         return False
@@ -160,7 +165,13 @@ class Discovery:
             self.rate_rps = self._curve.peak = None
 
     def _suspect(self) -> bool:
-        return self.suspicious(self._recent.limited, len(self._recent))
+        # Over the last seconds, and over the last answers alone: a rate just past the limit
+        # shows as a few 429s that seconds of answers would dilute (each one more is a 429
+        # paid before the cut).
+        recent = self._recent
+        if self.suspicious(recent.limited, len(recent)):
+            return True
+        return not self.noise_share and self.suspicious(*recent.last_limited())
 
     def suspicious(self, limited: int, answers: int) -> bool:
         """Whether ``limited`` 429s among ``answers`` are significantly above the noise."""
@@ -170,7 +181,7 @@ class Discovery:
         z = (limited / answers - expected) / math.sqrt(expected * (1 - expected) / answers)
         return z > Z_SUSPECT
 
-    def _cut(self, now: float, pacing_rps: float | None) -> bool:
+    def _cut(self, now: float, pacing_rps: float | None, shallow: _Trial | None = None) -> bool:
         served = self._served.rps(now, since=self._last_cut)
         aim = _aim(now, served, pacing_rps, self._recent)
         if aim is None:
@@ -178,11 +189,15 @@ class Discovery:
         target, unsure_from = aim
         # The 429 that raised the suspicion is left out of the share before the cut: a sample
         # that stops at its own high point overstates the share, and every noise trial would
-        # then seem to show a fall.
+        # then seem to show a fall. A cut deeper than one found too shallow counts that one's
+        # trial too (and what it counted): the pace was cut in steps, the share before is theirs.
+        answers, limited = len(self._recent) - 1, self._recent.limited - 1
+        if shallow is not None and shallow.depth:
+            answers, limited = answers + shallow.before_answers, limited + shallow.before_limited
         self._trial = _Trial(
             now,
-            len(self._recent) - 1,
-            self._recent.limited - 1,
+            answers,
+            limited,
             self.rate_rps,
             self._curve.peak,
             self._curve.origin,
@@ -190,23 +205,28 @@ class Discovery:
             self._proven_peak is not None and (pacing_rps or 0.0) > CUT_SHARE * self._proven_peak,
         )
         self._trial.unsure_from = unsure_from
+        self._trial.depth = 0 if shallow is None else shallow.depth + 1
         self.rate_rps = target
         self._last_cut = now
         self.lowest_rps = target if self.lowest_rps is None else min(self.lowest_rps, target)
         self._new_epoch()
         return True
 
-    def _judge(self, now: float, trial: _Trial) -> bool:
+    def _judge(self, now: float, trial: _Trial, pacing: Callable[[], float | None]) -> bool:
         before, after, z = trial.fall()
         if (
-            trial.limited >= 4
-            and trial.answers >= 10
+            trial.limited >= SHALLOW_LIMITED
+            and trial.answers >= SHALLOW_ANSWERS
             and (after >= max(before, SHALLOW) or z < -Z_FELL)
         ):
-            # More 429s than before the cut: too shallow, the next cut goes on at once (a cut
-            # too deep costs a little rate; one too shallow costs 429s every second it lasts).
+            # More 429s than before the cut: too shallow, and the next cut goes now, aimed on
+            # answers all paced at this one (a cut too deep costs a little rate for a while;
+            # one too shallow costs 429s every moment it lasts). A few in a row at most: a
+            # share that stays high however deep the cuts is noise that a new suspicion, judged
+            # against the noise, must tell apart.
             self._settle(now, proven=False)
-            return False
+            at_once = trial.depth < DEEPER_MAX and after >= DEEPER_SHARE
+            return at_once and self._cut(now, pacing(), shallow=trial)
         # Enough answers that, were nothing changed, about four 429s would be among them.
         needed = max(TRIAL_MIN_ANSWERS, math.ceil(TRIAL_EXPECTED / max(before, MIN_SHARE)))
         if now - trial.started < TRIAL_MIN_S or trial.answers < needed:
@@ -219,6 +239,11 @@ class Discovery:
             self._settle(now, proven=True)  # the share fell with the rate: congestion
             return False
         if not final:
+            return False
+        if z < -Z_ROSE:
+            # The share rose after the cut: a cut too shallow (the sample before it held the
+            # last of a burst the server allowed), not noise. Kept; the next suspicion cuts on.
+            self._settle(now, proven=False)
             return False
         # The share did not move with the rate: noise, as far as anyone can tell. Undo the
         # episode's cuts and remember the share after the cut (the one before was picked at a
@@ -235,14 +260,18 @@ class Discovery:
     def _settle(self, now: float, *, proven: bool) -> None:
         """Keep the cut; the rate grows back from it on the curve."""
         assert self.rate_rps is not None
+        trial = self._trial
         if proven:
             self.cuts += 1
             self._episode = None
             self._proven_peak = self.rate_rps / CUT_SHARE
+            if trial is not None:
+                # Under the limit, what 429s are left is the noise: a noise share learned
+                # from a congestion mistaken for noise must not hide the next congestion.
+                self.noise_share = min(self.noise_share, trial.limited / trial.answers)
         elif self._episode is None:
             self._episode = self._trial  # noise could still explain it: remember where it began
         peak = self.rate_rps / CUT_SHARE
-        trial = self._trial
         if trial is not None and trial.unsure_from is not None:
             # The cut measured little of the server: the limit lies between it and the pace
             # known too fast, so the curve climbs towards the middle of the two instead of

@@ -5,6 +5,7 @@ Pure: time comes in as arguments.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 RECENT_S = 5.0  # the 429 share is judged over answers of this many seconds
@@ -37,6 +38,11 @@ class RecentAnswers:
     def clear(self) -> None:
         self._answers.clear()
         self.limited = 0
+
+    def last_limited(self) -> tuple[int, int]:
+        """(429s, answers) among the last ``LAST_ANSWERS`` answers."""
+        last = list(itertools.islice(reversed(self._answers), LAST_ANSWERS))
+        return sum(limited for _, limited in last), len(last)
 
     def sent_rps(self, now: float) -> float:
         """Answers of any kind a second: how fast requests were going out."""
