@@ -43,8 +43,8 @@ TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
 TRIAL_EXPECTED = 4  # a trial lasts until this many 429s would be in it, were nothing changed
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
-SHALLOW_LIMITED, SHALLOW_ANSWERS = 4, 6  # ... once this many 429s among this many answers
-DEEPER_SHARE = 0.5  # ... when at least this share of the answers since the cut were 429s
+SHALLOW_LIMITED, SHALLOW_ANSWERS = 4, 10  # ... once this many 429s among this many answers
+DEEPER_SHARE = 0.5  # ... when at least this share of the answers since its first 429 were
 DEEPER_MAX = 2  # cuts in a row made at once for that; then a new suspicion is needed
 NOISE_MAX = 0.3  # 429s the pace does not cause are at most this share of answers
 NOISE_MIN_ANSWERS = 40  # answers on each side of a cut before calling its 429s noise
@@ -183,7 +183,9 @@ class Discovery:
 
     def _cut(self, now: float, pacing_rps: float | None, shallow: _Trial | None = None) -> bool:
         served = self._served.rps(now, since=self._last_cut)
-        aim = _aim(now, served, pacing_rps, self._recent)
+        # Once a cut proved too shallow, the 429 share counts from the first 429 on: what
+        # came before was what was left of a burst the server allowed.
+        aim = _aim(now, served, pacing_rps, self._recent, onset=shallow is not None)
         if aim is None:
             return False  # nothing served yet to aim under: the Retry-After pauses cover it
         target, unsure_from = aim
@@ -225,7 +227,8 @@ class Discovery:
             # share that stays high however deep the cuts is noise that a new suspicion, judged
             # against the noise, must tell apart.
             self._settle(now, proven=False)
-            at_once = trial.depth < DEEPER_MAX and after >= DEEPER_SHARE
+            limited, answers = self._recent.since_first_limited()
+            at_once = trial.depth < DEEPER_MAX and 0 < limited >= DEEPER_SHARE * answers
             return at_once and self._cut(now, pacing(), shallow=trial)
         # Enough answers that, were nothing changed, about four 429s would be among them.
         needed = max(TRIAL_MIN_ANSWERS, math.ceil(TRIAL_EXPECTED / max(before, MIN_SHARE)))
@@ -291,7 +294,7 @@ class Discovery:
 
 
 def _aim(
-    now: float, served: float, pacing_rps: float | None, recent: RecentAnswers
+    now: float, served: float, pacing_rps: float | None, recent: RecentAnswers, *, onset: bool
 ) -> tuple[float, float | None] | None:
     """Where a cut goes: just under what the server serves, within bounds of the pace; and the
     pace it came from when the cut measured little of the server (else None)."""
@@ -300,7 +303,7 @@ def _aim(
         # Paced, the server takes what is sent now less the share of 429s in the last
         # answers: a count over seconds would include a burst the server allowed, or the
         # slower pace of a moment ago.
-        served, sending = recent.taken_rps(pacing_rps)
+        served, sending = recent.taken_rps(pacing_rps, onset=onset)
         if sending < UNSURE_SHARE * pacing_rps:
             unsure_from = pacing_rps  # answers lag a pace that just rose, or pauses
     if served <= 0:

@@ -49,14 +49,25 @@ class RecentAnswers:
         span = max(now - self._answers[0][0], MIN_SPAN_S) if self._answers else MIN_SPAN_S
         return len(self._answers) / span
 
-    def taken_rps(self, pacing_rps: float) -> tuple[float, float]:
+    def since_first_limited(self) -> tuple[int, int]:
+        """(429s, answers) from the first 429 on."""
+        answers = list(self._answers)
+        first = next((i for i, (_, limited) in enumerate(answers) if limited), len(answers))
+        return self.limited, len(answers) - first
+
+    def taken_rps(self, pacing_rps: float, *, onset: bool = False) -> tuple[float, float]:
         """(what the server takes now, how fast answers come): what is being sent (the pace,
-        or the answers' own rate when slower) less the share of 429s in the last answers."""
+        or the answers' own rate when slower) less the share of 429s in the last answers,
+        or with ``onset`` in the answers from the first 429 on (the successes before it
+        were what was left of a burst the server allowed, not its rate)."""
         last = list(self._answers)[-LAST_ANSWERS:]
         sending = pacing_rps
         if len(last) >= 10 and last[-1][0] > last[0][0]:
             sending = min(sending, (len(last) - 1) / (last[-1][0] - last[0][0]))
-        return sending * (1 - sum(limited for _, limited in last) / len(last)), sending
+        limited, answers = sum(limited for _, limited in last), len(last)
+        if onset and self.limited:
+            limited, answers = self.since_first_limited()
+        return sending * (1 - limited / answers), sending
 
 
 class ServedRate:
