@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import signal
 import sys
@@ -366,6 +367,10 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
             raise ConfigError(f"--ray needs Ray ({exc}): pip install 'batcher[ray]'") from None
         summary = run_on_ray(job, options)
     else:
+        # What the imports and the job's loading built lives as long as the process: frozen,
+        # it is out of the collector's sight, and the full collections a long run makes stop
+        # scanning it again (about 4 % of the client's CPU a request at 0 ms latency, measured).
+        gc.freeze()
         summary = anyio.run(lambda: arun(job, options))
     for line in summary.lines():
         print(line, file=sys.stderr)

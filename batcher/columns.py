@@ -180,8 +180,14 @@ _VALUES = operator.attrgetter("key", *COLUMN_NAMES)
 
 def as_row(outcome: Outcome) -> tuple[Any, ...]:
     """``(key, *COLUMN_NAMES)`` of one outcome: the order comes from the names, never by hand."""
-    values = list(_VALUES(outcome))
+    values = _VALUES(outcome)
     for index in _JSON:
-        value = values[index]
-        values[index] = orjson.dumps(value).decode() if value else None
-    return tuple(values)
+        if values[index] is not None:
+            break
+    else:
+        return values  # nothing to encode (most rows): the tuple as attrgetter built it
+    encoded = list(values)
+    for index in _JSON:
+        value = encoded[index]
+        encoded[index] = orjson.dumps(value).decode() if value else None
+    return tuple(encoded)

@@ -49,15 +49,35 @@ class OutcomeBuilder:
             )
         return total
 
-    def usage_of(self, paid: list[Reply], asked: str, model: str | None) -> Usage:
-        """Tokens and cost summed over every paid reply; ``model`` is the one answering."""
+    def usage_of(
+        self,
+        paid: list[Reply],
+        asked: str,
+        model: str | None,
+        costs: list[float | None] | None = None,
+    ) -> Usage:
+        """Tokens and cost summed over every paid reply; ``model`` is the one answering.
+        ``costs``: each paid reply's cost in the same order, when the caller priced them."""
+        cost_usd = self.cost_of(paid, asked) if costs is None else _total(costs)
+        if len(paid) == 1:
+            # Nearly every row has one paid reply: its figures as they are, without the sums'
+            # generators (a sum of one is the value itself; absent stays None).
+            reply = paid[0]
+            return Usage(
+                model,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                reply.total_tokens,
+                reply.cached_tokens,
+                cost_usd,
+            )
         return Usage(
             model=model,
             prompt_tokens=_sum(r.prompt_tokens for r in paid),
             completion_tokens=_sum(r.completion_tokens for r in paid),
             total_tokens=_sum(r.total_tokens for r in paid),
             cached_tokens=_sum(r.cached_tokens for r in paid),
-            cost_usd=self.cost_of(paid, asked),
+            cost_usd=cost_usd,
         )
 
     def answered(
@@ -68,7 +88,10 @@ class OutcomeBuilder:
         parsed: dict[str, Any] | None,
         attempts: int,
         latency_s: float,
+        *,
+        costs: list[float | None] | None = None,
     ) -> Outcome:
+        """``costs``: what each of ``replies + wasted`` cost, when the caller priced them."""
         first = replies[0]
         paid = replies + wasted
         choices = [choice for reply in replies for choice in reply.choices]
@@ -106,7 +129,7 @@ class OutcomeBuilder:
             request.fingerprint,
             response=message.get("content"),
             finish_reason=choices[0].get("finish_reason"),
-            usage=self.usage_of(paid, asked_model(request), first.model),
+            usage=self.usage_of(paid, asked_model(request), first.model, costs),
             latency_s=latency_s,
             attempts=attempts,
             response_id=first.response_id,
@@ -159,6 +182,16 @@ class OutcomeBuilder:
 def asked_model(request: RowRequest) -> str:
     """The model a row's request asks for."""
     return str(request.body.get("model"))
+
+
+def _total(costs: list[float | None]) -> float | None:
+    """What ``cost_of`` gives for replies of these costs (None: one is unpriced)."""
+    total = 0.0
+    for cost in costs:
+        if cost is None:
+            return None
+        total += cost
+    return total
 
 
 def _sum(values: Any) -> int | None:

@@ -33,12 +33,14 @@ class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not
 
 class _Answered(NamedTuple):
     """One request of a row, answered: its reply, what parsed of it, and its cost in attempts
-    and in replies paid for whose output did not parse."""
+    and in replies paid for whose output did not parse; ``cost_usd`` is the reply's own, as its
+    attempt settled it with the budget."""
 
     reply: Reply
     parsed: dict[str, Any] | None
     attempts: int
     wasted: list[Reply]
+    cost_usd: float | None
 
 
 class _RequestFailed(Exception):  # noqa: N818 - internal control flow
@@ -121,6 +123,20 @@ class RowWorker:
             attempts = sum(a.attempts for a in answers) + failure.attempts
             latency_s = self._clock() - started
             return self.outcomes.failed(request, failure.error, attempts, latency_s, paid)
+        latency_s = self._clock() - started
+        if len(answers) == 1 and not answers[0].wasted:
+            # One request and one paid reply, nearly every row: no sums to build, and the
+            # cost its attempt settled with the budget is not priced a second time.
+            answer = answers[0]
+            return self.outcomes.answered(
+                request,
+                [answer.reply],
+                [],
+                answer.parsed,
+                answer.attempts,
+                latency_s,
+                costs=[answer.cost_usd],
+            )
         parsed = next((a.parsed for a in answers if a.parsed is not None), None)
         return self.outcomes.answered(
             request,
@@ -128,23 +144,23 @@ class RowWorker:
             [reply for a in answers for reply in a.wasted],
             parsed,
             sum(a.attempts for a in answers),
-            self._clock() - started,
+            latency_s,
         )
 
     async def _request(self, request: RowRequest, deadline: float | None) -> _Answered:
         """One request of the row, retried by the row's policy."""
         wasted: list[Reply] = []  # paid for, but their output did not parse
 
-        async def attempt() -> tuple[Reply, dict[str, Any] | None]:
-            reply = await self._attempt(request, deadline)
+        async def attempt() -> tuple[Reply, dict[str, Any] | None, float | None]:
+            reply, cost_usd = await self._attempt(request, deadline)
             try:
-                return reply, self._parse(reply)
+                return reply, self._parse(reply), cost_usd
             except AttemptError:
                 wasted.append(reply)
                 raise
 
         try:
-            (reply, parsed), attempts = await self.policy.run(attempt, deadline)
+            (reply, parsed, cost_usd), attempts = await self.policy.run(attempt, deadline)
         except Exhausted as exhausted:
             error = exhausted.error
             if deadline is not None and self._clock() >= deadline and error.retryable:
@@ -155,9 +171,12 @@ class RowWorker:
                     retryable=False,
                 )
             raise _RequestFailed(error, exhausted.attempts, wasted) from None
-        return _Answered(reply, parsed, attempts, wasted)
+        return _Answered(reply, parsed, attempts, wasted, cost_usd)
 
-    async def _attempt(self, request: RowRequest, deadline: float | None) -> Reply:
+    async def _attempt(
+        self, request: RowRequest, deadline: float | None
+    ) -> tuple[Reply, float | None]:
+        """One attempt, its tokens counted and its cost settled: the reply and that cost."""
         if self.halted():
             raise Halted
         with self.budget.reserve(request):
@@ -165,8 +184,9 @@ class RowWorker:
         tally = self.budget.tally
         tally.prompt_tokens += reply.prompt_tokens or 0
         tally.completion_tokens += reply.completion_tokens or 0
-        self.budget.settle(self.outcomes.cost_of([reply], asked_model(request)))
-        return reply
+        cost_usd = self.outcomes.cost_of([reply], asked_model(request))
+        self.budget.settle(cost_usd)
+        return reply, cost_usd
 
     def _count_retry(self) -> None:
         self.budget.tally.retries += 1

@@ -157,3 +157,15 @@ async def test_a_paced_job_is_bound_by_its_rate() -> None:
         assert flow.status().describe().startswith("rate 60/min (job)")
         proceed.set()
     assert flow.bound() is None
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_it_waits_for_its_pace_gives_its_place_back() -> None:
+    flow = FlowController(LimitsConfig(concurrency=1, requests_per_minute=60))
+    async with flow.slot(Cost(1, 1)) as slot:  # the first goes at once
+        slot.answered(Cost(1, 1))
+    with anyio.move_on_after(0.05):
+        async with flow.slot(Cost(1, 1)):  # the next waits a second for its pace
+            pytest.fail("sent before its pace")
+    assert flow.status().in_flight == 0
+    assert flow.bound() is None  # the one place in flight is free again, not "concurrency"
