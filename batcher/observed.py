@@ -80,9 +80,13 @@ class ServedRate:
         self._first: float | None = None
 
     def add(self, now: float) -> None:
-        self._times.append(now)
+        times = self._times
+        times.append(now)
         if self._first is None:
             self._first = now
+        # Trimmed here too: a run without 429s never asks rps(), and would keep every time.
+        while times[0] < now - SERVED_S:
+            times.popleft()
 
     def rps(self, now: float, since: float) -> float:
         """Over the last seconds, or since ``since`` (the last cut) when a second ago or more."""

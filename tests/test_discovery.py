@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from batcher.discovery import Discovery
+from batcher.observed import SERVED_S, ServedRate
 
 UNPACED_RPS = 200.0  # how fast a client without a rate sends, in this model
 
@@ -146,3 +147,12 @@ def test_noise_trials_rarely_keep_a_cut() -> None:
         model.run(60)
         kept += model.discovery.cuts > 0
     assert kept <= 2
+
+
+def test_the_served_rate_keeps_only_its_last_seconds() -> None:
+    # A run without 429s never asks for the served rate; what it keeps must not grow with it.
+    served = ServedRate()
+    for i in range(100_000):
+        served.add(i / 1000)
+    assert len(served._times) <= SERVED_S * 1000 + 1
+    assert served.rps(100.0, since=float("-inf")) == pytest.approx(1000, rel=0.01)
