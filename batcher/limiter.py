@@ -45,6 +45,7 @@ class RateLimiter:
         self._sleep = sleep
         self.rates: dict[str, float] = {}  # per second, by budget; absent: not paced
         self._next: dict[str, float] = {}
+        self._last: dict[str, tuple[float, float]] = {}  # (slot start, cost) of the latest
         self.paused_until = 0.0
         self._generation = 0
         self.waiting = 0  # requests sleeping for their slot now
@@ -56,11 +57,14 @@ class RateLimiter:
         if per_s is None:
             self.rates.pop(budget, None)
             self._next.pop(budget, None)
+            self._last.pop(budget, None)
             return
         self.rates[budget] = per_s
         if old is None or per_s < old * 0.999:
-            # Slots reserved at the old rate are given up: their holders queue again.
-            self._next[budget] = self._clock()
+            # Slots reserved at the old rate are given up: their holders queue again, the
+            # first one a slot at the new rate after the latest request that went.
+            start, cost = self._last.get(budget, (float("-inf"), 0.0))
+            self._next[budget] = max(self._clock(), start + cost / per_s)
             self._generation += 1
 
     async def acquire(self, cost: Cost = Cost()) -> None:
@@ -79,6 +83,8 @@ class RateLimiter:
             if start > now:
                 await self._wait(start - now)
             if self._clock() >= self.paused_until and generation == self._generation:
+                for budget in self.rates:
+                    self._last[budget] = (start, cost.of(budget))
                 return
             # Paused, or a rate was cut, while this request slept on an old slot: queue again.
 

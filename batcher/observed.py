@@ -67,6 +67,9 @@ class RecentAnswers:
         limited, answers = sum(limited for _, limited in last), len(last)
         if onset and self.limited:
             limited, answers = self.since_first_limited()
+            if answers > 1 and self._answers[-1][1]:
+                # The sample ends on the 429 that ended the trial: a high point by construction.
+                limited, answers = limited - 1, answers - 1
         return sending * (1 - limited / answers), sending
 
 

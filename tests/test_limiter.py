@@ -71,11 +71,32 @@ async def test_pause_holds_every_request_until_the_server_says() -> None:
 async def test_a_cut_gives_up_slots_reserved_at_the_old_rate() -> None:
     time = FakeTime()
     limiter = pacer(time, requests=1)
-    await limiter.acquire()  # slot at 0; the next would be at 1 s
+    await limiter.acquire()  # went at 0; the next would be at 1 s
     limiter.set_rate("requests", 0.5)
     await limiter.acquire()
     await limiter.acquire()
-    # The new spacing starts at the cut: 0, then 2 s apart, not the old 1 s.
+    # The new spacing counts from the request that went: 2 s after it, then 2 s apart (not
+    # the old 1 s, and not at once: one sent at the cut would meet the congestion it answers).
+    assert time.now == pytest.approx(4.0)
+
+
+@pytest.mark.anyio
+async def test_a_slot_given_up_at_a_cut_is_not_counted_as_gone() -> None:
+    time = FakeTime()
+    limiter: RateLimiter
+
+    async def sleep(seconds: float) -> None:
+        # The cut comes half a second into the wait for the slot at 1 s, which is given up.
+        time.now += 0.5
+        if limiter.rates["requests"] == 1:
+            limiter.set_rate("requests", 0.5)
+        await time.sleep(max(seconds - 0.5, 0.0))
+
+    limiter = RateLimiter(clock=time.clock, sleep=sleep)
+    limiter.set_rate("requests", 1)
+    await limiter.acquire()  # went at 0
+    await limiter.acquire()
+    # 2 s after the request that went at 0; counting from the slot given up (1 s) gives 3.
     assert time.now == pytest.approx(2.0)
 
 
