@@ -34,6 +34,7 @@ FLOOR = 0.25  # one cut never goes below this share of the rate before it
 UNSURE_SHARE = 0.75  # answers slower than this share of the pace measure the pace, not the server
 PLATEAU_S = 15.0  # CUBIC's K: seconds to climb back to the rate where congestion was met
 DOUBLING_S = 40.0  # beyond that rate, seconds until the probe reaches twice it
+SUSPECT_ANSWERS = 40  # with no noise measured, 429s among this many answers suspected too
 MIN_SHARE = 0.01  # the noise share assumed before any is measured
 Z_SUSPECT = 3.5  # how far above the noise share the recent 429 share must be
 Z_ROSE = 1.5  # a share this significantly higher after a cut is no sign of noise
@@ -41,6 +42,7 @@ Z_FELL = 3.0  # how significantly the share must fall after a cut to call it con
 Z_FELL_PROBING = 1.0  # the same, when the cut came above a rate already proven too fast
 TRIAL_MIN_S = 1.0
 TRIAL_MIN_ANSWERS = 20
+TRIAL_MAX_ANSWERS = 100  # ... but no more (a cut too shallow leaks 429s all the while)
 TRIAL_EXPECTED = 4  # a trial lasts until this many 429s would be in it, were nothing changed
 SHALLOW = 0.25  # a share at least this high and no lower than before the cut: cut deeper
 SHALLOW_LIMITED, SHALLOW_ANSWERS = 4, 6  # ... once this many 429s among this many answers
@@ -171,7 +173,7 @@ class Discovery:
         recent = self._recent
         if self.suspicious(recent.limited, len(recent)):
             return True
-        return not self.noise_share and self.suspicious(*recent.last_limited())
+        return not self.noise_share and self.suspicious(*recent.last_limited(SUSPECT_ANSWERS))
 
     def suspicious(self, limited: int, answers: int) -> bool:
         """Whether ``limited`` 429s among ``answers`` are significantly above the noise."""
@@ -232,6 +234,7 @@ class Discovery:
             return at_once and self._cut(now, pacing(), shallow=trial)
         # Enough answers that, were nothing changed, about four 429s would be among them.
         needed = max(TRIAL_MIN_ANSWERS, math.ceil(TRIAL_EXPECTED / max(before, MIN_SHARE)))
+        needed = min(needed, TRIAL_MAX_ANSWERS)
         if now - trial.started < TRIAL_MIN_S or trial.answers < needed:
             return False
         final = trial.answers >= max(NOISE_MIN_ANSWERS, trial.before_answers)

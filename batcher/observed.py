@@ -39,9 +39,9 @@ class RecentAnswers:
         self._answers.clear()
         self.limited = 0
 
-    def last_limited(self) -> tuple[int, int]:
-        """(429s, answers) among the last ``LAST_ANSWERS`` answers."""
-        last = list(itertools.islice(reversed(self._answers), LAST_ANSWERS))
+    def last_limited(self, count: int) -> tuple[int, int]:
+        """(429s, answers) among the last ``count`` answers."""
+        last = list(itertools.islice(reversed(self._answers), count))
         return sum(limited for _, limited in last), len(last)
 
     def sent_rps(self, now: float) -> float:
