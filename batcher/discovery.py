@@ -4,10 +4,13 @@ Congestion and noise look alike one 429 at a time; they differ in how the 429 sh
 change of rate. So every suspected congestion is a trial:
 
 1. **Suspicion**: among the answers of the last ``RECENT_S`` seconds, 429s are significantly
-   more than the noise share measured so far (a one-sided z-test, at least three of them).
+   more than the noise share measured so far (a one-sided z-test, at least three of them);
+   while no noise is measured, among the last ``SUSPECT_ANSWERS`` answers too.
 2. **Cut**: the rate goes just under what the server was seen to serve (``CUT_SHARE`` of the
    successes per second over the last seconds), never below ``FLOOR`` of the rate before.
-   Answers to requests sent before the cut are old news and are not counted.
+   Answers to requests sent before the cut are old news and are not counted. A cut whose
+   429s stay as thick (the server's opening burst made the last answers look better than the
+   server is) is followed at once by a deeper one, aimed on the answers since its first 429.
 3. **Verdict**, once enough answers to requests sent after the cut are in: if the 429 share
    fell significantly (two-proportion z-test), it was congestion: the cut stays and the rate
    then grows back on a CUBIC curve (RFC 8312), flat near the level where congestion was met
