@@ -156,3 +156,57 @@ def test_the_served_rate_keeps_only_its_last_seconds() -> None:
         served.add(i / 1000)
     assert len(served._times) <= SERVED_S * 1000 + 1
     assert served.rps(100.0, since=float("-inf")) == pytest.approx(1000, rel=0.01)
+
+
+def test_a_first_cut_too_shallow_is_followed_at_once_by_a_deeper_one() -> None:
+    # The server's opening burst makes the last answers look better than the server is, so
+    # the first cut (from three times the limit) is too shallow; the next one goes as soon as
+    # its 429s stay thick, instead of after a new suspicion: fewer 429s before the rate holds.
+    model = Model(limit_rps=lambda _: 20.0, ceiling_rps=60.0)
+    model.run(60)
+    assert sum(1 for t, refused in model.answers if refused and t < 5) <= 7
+    assert model.served_rps(5, 60) >= 0.9 * 20
+
+
+def feed(discovery: Discovery, now: float, answers: str, rps: float = 20.0) -> float:
+    """Answers one after another at ``rps`` ("." a success, "x" a 429) paced at ``rps``."""
+    for answer in answers:
+        now += 1 / rps
+        discovery.record(now, discovery.epoch, limited=answer == "x", pacing=lambda: rps)
+    return now
+
+
+def test_three_429s_among_the_last_answers_are_a_suspicion_while_no_noise_is_known() -> None:
+    # Over 5 s (100 answers) three 429s are not significant against the assumed 1 % noise;
+    # among the last 40 answers they are: a rate just past the limit is cut sooner.
+    discovery = Discovery()
+    now = feed(discovery, 0.0, "." * 100)
+    feed(discovery, now, ".........x.........x.........x")
+    assert discovery.trial_running
+
+
+def test_a_share_that_rises_after_a_cut_is_not_noise() -> None:
+    discovery = Discovery()
+    now = feed(discovery, 0.0, "." * 100 + "x" + "." * 12 + "x" + "." * 12 + "x")
+    assert discovery.trial_running
+    cut = discovery.rate_rps
+    assert cut is not None
+    # After the cut the share rises (the cut was just too shallow), never past a quarter.
+    feed(discovery, now, ("......x" * 20)[:120], rps=cut)
+    assert discovery.noise_verdicts == 0
+    assert discovery.noise_share == 0.0
+    assert discovery.rate_rps is not None
+    assert discovery.rate_rps <= cut
+
+
+def test_a_proven_cut_lowers_a_noise_share_learned_by_mistake() -> None:
+    discovery = Discovery()
+    discovery.noise_share = 0.2  # as if a congestion had been taken for noise
+    now = feed(discovery, 0.0, "." * 30 + "xxx." * 10)
+    assert discovery.trial_running
+    cut = discovery.rate_rps
+    assert cut is not None
+    feed(discovery, now, "." * 200, rps=cut)
+    assert discovery.cuts == 1
+    # What the proving trial saw under the limit, three 429s of the last pattern among 40.
+    assert discovery.noise_share < 0.1
