@@ -7,6 +7,7 @@ requests sent at the rate discovery sets; nothing sleeps, so minutes pass in mil
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,10 +109,18 @@ def test_noise_never_spirals_the_rate_down(seed: int) -> None:
 
 
 def test_a_limit_under_noise_is_still_found() -> None:
-    model = Model(limit_rps=lambda _: 20.0, ceiling_rps=60.0, noise=0.05, seed=1)
-    model.run(120)
-    assert model.served_rps(20, 120) >= 0.85 * 20 * 0.95
-    assert model.refused_share(30, 120) <= 0.05 + 0.05
+    # Over ten seeds: a single one can meet noise that mimics congestion at a bad moment.
+    served, refused = [], []
+    for seed in range(10):
+        model = Model(limit_rps=lambda _: 20.0, ceiling_rps=60.0, noise=0.05, seed=seed)
+        model.run(120)
+        served.append(model.served_rps(20, 120))
+        refused.append(model.refused_share(30, 120))
+    assert statistics.median(served) >= 0.9 * 20 * 0.95
+    assert min(served) >= 0.75 * 20 * 0.95
+    # 429s beyond the noise's 5 %: a few points typically, less than ten at worst.
+    assert statistics.median(refused) <= 0.05 + 0.03
+    assert max(refused) <= 0.05 + 0.08
 
 
 def test_the_rate_follows_a_limit_down_and_back_up() -> None:
