@@ -170,9 +170,10 @@ class Discovery:
             self.rate_rps = self._curve.peak = None
 
     def _suspect(self) -> bool:
-        # Over the last seconds, and over the last answers alone: a rate just past the limit
-        # shows as a few 429s that seconds of answers would dilute (each one more is a 429
-        # paid before the cut).
+        # Over the last seconds; and, while no noise is measured, over the last answers alone:
+        # a rate just past the limit shows as a few 429s that seconds of answers would dilute
+        # (each one more is a 429 paid before the cut). Once noise is known, telling it apart
+        # takes the longer sample.
         recent = self._recent
         if self.suspicious(recent.limited, len(recent)):
             return True
