@@ -18,8 +18,8 @@ from batcher.errors import (
     OutputError,
     RateLimitStallError,
 )
-from batcher.runner import RunOptions, arun, run
-from batcher.summary import RunSummary
+from batcher.runs.shell import RunOptions, arun, run
+from batcher.runs.summary import RunSummary
 
 __all__ = [
     "AbortError",

@@ -15,17 +15,17 @@ from typing import NoReturn
 import anyio
 import orjson
 
-from batcher.agreement import majority, measure, read_votes
 from batcher.config import load_job
 from batcher.errors import BatcherError, ConfigError, exit_code
-from batcher.estimate import estimate
-from batcher.ledger import read_ledger
-from batcher.preview import DEFAULT_ROWS, preview
-from batcher.runner import RunOptions, arun
-from batcher.sample import estimate_with_sample
+from batcher.reports.agreement import majority, measure, read_votes
+from batcher.reports.estimate import estimate
+from batcher.reports.ledger import read_ledger
+from batcher.reports.preview import DEFAULT_ROWS, preview
+from batcher.reports.sample import estimate_with_sample
+from batcher.reports.status import job_status
+from batcher.runs.shell import RunOptions, arun
 from batcher.sim import FAULT_KINDS, SimSettings, serve
 from batcher.sim.limits import LIMITER_KINDS
-from batcher.status import job_status
 
 _MAX_ROWS = 2**32 - 1  # polars slices by a 32-bit row index
 
@@ -362,7 +362,7 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise ConfigError(f"{job.source}: endpoint.mode: --cancel is for endpoint.mode: batch")
     if arguments.ray:
         try:
-            from batcher.scale.driver import run_on_ray  # Ray is imported with --ray only
+            from batcher.runs.ray.driver import run_on_ray  # Ray is imported with --ray only
         except ImportError as exc:
             raise ConfigError(f"--ray needs Ray ({exc}): pip install 'batcher[ray]'") from None
         summary = run_on_ray(job, options)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from batcher.server_limits import ServerLimits
+    from batcher.flow.server_limits import ServerLimits
 
 MESSAGE_CHARS = 300
 

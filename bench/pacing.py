@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from batcher.runner import run
+from batcher.runs.shell import run
 from batcher.sim import SimSettings, SimulatorThread
 
 SERVER_RPM = 1200

@@ -28,8 +28,8 @@ import ray
 import yaml
 
 from batcher.config import load_job
-from batcher.runner import RunOptions
-from batcher.scale.driver import run_on_ray
+from batcher.runs.ray.driver import run_on_ray
+from batcher.runs.shell import RunOptions
 from batcher.sim import SimSettings, SimulatorThread
 from bench.images import photo
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from batcher.columns import Outcome, Usage
 from batcher.config import load_job
-from batcher.journal import Journal, journal_path
-from batcher.plan import Plan
-from batcher.request import RowRequest
+from batcher.rows.plan import Plan
+from batcher.rows.request import RowRequest
 from batcher.sim import SimulatorThread
+from batcher.store.columns import Outcome, Usage
+from batcher.store.journal import Journal, journal_path
 
 
 def fill_checkpoint(job_path: Path, done: int) -> None:

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from batcher.client import ChatClient
 from batcher.config import EndpointConfig
 from batcher.errors import AttemptError
+from batcher.send.client import ChatClient
 from batcher.sim import SimulatorThread
 from tests.conftest import SimFactory, reviews, write_job
 

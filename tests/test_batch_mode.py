@@ -17,18 +17,18 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher.batch import results
-from batcher.batch.book import BatchBook, BookRow
-from batcher.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
-from batcher.batch.results import Collector, read_results
 from batcher.cli import main
 from batcher.config import load_job
 from batcher.errors import AccountError
-from batcher.outcome import OutcomeBuilder
-from batcher.parse import OutputParser
-from batcher.prices import PriceTable
+from batcher.runs.batch import results
+from batcher.runs.batch.book import BatchBook, BookRow
+from batcher.runs.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
+from batcher.runs.batch.results import Collector, read_results
+from batcher.send.outcome import OutcomeBuilder
+from batcher.send.parse import OutputParser
+from batcher.send.prices import PriceTable
+from batcher.send.tally import Tally
 from batcher.sim import SimulatorThread
-from batcher.tally import Tally
 from tests.conftest import MODEL, prompt_of, reviews, start, wait_for, write_job
 
 COMPARED = ["id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import batcher.journal
+import batcher.store.journal
 from batcher.cli import main
-from batcher.journal import journal_path, reading, totals
+from batcher.store.journal import journal_path, reading, totals
 from tests.conftest import (
     SimFactory,
     busy_job,
@@ -169,7 +169,7 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = batcher.journal.connect
+    original = batcher.store.journal.connect
 
     def small_disk(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         connection = original(path, readonly=readonly)
@@ -177,7 +177,7 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
             connection.execute("PRAGMA max_page_count = 9")
         return connection
 
-    monkeypatch.setattr(batcher.journal, "connect", small_disk)
+    monkeypatch.setattr(batcher.store.journal, "connect", small_disk)
     server = sim_factory(latency_s=0.02)
     job = write_job(tmp_path, server.url, data=reviews(400), limits={"concurrency": 2})
     assert main(["run", str(job), "--quiet"]) == 3
@@ -188,7 +188,7 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
     kept = committed_rows(tmp_path / "out/result.parquet.checkpoint")
     assert 0 < kept < 400
     assert pl.read_parquet(tmp_path / "out/result.parquet").height == kept
-    monkeypatch.setattr(batcher.journal, "connect", original)
+    monkeypatch.setattr(batcher.store.journal, "connect", original)
     answered = server.simulator.answered
     assert rerun(job) == 0
     assert server.simulator.answered - answered == 400 - kept

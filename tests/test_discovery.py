@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batcher.discovery import Discovery
-from batcher.observed import SERVED_S, ServedRate
+from batcher.flow.discovery import Discovery
+from batcher.flow.observed import SERVED_S, ServedRate
 
 UNPACED_RPS = 200.0  # how fast a client without a rate sends, in this model
 

@@ -8,10 +8,10 @@ import anyio
 import pytest
 
 from batcher.config import LimitsConfig
-from batcher.flow import FlowController
-from batcher.limiter import Cost
-from batcher.rates import HEADER_SHARE
-from batcher.server_limits import Budget, ServerLimits
+from batcher.flow.controller import FlowController
+from batcher.flow.limiter import Cost
+from batcher.flow.rates import HEADER_SHARE
+from batcher.flow.server_limits import Budget, ServerLimits
 from tests.test_limiter import FakeTime
 
 

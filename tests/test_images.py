@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from batcher import images as images_module
 from batcher.cli import main
+from batcher.rows import images as images_module
 from tests.conftest import SimFactory, write_job
 
 HEIC_STUB = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64

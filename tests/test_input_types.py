@@ -10,8 +10,8 @@ import pytest
 
 from batcher.cli import main
 from batcher.errors import InputError
+from batcher.rows.source import Source
 from batcher.sim import SimulatorThread
-from batcher.source import Source
 from tests.conftest import write_job
 
 

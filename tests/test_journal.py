@@ -9,8 +9,8 @@ from pathlib import Path
 
 import polars as pl
 
-from batcher.columns import COLUMN_NAMES, Outcome, Usage
-from batcher.journal import Journal, connect, read_outcomes, totals
+from batcher.store.columns import COLUMN_NAMES, Outcome, Usage
+from batcher.store.journal import Journal, connect, read_outcomes, totals
 
 IDENTITY = {"input": "data.csv", "output": "out.parquet", "key_column": "id"}
 

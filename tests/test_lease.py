@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batcher.config import LimitsConfig
-from batcher.limiter import Cost
-from batcher.scale.lease import (
+from batcher.flow.limiter import Cost
+from batcher.runs.ray.lease import (
     HORIZON_S,
     SAVE_EVERY_S,
     Answer,
@@ -172,7 +172,7 @@ def test_nothing_of_ray_is_imported_without_the_flag(tmp_path: Path) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9/v1")
     code = (
         "import sys\n"
-        "from batcher.runner import run\n"
+        "from batcher.runs.shell import run\n"
         f"summary = run({str(job)!r}, simulate=True, quiet=True)\n"
         "assert summary.rows_ok == 20, summary\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"

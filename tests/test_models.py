@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from batcher.ledger import read_ledger
+from batcher.reports.ledger import read_ledger
 from batcher.sim import SimulatorThread
 from tests.conftest import MODEL, SimFactory, reviews, write_job
 

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from batcher.columns import COLUMN_NAMES
 from batcher.sim import SimulatorThread
+from batcher.store.columns import COLUMN_NAMES
 from tests.conftest import reviews, write_job
 
 OUTPUT_NAMES = [

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from batcher.cli import main
-from batcher.tally import Progress, Tally
+from batcher.runs.progress import Progress
+from batcher.send.tally import Tally
 from tests.conftest import SimFactory, write_job
 
 

@@ -19,10 +19,10 @@ import pytest
 from batcher.cli import main
 from batcher.config import load_job
 from batcher.errors import ConfigError
-from batcher.runner import RunOptions, run
-from batcher.scale.reaper import descendants, start_time
+from batcher.runs.ray.reaper import descendants, start_time
+from batcher.runs.shell import RunOptions, run
+from batcher.runs.summary import RunSummary
 from batcher.sim import SimulatorThread
-from batcher.summary import RunSummary
 from tests.conftest import reviews, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -38,7 +38,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_on_ray(job: Path, overrides: list[str] | None = None, **options: Any) -> RunSummary:
-    from batcher.scale.driver import run_on_ray as driver_run
+    from batcher.runs.ray.driver import run_on_ray as driver_run
 
     return driver_run(load_job(job, overrides), RunOptions(**{"quiet": True, **options}))
 
@@ -122,7 +122,7 @@ class Background:
     """A cluster run in a thread, with the actors it starts at hand."""
 
     def __init__(self, job: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
-        from batcher.scale import driver
+        from batcher.runs.ray import driver
 
         self.workers: list[Any] = []
         self.dispatch: Any = None

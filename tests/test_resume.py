@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from batcher.journal import COMMIT_ROWS
 from batcher.sim import SimulatorThread
+from batcher.store.journal import COMMIT_ROWS
 from tests.conftest import SimFactory, refused_where, reviews, start, wait_for, write_job
 
 COMPARED = [
@@ -199,7 +199,7 @@ def test_stale_temporary_output_is_cleaned(tmp_path: Path, sim_factory: SimFacto
 def test_resume_renders_only_rows_whose_inputs_changed(
     tmp_path: Path, sim_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batcher.request import RequestBuilder
+    from batcher.rows.request import RequestBuilder
 
     server = sim_factory()
     data = reviews(40)

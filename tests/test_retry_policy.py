@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_fixed
 
-from batcher.budget import Budget, BudgetStop
 from batcher.config import RetryConfig
 from batcher.errors import AttemptError
-from batcher.prices import Price, PriceTable
-from batcher.request import RowRequest
-from batcher.retry import Exhausted, RowPolicy, is_retryable, wait_retry_after
-from batcher.tally import Tally
+from batcher.rows.request import RowRequest
+from batcher.send.budget import Budget, BudgetStop
+from batcher.send.prices import Price, PriceTable
+from batcher.send.retry import Exhausted, RowPolicy, is_retryable, wait_retry_after
+from batcher.send.tally import Tally
 from tests.fakes import FakeTime
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from batcher.server_limits import parse_duration, read_server_limits
+from batcher.flow.server_limits import parse_duration, read_server_limits
 
 
 def test_openai_headers() -> None:

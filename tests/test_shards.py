@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from batcher.cli import main
-from batcher.scale.shards import cut, read_shard
+from batcher.runs.ray.shards import cut, read_shard
 from tests.conftest import reviews, write_job
 
 

@@ -9,18 +9,18 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.budget import BudgetStop
-from batcher.client import ChatClient
-from batcher.columns import Outcome
 from batcher.config import JobConfig
-from batcher.flow import FlowController
-from batcher.images import ImageLoader
-from batcher.parse import OutputParser
-from batcher.prices import PriceTable
-from batcher.request import RequestBuilder
-from batcher.sender import Sender
-from batcher.tally import Tally
-from batcher.worker import RowWorker
+from batcher.flow.controller import FlowController
+from batcher.rows.images import ImageLoader
+from batcher.rows.request import RequestBuilder
+from batcher.send.budget import BudgetStop
+from batcher.send.client import ChatClient
+from batcher.send.parse import OutputParser
+from batcher.send.prices import PriceTable
+from batcher.send.sender import Sender
+from batcher.send.tally import Tally
+from batcher.send.worker import RowWorker
+from batcher.store.columns import Outcome
 from tests.conftest import merge
 from tests.fakes import FakeTime, Script, answer, refusal
 

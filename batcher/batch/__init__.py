@@ -1,5 +1,0 @@
-"""Batch mode: the same job through the provider Batch API (``endpoint.mode: batch``)."""
-
-from batcher.batch.mode import BatchRun
-
-__all__ = ["BatchRun"]

@@ -1,0 +1,76 @@
+"""`batcher estimate --sample K`: K random rows run for real (and checkpointed, so the job does
+not pay for them again), and the heuristic's estimate replaced by their extrapolated cost."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import anyio
+
+from batcher.config import Job
+from batcher.reports.estimate import Estimate, duration_s, estimate
+from batcher.rows.plan import plan_job
+from batcher.runs.shell import Run, RunOptions, endpoint
+from batcher.store.journal import answered_samples, journal_path
+
+
+async def estimate_with_sample(
+    job: Job,
+    sample: int,
+    *,
+    limit: int | None = None,
+    options: RunOptions | None = None,
+    seed: int | None = None,
+) -> Estimate:
+    """Run ``sample`` random rows for real and extrapolate from their cost."""
+    base = estimate(job, limit=limit, prices_path=options.prices_path if options else None)
+    chosen = frozenset(random.Random(seed).sample(range(base.rows), min(sample, base.rows)))
+    run_options = replace(options or RunOptions(), limit=limit, positions=chosen)
+    plan = plan_job(job, limit=limit, simulate=run_options.simulate)
+    job = plan.job
+    run = Run(plan, run_options)
+    async with endpoint(job, run_options.simulate) as base_url:
+        await run.execute(base_url)
+    samples = await anyio.to_thread.run_sync(answered_samples, journal_path(job.checkpoint_dir))
+    costs = [cost for cost, _, _ in samples]
+    latencies = [latency for _, latency, _ in samples]
+    tokens = [total for _, _, total in samples]
+    if not costs:
+        return replace(base, note="no sampled row succeeded; the estimate is the heuristic's")
+    mean = sum(costs) / len(costs)
+    spread = (
+        math.sqrt(sum((c - mean) ** 2 for c in costs) / (len(costs) - 1))
+        if len(costs) > 1
+        else mean
+    )
+    # 95 % interval of the mean, with the finite-population correction.
+    correction = math.sqrt(max(base.rows - len(costs), 0) / max(base.rows - 1, 1))
+    margin = 1.96 * spread / math.sqrt(len(costs)) * correction
+    latency = sum(latencies) / len(latencies)
+    per_row_tokens = sum(tokens) / len(tokens)
+    # Sampled rows run live, at list price; batch figures scale by the heuristic's ratio.
+    ratio = (
+        base.batch_expected_usd / base.expected_usd
+        if base.batch_expected_usd is not None and base.expected_usd
+        else None
+    )
+    low, expected, high = (
+        max(mean - margin, 0.0) * base.rows,
+        mean * base.rows,
+        (mean + margin) * base.rows,
+    )
+    return replace(
+        base,
+        low_usd=low,
+        expected_usd=expected,
+        high_usd=high,
+        batch_low_usd=low * ratio if ratio is not None else None,
+        batch_expected_usd=expected * ratio if ratio is not None else None,
+        batch_high_usd=high * ratio if ratio is not None else None,
+        duration_s=duration_s(
+            job, base.rows, per_row_tokens, latency, plan.builder.requests_per_row
+        ),
+        sampled_rows=len(costs),
+    )

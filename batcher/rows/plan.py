@@ -1,0 +1,335 @@
+"""Pre-flight: check a job against its input before anything is sent, and prepare row batches.
+
+Everything a user can get wrong in the job file or the data is found here, so a run that
+starts has a template whose columns exist, a unique key, a key for the endpoint, and an
+output path it can write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import polars as pl
+
+from batcher.config import Job, load_job
+from batcher.errors import ConfigError
+from batcher.rows.images import ImageLoader
+from batcher.rows.request import ImagePart, RequestBuilder, RowRequest
+from batcher.rows.source import Source
+from batcher.store.columns import Outcome
+from batcher.store.journal import Previous
+
+# Pre-flight renders up to this many rows: a template error on all of them is the template's,
+# not a row's, and is reported before anything is sent.
+PREFLIGHT_ROWS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RowFailure:
+    """A row that fails before any request (a missing image, a template error)."""
+
+    key: Any
+    fingerprint: bytes
+    kind: str
+    message: str
+    input_digest: bytes | None = None
+
+    def outcome(self) -> Outcome:
+        return Outcome.failed(
+            self.key, self.fingerprint, self.kind, self.message, input_digest=self.input_digest
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """A row whose inputs are those of its journal outcome: its request would be the same."""
+
+    key: Any
+    fingerprint: bytes
+
+
+Prepared = RowRequest | RowFailure | Unchanged
+Lookup = Callable[[list[Any]], dict[Any, Previous]]
+# The output column naming the model asked, present when request.model is a list.
+REQUEST_MODEL = "request_model"
+MODEL_COLUMN = "__request_model"  # its name while the output is rebuilt (inputs may clash)
+_KEY_SEPARATOR = "\x1f"
+SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
+
+
+class Plan:
+    """A job checked against its input, ready to run."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        limit: int | None = None,
+        api_key_required: bool = True,
+        keep_done: bool = False,
+    ) -> None:
+        config = job.config
+        self.job = job
+        self.limit = limit
+        self.source = Source(job.input_path, config.input.id_column, config.input.dtypes)
+        try:
+            self.builder = RequestBuilder(config.request, config.endpoint.base_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{job.source}: {exc}") from None
+        self.images = ImageLoader(job.image_root, config.images)
+        self.keep_columns = _kept_columns(job, self.source, self.builder)
+        self.models = self.builder.models
+        self.multiple_models = self.builder.multiple_models
+        # Keep every row answered successfully, whatever its request is now (run --keep-done).
+        self.keep_done = keep_done
+        self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
+        self.source.check_keys()
+        self.input_rows = self.source.count_rows(limit)
+        if self.input_rows == 0 and limit != 0:
+            raise ConfigError(f"{job.input_path}: the input has no rows: there is nothing to send")
+        if limit is not None and limit > self.input_rows:
+            self.limit = None  # past the input's end it limits nothing (nor overflows polars)
+        self.total_rows = self.input_rows * len(self.models)  # output rows
+        self.allow_nulls = config.input.allow_nulls
+        self._check_rendering(str(job.source))
+        self.api_key = read_api_key(job, required=api_key_required)
+        self.output_path = job.output_path
+
+    def _check_rendering(self, where: str) -> None:
+        """Render the first rows: an error every one of them meets (``{{ text.foo.bar }}``)
+        would fail every row of the run, so it stops the run here instead."""
+        columns = self.builder.columns or [self.source.key_column]
+        try:
+            sample = self.source.frame().select(columns).head(PREFLIGHT_ROWS).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise ConfigError(str(self.source.read_error(exc))) from None
+        first: tuple[str, Exception] | None = None
+        for row in sample.iter_rows(named=True):
+            if self._null_column(row) is not None:
+                continue  # that row fails alone as input_error
+            failed = self.builder.render_error(row)
+            if failed is None:
+                return
+            first = first or failed
+        if first is not None:
+            template, error = first
+            hint = ""
+            if isinstance(error, TypeError) and self.source.format == "csv":
+                hint = " (CSV columns are text unless input.dtypes declares a type)"
+            raise ConfigError(
+                f"{where}: {template}: rendering the input's first rows fails: "
+                f"{type(error).__name__}: {error}{hint}"
+            )
+
+    def _null_column(self, row: dict[str, Any]) -> str | None:
+        if self.allow_nulls:
+            return None
+        return next((c for c in self.builder.columns if row[c] is None), None)
+
+    def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
+        return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
+
+    def journal_key(self, key: Any, model: str) -> Any:
+        """The checkpoint key of one row for one model: the row's key, joined by the model
+        when request.model is a list (so adding a model leaves the others' rows done)."""
+        return f"{key}{_KEY_SEPARATOR}{model}" if self.multiple_models else key
+
+    def journal_key_expression(self, column: str, dtype: pl.DataType) -> pl.Expr:
+        """``journal_key`` as a polars expression over rows from ``expand``."""
+        expression = key_expression(column, dtype)
+        if not self.multiple_models:
+            return expression
+        return pl.concat_str(
+            [expression.cast(pl.String), pl.lit(_KEY_SEPARATOR), pl.col(MODEL_COLUMN)]
+        )
+
+    def expand(self, batch: pl.DataFrame) -> pl.DataFrame:
+        """One row per (input row, model) in input order then list order, as ``prepare``."""
+        if not self.multiple_models:
+            return batch
+        models = pl.DataFrame({MODEL_COLUMN: self.models})
+        return batch.join(models, how="cross", maintain_order="left_right")
+
+    def prepare(
+        self,
+        batch: pl.DataFrame,
+        lookup: Lookup | None = None,
+        reuse: Callable[[Previous], bool] = lambda previous: True,
+    ) -> list[tuple[Any, Prepared, Previous | None]]:
+        """Each row of a batch and model, in order: journal key, what to do, its outcome.
+
+        A row whose journal outcome has the same input digest (and passes ``reuse``) is
+        ``Unchanged`` and is not rendered again; image rows are always prepared in full,
+        since their files may have changed. With ``keep_done`` a successful outcome is kept
+        whatever the request is now. Blocking: run in a worker thread.
+        """
+        keys = normalise_keys(batch.get_column(self.source.key_column))
+        models = self.models
+        journal_keys = [self.journal_key(key, model) for key in keys for model in models]
+        known = lookup(journal_keys) if lookup is not None else {}
+        image_columns = self.job.config.request.images
+        prepared: list[tuple[Any, Prepared, Previous | None]] = []
+        rows = iter(journal_keys)
+        for row in batch.iter_rows(named=True):
+            images: tuple[ImagePart, ...] | str | None = None  # described once for all models
+            for model in models:
+                key = next(rows)
+                previous = known.get(key)
+                if previous is not None and self.keep_done and previous.ok:
+                    prepared.append((key, Unchanged(key, previous.fingerprint), previous))
+                    continue
+                digest = None if image_columns else self.builder.input_digest(row, model)
+                if (
+                    previous is not None
+                    and digest is not None
+                    and previous.input_digest == digest
+                    and reuse(previous)
+                ):
+                    prepared.append((key, Unchanged(key, previous.fingerprint), previous))
+                    continue
+                if images is None:
+                    images = self.images.describe(row, image_columns) if image_columns else ()
+                item = self._prepare_row(key, row, images, digest, model)
+                prepared.append((key, item, previous))
+        return prepared
+
+    def _prepare_row(
+        self,
+        key: Any,
+        row: dict[str, Any],
+        images: tuple[ImagePart, ...] | str,
+        digest: bytes | None,
+        model: str,
+    ) -> RowRequest | RowFailure:
+        null = self._null_column(row)
+        if null is not None:
+            return _failure(key, "input_error", f"{null} is null", row, digest)
+        if isinstance(images, str):
+            return _failure(key, "image_error", images, row)
+        try:
+            return self.builder.build(key, row, images, digest, model)
+        except Exception as exc:  # a user's template can raise anything: that row fails
+            return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row, digest)
+
+
+def _kept_columns(job: Job, source: Source, builder: RequestBuilder) -> list[str]:
+    """The input columns the output keeps, once every column the job names is checked."""
+    config, where = job.config, str(job.source)
+    columns = set(source.columns)
+    missing = [c for c in builder.columns if c not in columns]
+    if missing:
+        raise ConfigError(
+            f"{where}: request.prompt uses column(s) {', '.join(missing)} that the input "
+            f"{job.input_path} does not have (columns: {', '.join(source.columns)})"
+        )
+    for name in config.request.images:
+        if name not in columns:
+            raise ConfigError(
+                f"{where}: request.images names column {name!r} that the input does not have"
+            )
+    kept = config.output.keep_columns
+    if kept is None:
+        kept = [c for c in source.columns if c != source.key_column]
+    unknown = [c for c in kept if c not in columns]
+    if unknown:
+        raise ConfigError(
+            f"{where}: output.keep_columns names column(s) {', '.join(unknown)} "
+            "that the input does not have"
+        )
+    kept = [c for c in kept if c != source.key_column]
+    if builder.multiple_models and REQUEST_MODEL in kept:
+        raise ConfigError(
+            f"{where}: the input column {REQUEST_MODEL!r} clashes with the output column "
+            "of a model list; drop it from output.keep_columns or rename it"
+        )
+    return kept
+
+
+def plan_job(
+    job: Job | str | Path,
+    *,
+    limit: int | None = None,
+    simulate: bool = False,
+    keep_done: bool = False,
+    api_key_required: bool = True,
+) -> Plan:
+    """Load and check everything a run needs, once; raises ConfigError before anything is
+    sent. With ``simulate`` the job is fingerprinted as the simulator's and needs no key."""
+    if not isinstance(job, Job):
+        job = load_job(job)
+    if simulate:
+        endpoint = job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})
+        job = Job(job.config.model_copy(update={"endpoint": endpoint}), job.source)
+    plan = Plan(
+        job,
+        limit=limit,
+        api_key_required=api_key_required and not simulate,
+        keep_done=keep_done,
+    )
+    if simulate:
+        plan.api_key = None
+    return plan
+
+
+def _failure(
+    key: Any, kind: str, message: str, row: dict[str, Any], digest: bytes | None = None
+) -> RowFailure:
+    # Fingerprinted by what the row asked for, not by the message, which may vary by run.
+    basis = orjson.dumps(
+        [kind, row], option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
+    )
+    fingerprint = hashlib.blake2b(basis, digest_size=16).digest()
+    return RowFailure(
+        key=key, fingerprint=fingerprint, kind=kind, message=message, input_digest=digest
+    )
+
+
+def normalise_keys(column: pl.Series) -> list[Any]:
+    """Keys as the journal stores them: integers stay integers, anything else is text."""
+    if column.dtype.is_integer():
+        return column.to_list()
+    return column.cast(pl.String).to_list()
+
+
+def key_expression(column: str, dtype: pl.DataType) -> pl.Expr:
+    """The same normalisation as ``normalise_keys``, as a polars expression."""
+    expression = pl.col(column)
+    return expression if dtype.is_integer() else expression.cast(pl.String)
+
+
+def is_loopback(base_url: str) -> bool:
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(job: Job, *, required: bool) -> str | None:
+    """The key from the named variable; never put it in a message."""
+    endpoint = job.config.endpoint
+    # Surrounding whitespace is a CRLF .env's "\r" or a pasted newline, never part of a key.
+    key = os.environ.get(endpoint.api_key_env, "").strip() or None
+    if key is not None and not all(" " < character < "\x7f" for character in key):
+        # A header cannot carry it, and a transport's error would quote it.
+        raise ConfigError(
+            f"{job.source}: endpoint.api_key_env: the key in ${endpoint.api_key_env} contains "
+            "a space, control or non-ASCII character; check how it was set"
+        )
+    if key is None and required and not is_loopback(endpoint.base_url):
+        raise ConfigError(
+            f"{job.source}: endpoint.api_key_env: environment variable "
+            f"{endpoint.api_key_env} is not set (it must hold the API key for "
+            f"{endpoint.base_url})"
+        )
+    return key

@@ -1,0 +1,168 @@
+"""Filling chunks: the input scanned in order, each row that needs an answer (and is not in a
+batch in flight) written as a line, until the input or the budget ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from batcher.errors import BudgetReachedError
+from batcher.rows.images import ImageError, inline_images
+from batcher.rows.plan import RowFailure, Unchanged
+from batcher.rows.request import RowRequest
+from batcher.runs.batch.book import BatchBook, BookRow
+from batcher.runs.batch.control import RunControl
+from batcher.runs.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
+from batcher.runs.batch.progress import BatchProgress
+from batcher.send.budget import upper_cost
+from batcher.send.prices import PriceTable
+from batcher.store.columns import Outcome
+from batcher.store.journal import Journal
+
+if TYPE_CHECKING:
+    from batcher.runs.shell import Run
+
+
+class Filler:
+    """Writes a run's pending rows as lines into chunks, holding each line's upper-bound cost
+    against limits.max_cost_usd."""
+
+    def __init__(
+        self,
+        run: Run,
+        journal: Journal,
+        book: BatchBook,
+        progress: BatchProgress,
+        prices: PriceTable,
+        control: RunControl,
+    ) -> None:
+        self.plan = run.plan
+        self.options = run.options
+        self.config = run.job.config
+        self.tally = run.tally
+        self.journal = journal
+        self.book = book
+        self.progress = progress
+        self.control = control
+        self._price = prices.get(self.config.request.models[0])
+        self._max_completion = self.plan.builder.max_completion
+        self._started_wall = time.time()
+        # Input positions: rows before ``_seen`` were counted (skipped, failed) by this run.
+        self._position = 0
+        self._seen = 0
+        self._committed_usd = 0.0
+        self._failed_here: set[Any] = set()  # keys whose line could not be written, this run
+
+    def rescan(self, committed_usd: float) -> None:
+        """Start again from the input's first row, batches in flight holding ``committed_usd``."""
+        self._committed_usd = committed_usd
+        self._position = 0
+
+    def fill(self, batches: Iterator[Any], writer: ChunkWriter) -> tuple[list[Chunk], bool]:
+        """Write the lines of one input batch; the chunks they closed, and whether there is
+        more input (blocking: runs in a worker thread)."""
+        batch = next(batches, None)
+        if batch is None or self.control.stopped:
+            return [], False
+        skip_failed = self.options.skip_failed
+        prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
+        booked = self.book.rows([key for key, _, _ in prepared])
+        closed: list[Chunk] = []
+        failures: list[Outcome] = []
+        for key, item, previous in prepared:
+            fresh = self._position >= self._seen  # first time this run looks at the row
+            self._position += 1
+            self._seen = max(self._seen, self._position)
+            if isinstance(item, Unchanged) or (
+                previous is not None
+                and previous.fingerprint == item.fingerprint
+                and (previous.ok or skip_failed)
+            ):
+                if fresh:
+                    self.tally.skipped += 1
+                    self.progress.advance()
+                continue
+            if isinstance(item, RowFailure):
+                if fresh:
+                    failures.append(self._failed_before(item.outcome()))
+                continue
+            if key in self._failed_here:
+                continue  # its line could not be written (image, size): failed this run
+            row = booked.get(key)
+            if row is not None and row.state == "submitted":
+                continue  # in a batch in flight: its result will come
+            if row is not None and row.state == "done" and self._settled_now(row):
+                continue  # finally failed in this run: a rerun tries it again
+            made = self._line(key, item, row, writer)
+            if isinstance(made, Outcome):
+                self._failed_here.add(key)
+                failures.append(self._failed_before(made))
+                continue
+            line, line_row = made
+            if self._over_budget(line_row.upper_cost_usd):
+                break
+            self._committed_usd += line_row.upper_cost_usd
+            done = writer.add(line, line_row)
+            if done is not None:
+                closed.append(done)
+        if failures:
+            self.book.record_failures(failures)
+        return closed, not self.control.stopped
+
+    def _line(
+        self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
+    ) -> tuple[bytes, LineRow] | Outcome:
+        """A row's JSONL line, or the failure that keeps it from being sent."""
+        attempt = row.attempts + 1 if row is not None and row.state == "retry" else 1
+        submission = row.submissions + 1 if row is not None else 1
+        try:
+            body = inline_images(item, self.plan.images) if item.images else item.body
+        except ImageError as exc:
+            return _line_failure(item, "image_error", str(exc))
+        identifier = custom_id(key, submission)
+        line = encode_line(identifier, body)
+        if not writer.fits_alone(line):
+            limit = writer.max_bytes
+            message = f"the request is {len(line):,} bytes, over batch.max_bytes={limit:,}"
+            return _line_failure(item, "too_large", message)
+        upper = self._upper_cost(item)
+        fingerprint, digest = item.fingerprint, item.input_digest
+        return line, LineRow(key, identifier, fingerprint, digest, attempt, submission, upper)
+
+    def _over_budget(self, upper_usd: float) -> bool:
+        """Would this line cross limits.max_cost_usd, with every batch at its upper bound?"""
+        cap = self.config.limits.max_cost_usd
+        if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
+            return False
+        self.control.stop(
+            BudgetReachedError(
+                f"the budget limits.max_cost_usd={cap:g} would be crossed "
+                f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
+                "held for batches at their upper bound); raise it and run again to resume"
+            )
+        )
+        return True
+
+    def _settled_now(self, row: BookRow) -> bool:
+        return row.settled_at is not None and row.settled_at >= self._started_wall
+
+    def _failed_before(self, outcome: Outcome) -> Outcome:
+        self.tally.failed += 1
+        self.tally.errors[f"final:{outcome.error_kind}"] += 1
+        self.progress.advance()
+        return outcome
+
+    def _upper_cost(self, request: RowRequest) -> float:
+        """An upper bound of a line's cost: the prompt with the heuristic's margin, every
+        choice at max_tokens, at batch prices."""
+        if self._price is None:
+            return 0.0
+        choices = self.config.request.n or 1
+        return upper_cost(self._price, request, self._max_completion, choices, choices)
+
+
+def _line_failure(request: RowRequest, kind: str, message: str) -> Outcome:
+    return Outcome.failed(
+        request.key, request.fingerprint, kind, message, input_digest=request.input_digest
+    )

@@ -1,0 +1,385 @@
+"""``batcher run JOB --ray``: the driver cuts the input into shards, hands them to workers on
+a Ray cluster, retries a shard whose worker died, and writes the one output file.
+
+Ray schedules; each shard runs batcher's own engine in a worker (``shard.py``), all of them
+paced by one budget actor (``lease.py``). A rerun skips the shards an earlier run finished
+and resumes the others from their journals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from batcher.config import Job
+from batcher.errors import AbortError, BatcherError, ConfigError
+from batcher.flow.controller import FlowReport
+from batcher.rows.plan import Plan, plan_job, read_api_key
+from batcher.runs.ray import storage
+from batcher.runs.ray.actors import BudgetActor, ShardWorker
+from batcher.runs.ray.assembly import merge_journals, part_locations, write_parts
+from batcher.runs.ray.reaper import Reaper
+from batcher.runs.ray.shard import (
+    PART,
+    ShardResult,
+    ShardTask,
+    done_result,
+    shard_config,
+    task_identity,
+    write_shard_input,
+)
+from batcher.runs.ray.shards import ShardedInput, cut
+from batcher.runs.shell import Run, RunOptions
+from batcher.runs.summary import RunSummary
+from batcher.store.journal import Journal, journal_path
+from batcher.store.lock import RunLock
+from batcher.store.output import check_output_target
+
+SHARD_ATTEMPTS = 4  # a shard whose worker dies is given to a new one this many times in all
+
+
+class Locations:
+    """Where a cluster run reads and writes: local paths or URIs, from the job file."""
+
+    def __init__(self, job: Job) -> None:
+        config = job.config
+        folder = job.source.parent
+        self.input = storage.resolve(folder, config.input.path)
+        self.output = storage.resolve(folder, config.output.path or f"out/{config.name}.parquet")
+        checkpoint = config.output.checkpoint_dir
+        self.checkpoint = (
+            storage.resolve(folder, checkpoint) if checkpoint else self.output + ".checkpoint"
+        )
+        self.store = storage.join(self.checkpoint, "ray")
+
+
+def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
+    """Run ``job`` on a Ray cluster to its end and return its summary (blocking)."""
+    started = time.monotonic()
+    config = job.config
+    if config.endpoint.mode != "live":
+        raise ConfigError(f"{job.source}: endpoint.mode: --ray runs live requests only")
+    if options.limit is not None:
+        raise ConfigError(f"{job.source}: --limit is not available with --ray")
+    where = Locations(job)
+    sharded = cut(where.input, config.ray.shard_rows)
+    identity = _check(job, options, where, sharded)
+    lock = None if storage.is_remote(where.checkpoint) else RunLock(Path(where.checkpoint))
+    try:
+        if options.fresh:
+            storage.remove_tree(where.store)
+        with _simulated(options.simulate) as simulator_url, _cluster(job) as reaper:
+            base_url = simulator_url or config.endpoint.base_url
+            tasks = [
+                ShardTask(
+                    config=config,
+                    job_source=str(job.source),
+                    base_url=base_url,
+                    sharded=sharded,
+                    shard=shard,
+                    store=where.store,
+                    identity=task_identity(config, sharded, shard),
+                    scratch=os.environ.get("BATCHER_SCRATCH_DIR"),
+                    simulate=options.simulate,
+                    fresh=options.fresh,
+                    skip_failed=options.skip_failed,
+                    keep_done=options.keep_done,
+                    prices_path=options.prices_path,
+                )
+                for shard in sharded.shards
+            ]
+            results, flow = _Dispatch(job, options, tasks, reaper).run()
+        names = [task.shard.name for task in tasks]
+        present = [n for n in names if storage.exists(storage.join(where.store, n, PART))]
+        write_parts(part_locations(where.store, present), where.output)
+        if identity is not None:
+            merge_journals(Path(where.checkpoint), identity, where.store, present)
+    finally:
+        if lock is not None:
+            lock.release()
+    return _summary(job, options, where.output, sharded.rows, results, flow, started)
+
+
+def _check(
+    job: Job, options: RunOptions, where: Locations, sharded: ShardedInput
+) -> dict[str, str] | None:
+    """Everything a one-machine run checks before sending (an input in object storage: on
+    its first shard); the identity of the job's own journal (None: not on local disk)."""
+    if storage.is_remote(where.input):
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            write_shard_input(sharded, sharded.shards[0], job.config, work)
+            config = shard_config(job.config, job.source, sharded.files[0], work)
+            _check_run(Job(config, job.source), options)
+        return None
+    plan = _check_run(job, options)
+    if not storage.is_remote(where.output):
+        check_output_target(job.source, job.output_path)
+    if storage.is_remote(where.checkpoint) or storage.is_remote(where.output):
+        return None
+    folder = job.source.parent
+    identity = {
+        "input": os.path.relpath(job.input_path, folder),
+        "output": os.path.relpath(job.output_path, folder),
+        "key_column": plan.source.key_column,
+    }
+    # A checkpoint of another job is refused now, not after every shard has run; --fresh
+    # replaces it now, as on one machine.
+    path = journal_path(job.checkpoint_dir)
+    failure = Journal(path, identity, fresh=options.fresh).close()
+    if failure is not None:
+        raise failure
+    return identity
+
+
+def _check_run(job: Job, options: RunOptions) -> Plan:
+    plan = plan_job(
+        job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
+    )
+
+    async def check_output() -> None:
+        Run(plan, options)  # the output schema, prices and input columns
+
+    anyio.run(check_output)
+    return plan
+
+
+@contextmanager
+def _simulated(simulate: bool) -> Iterator[str | None]:
+    if not simulate:
+        yield None
+        return
+    from batcher.sim import SimulatorThread
+
+    with SimulatorThread() as server:
+        yield server.url
+
+
+@contextmanager
+def _cluster(job: Job) -> Iterator[Reaper | None]:
+    """The cluster to run on: this process's, ``RAY_ADDRESS``'s or ``ray.address``'s, or a
+    local one for the run (with a reaper, so it dies with the run)."""
+    if ray.is_initialized():
+        yield None
+        return
+    address = os.environ.get("RAY_ADDRESS") or job.config.ray.address
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    if address:
+        ray.init(address=address, **quiet)
+        _keep_sigterm(handler)
+        try:
+            yield None
+        finally:
+            ray.shutdown()
+        return
+    ray.init(address="local", include_dashboard=False, **quiet)
+    _keep_sigterm(handler)
+    reaper = Reaper()
+    reaper.watch()
+    try:
+        yield reaper
+    finally:
+        ray.shutdown()
+        reaper.close()
+
+
+def _keep_sigterm(handler: Any) -> None:
+    """``ray.init`` puts its own SIGTERM handlers in (they end the driver on the spot); the
+    one in force before it (the CLI's: an interrupt, so the cluster is shut down and one line
+    printed) is put back."""
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
+class _Dispatch:
+    """Shards to workers, in input order; a dead worker's shard goes to a new worker."""
+
+    def __init__(
+        self, job: Job, options: RunOptions, tasks: list[ShardTask], reaper: Reaper | None
+    ) -> None:
+        self.job, self.options, self.tasks, self.reaper = job, options, tasks, reaper
+        self.results: dict[int, ShardResult] = {}
+        # The usual AWS variables reach the workers, so object storage works there too.
+        self.env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        key = read_api_key(job, required=False)
+        if key is not None and not options.simulate:
+            self.env[job.config.endpoint.api_key_env] = key
+        self.pending: deque[ShardTask] = deque()
+        self.running: dict[Any, tuple[Any, ShardTask, int]] = {}
+        self.attempts: dict[int, int] = {}
+        self.idle: list[Any] = []
+        self.budget: Any = None
+        self.stop: BatcherError | None = None
+        self.cpus_each = 1.0
+        self.last_status = time.monotonic()
+
+    def run(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
+        for task in self.tasks:
+            done = None if task.fresh else done_result(task)
+            if done is None:
+                self.pending.append(task)
+            else:
+                self.results[task.shard.index] = done
+        if not self.pending:
+            return self.results, None
+        state = storage.join(self.tasks[0].store, "budget.json")
+        self.budget = BudgetActor.options(**self._options()).remote(  # type: ignore[attr-defined]
+            self.job.config.limits, state, uuid.uuid4().hex
+        )
+        try:
+            return self._dispatch()
+        finally:
+            for actor in [self.budget, *self.idle, *(w for w, _, _ in self.running.values())]:
+                ray.kill(actor)  # idle actors would hold the cluster's CPUs until collected
+
+    def _dispatch(self) -> tuple[dict[int, ShardResult], FlowReport | None]:
+        cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
+        count = self.job.config.ray.workers or max(int(cpus), 1)
+        # More workers than CPUs share them: a worker waiting for a CPU another one holds
+        # to the end would hold its shard forever.
+        self.cpus_each = min(1.0, cpus / count)
+        self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
+        while self.pending or self.running:
+            while self.idle and self.pending and self.stop is None:
+                task = self.pending.popleft()
+                worker = self.idle.pop()
+                self.attempts[task.shard.index] = self.attempts.get(task.shard.index, 0) + 1
+                attempt = self.attempts[task.shard.index]
+                self.running[worker.run.remote(task)] = (worker, task, attempt)
+            if not self.running:
+                break
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
+            if self.reaper is not None:
+                self.reaper.watch()
+            self._status()
+            for ref in ready:
+                self._collect(ref)
+        flow: FlowReport = ray.get(self.budget.flow_report.remote())
+        if self.stop is not None and not isinstance(self.stop, AbortError):
+            raise self.stop
+        if self.stop is not None:
+            self.results[-1] = ShardResult(-1, aborted=str(self.stop))
+        return self.results, flow
+
+    def _collect(self, ref: Any) -> None:
+        """One shard's end: its result, or its worker's death (then a new worker resumes it)."""
+        worker, task, attempt = self.running.pop(ref)
+        try:
+            result: ShardResult = ray.get(ref)
+        except (ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError) as exc:
+            died = not isinstance(exc, RayTaskError)
+            what = "its worker died" if died else f"it failed ({_first_line(exc)})"
+            if attempt >= SHARD_ATTEMPTS:
+                self.stop = self.stop or AbortError(
+                    f"{task.shard.name}: {what}, {attempt} times; run again to resume"
+                )
+            else:
+                self._notify(f"{task.shard.name}: {what}; it is resumed from its journal")
+                # Resumed, not started afresh again: --fresh applied to its first attempt.
+                self.pending.appendleft(dataclasses.replace(task, fresh=False))
+            self.idle.append(self._worker() if died else worker)
+            return
+        self.idle.append(worker)
+        if result.error is not None:
+            error_type = ConfigError if result.exit_code == 2 else AbortError
+            self.stop = self.stop or error_type(result.error)
+            return
+        self.results[task.shard.index] = result
+        if result.aborted is not None and self.stop is None:
+            self.stop = AbortError(result.aborted)
+        self._notify(
+            f"{task.shard.name} done: {result.rows_ok} ok, {result.rows_failed} failed "
+            f"({len(self.results)}/{len(self.tasks)} shards)"
+        )
+
+    def _status(self) -> None:
+        """Every ``--progress-every`` seconds, a line of how far the run is."""
+        every = self.options.progress_every_s
+        now = time.monotonic()
+        if self.options.quiet or every <= 0 or now < self.last_status + every:
+            return
+        self.last_status = now
+        budget: str = ray.get(self.budget.describe.remote())
+        self.options.notify(
+            f"ray: {len(self.results)}/{len(self.tasks)} shards done, "
+            f"{len(self.running)} running; {budget}"
+        )
+
+    def _options(self) -> dict[str, Any]:
+        return {"runtime_env": {"env_vars": self.env}} if self.env else {}
+
+    def _worker(self) -> Any:
+        options = {"num_cpus": self.cpus_each, **self._options()}
+        return ShardWorker.options(**options).remote(self.budget)  # type: ignore[attr-defined]
+
+    def _notify(self, message: str) -> None:
+        if not self.options.quiet:
+            self.options.notify(message)
+
+
+def _summary(
+    job: Job,
+    options: RunOptions,
+    output: str,
+    input_rows: int,
+    results: dict[int, ShardResult],
+    flow: FlowReport | None,
+    started: float,
+) -> RunSummary:
+    shards = [r for i, r in sorted(results.items()) if i >= 0]
+    aborted = results[-1].aborted if -1 in results else None
+    aborted = aborted or next((r.aborted for r in shards if r.aborted), None)
+    errors: dict[str, int] = {}
+    warnings: dict[str, int] = {}
+    for result in shards:
+        for name, count in result.errors.items():
+            errors[name] = errors.get(name, 0) + count
+        for name, count in result.warnings.items():
+            warnings[name] = warnings.get(name, 0) + count
+    rows_total = input_rows * len(job.config.request.models)
+    ok = sum(r.rows_ok for r in shards)
+    failed = sum(r.rows_failed for r in shards)
+    resume = options.resume_command or f"batcher run {job.source} --ray"
+    return RunSummary(
+        output_path=Path(output),
+        rows_total=rows_total,
+        rows_ok=ok,
+        rows_failed=failed,
+        rows_pending=rows_total - ok - failed,
+        rows_skipped=sum(r.rows_skipped for r in shards),
+        requests=sum(r.requests for r in shards),
+        retries=sum(r.retries for r in shards),
+        rate_limited=sum(r.rate_limited for r in shards),
+        prompt_tokens=sum(r.prompt_tokens for r in shards),
+        completion_tokens=sum(r.completion_tokens for r in shards),
+        cost_usd=sum(r.cost_usd for r in shards),
+        output_cost_usd=sum(r.output_cost_usd for r in shards),
+        wall_s=time.monotonic() - started,
+        errors=errors,
+        warnings=warnings,
+        aborted=aborted,
+        resume_command=resume if aborted is not None else None,
+        flow=flow,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip()
+    return text.splitlines()[-1] if text else type(cause).__name__

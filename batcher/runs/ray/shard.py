@@ -1,0 +1,322 @@
+"""One shard run by batcher's own engine, on one worker, with its journal kept safe elsewhere.
+
+A shard works in a local folder: its rows as a Parquet input, its SQLite journal, its part of
+the output. The run is the one-machine run (``runs.shell.Run``: pacing, retries, journal, parse,
+cost) on that input, paced by leases from the shared budget. Every ``SYNC_S`` seconds a
+consistent copy of the journal's committed rows goes to the checkpoint location, and a shard
+started anywhere first takes the fuller of its local journal and that copy, so a killed
+worker re-sends only what was in flight and what was answered since the last copy. A shard is
+done when its part, its final journal and its ``done.json`` are at the checkpoint location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from batcher.config import Job, JobConfig, LimitsConfig
+from batcher.errors import BatcherError
+from batcher.flow.controller import FlowController
+from batcher.rows.plan import plan_job
+from batcher.rows.source import ROW_INDEX
+from batcher.runs.ray import storage
+from batcher.runs.ray.lease import LeasedPacer, LeaseSource, SharedFlow
+from batcher.runs.ray.shards import Shard, ShardedInput, read_shard
+from batcher.runs.shell import Run, RunOptions
+from batcher.runs.summary import RunSummary
+from batcher.store.journal import journal_path
+
+SYNC_S = 2.0  # how often a shard's journal is copied to the checkpoint location
+FIRST_COPY_S = 0.2  # until the first copy, how often to look whether the journal is open
+JOURNAL = "journal.sqlite"
+PART = "part.parquet"
+INPUT = "input.parquet"
+DONE = "done.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTask:
+    """Everything a worker needs to run one shard."""
+
+    config: JobConfig
+    job_source: str
+    base_url: str
+    sharded: ShardedInput
+    shard: Shard
+    store: str  # the job's checkpoint location for shards (a folder or a URI)
+    identity: str  # the job and shard this work belongs to (see ``task_identity``)
+    scratch: str | None = None  # the local folder for shard work (None: the system's temp)
+    simulate: bool = False
+    fresh: bool = False
+    skip_failed: bool = False
+    keep_done: bool = False
+    prices_path: str | None = None
+
+    @property
+    def location(self) -> str:
+        return storage.join(self.store, self.shard.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What one shard's run did (or, from ``done.json``, did before)."""
+
+    index: int
+    rows_total: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    output_cost_usd: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+    aborted: str | None = None
+    error: str | None = None  # the run failed (a BatcherError's message)
+    exit_code: int = 0
+    done_before: bool = False  # skipped: done by an earlier run
+
+    @classmethod
+    def of(cls, index: int, summary: RunSummary) -> ShardResult:
+        return cls(
+            index=index,
+            rows_total=summary.rows_total,
+            rows_ok=summary.rows_ok,
+            rows_failed=summary.rows_failed,
+            rows_skipped=summary.rows_skipped,
+            requests=summary.requests,
+            retries=summary.retries,
+            rate_limited=summary.rate_limited,
+            prompt_tokens=summary.prompt_tokens,
+            completion_tokens=summary.completion_tokens,
+            cost_usd=summary.cost_usd,
+            output_cost_usd=summary.output_cost_usd,
+            errors=dict(summary.errors),
+            warnings=dict(summary.warnings),
+            aborted=summary.aborted,
+        )
+
+
+def task_identity(config: JobConfig, sharded: ShardedInput, shard: Shard) -> str:
+    """A digest of what decides a shard's output: the job (but how it is spread) and the
+    shard's place in the input. A changed prompt makes every shard run again (from its
+    journal, so only the rows whose request changed are sent)."""
+    job = config.model_dump(mode="json", exclude={"ray"})
+    where = {"files": sharded.files, "offset": shard.offset, "rows": shard.rows}
+    text = orjson.dumps({"job": job, "shard": where}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(text).hexdigest()
+
+
+def done_result(task: ShardTask) -> ShardResult | None:
+    """The shard's result if an earlier run finished it for this very job, else None.
+
+    A shard with failed rows is run again (from its journal) like a one-machine rerun,
+    which retries failed rows, unless ``--skip-failed``.
+    """
+    data = storage.read_bytes(storage.join(task.location, DONE))
+    if data is None:
+        return None
+    done = orjson.loads(data)
+    if done.get("identity") != task.identity:
+        return None
+    result = ShardResult(**done["result"])
+    if result.rows_failed and not task.skip_failed:
+        return None
+    return ShardResult(
+        index=result.index,
+        rows_total=result.rows_total,
+        rows_ok=result.rows_ok,
+        rows_failed=result.rows_failed,
+        rows_skipped=result.rows_total,
+        output_cost_usd=result.output_cost_usd,
+        done_before=True,
+    )
+
+
+def scratch_root(store: str, scratch: str | None) -> Path:
+    """This node's working folder for the shards of the job whose checkpoint is ``store``:
+    under ``scratch`` (``BATCHER_SCRATCH_DIR``) or the system's temporary folder."""
+    digest = hashlib.sha256(store.encode()).hexdigest()[:16]
+    return Path(scratch or tempfile.gettempdir()) / "batcher-ray" / digest
+
+
+def run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
+    """Run one shard to its end (blocking). ``source``: where slots come from (None: the
+    shard paces itself, as one machine would). A run failure comes back as data."""
+    try:
+        return _run_shard(task, source)
+    except BatcherError as exc:
+        return ShardResult(task.shard.index, error=str(exc), exit_code=exc.exit_code)
+
+
+def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
+    work = scratch_root(task.store, task.scratch) / task.shard.name
+    if task.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / INPUT).exists():
+        write_shard_input(task.sharded, task.shard, task.config, work)
+    journal = journal_path(work / "checkpoint")
+    stored_journal = storage.join(task.location, JOURNAL)
+    if not task.fresh:
+        _take_fuller_journal(journal, stored_journal)
+    # The job file's place decides the journal's identity (paths relative to it): one in
+    # the shard's folder keeps it the same wherever the shard runs.
+    config = shard_config(task.config, Path(task.job_source), task.sharded.files[0], work)
+    job = Job(config, work / "job.yaml")
+
+    def flow_factory(limits: LimitsConfig) -> FlowController:
+        if source is None:
+            return FlowController(limits)
+        return SharedFlow(limits, LeasedPacer(source))
+
+    options = RunOptions(
+        simulate=task.simulate,
+        fresh=task.fresh,
+        skip_failed=task.skip_failed,
+        keep_done=task.keep_done,
+        quiet=True,
+        progress_every_s=0,
+        prices_path=task.prices_path,
+        notify=lambda _message: None,
+        flow_factory=flow_factory,
+    )
+    plan = plan_job(
+        job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
+    )
+
+    async def execute() -> RunSummary:
+        return await Run(plan, options).execute(task.base_url)
+
+    with _JournalCopier(journal, stored_journal), ThreadPoolExecutor(1) as thread:
+        # In a thread of its own: the run's signal handling is for a main thread, and a
+        # worker's signals are the cluster's business.
+        summary = thread.submit(anyio.run, execute).result()
+    result = ShardResult.of(task.shard.index, summary)
+    storage.upload(plan.output_path, storage.join(task.location, PART))
+    if result.aborted is None:
+        done = {"identity": task.identity, "result": asdict(result)}
+        storage.write_bytes(storage.join(task.location, DONE), orjson.dumps(done))
+        shutil.rmtree(work, ignore_errors=True)  # everything is at the checkpoint location
+    return result
+
+
+def shard_config(config: JobConfig, job_source: Path, first_file: str, work: Path) -> JobConfig:
+    """The job as one machine would run it on a shard's rows alone (``work/input.parquet``)."""
+    image_root = config.input.image_root
+    root = storage.resolve(job_source.parent, image_root) if image_root else None
+    if root is None and not storage.is_remote(first_file):
+        root = str(Path(first_file).parent)
+    return config.model_copy(
+        update={
+            "input": config.input.model_copy(
+                update={
+                    "path": str(work / INPUT),
+                    "id_column": config.input.id_column or ROW_INDEX,
+                    "image_root": root,
+                }
+            ),
+            "output": config.output.model_copy(
+                update={"path": str(work / PART), "checkpoint_dir": str(work / "checkpoint")}
+            ),
+        }
+    )
+
+
+def write_shard_input(sharded: ShardedInput, shard: Shard, config: JobConfig, work: Path) -> None:
+    """The shard's rows as its run's input, written whole."""
+    frame = read_shard(sharded, shard, config.input.id_column)
+    temporary = work / f".{INPUT}.tmp"
+    frame.write_parquet(temporary)
+    temporary.replace(work / INPUT)
+
+
+def _outcomes(path: Path) -> int:
+    if not path.exists():
+        return -1
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(connection.execute("SELECT count(*) FROM outcomes").fetchone()[0])
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return -1
+
+
+def _take_fuller_journal(local: Path, stored: str) -> None:
+    """Start from the local journal or the stored copy, whichever holds more rows. The
+    checkpoint location is the truth: with no copy there (deleted, or never made), a local
+    journal left by an earlier run is not used either."""
+    files = [local, local.with_name(local.name + "-wal"), local.with_name(local.name + "-shm")]
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / JOURNAL
+        if not storage.download(stored, copy):
+            for stale in files:
+                stale.unlink(missing_ok=True)
+            return
+        if _outcomes(copy) > _outcomes(local):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            for stale in files:
+                stale.unlink(missing_ok=True)
+            shutil.copyfile(copy, local)
+
+
+def copy_journal(local: Path, stored: str) -> bool:
+    """Put a consistent copy of the journal's committed rows at ``stored``; False if there
+    is no journal yet."""
+    if not local.exists():
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / JOURNAL
+        source = sqlite3.connect(f"file:{local}?mode=ro", uri=True)
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        storage.upload(copy, stored)
+    return True
+
+
+class _JournalCopier:
+    """Copies the journal as soon as the run has opened it, then every ``SYNC_S`` seconds
+    while the shard runs, and once at the end. The first copy marks the local journal as
+    this checkpoint's (see ``_take_fuller_journal``)."""
+
+    def __init__(self, local: Path, stored: str) -> None:
+        self.local, self.stored = local, stored
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batcher-journal-copy", daemon=True)
+
+    def __enter__(self) -> _JournalCopier:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        copy_journal(self.local, self.stored)
+
+    def _loop(self) -> None:
+        copied = False
+        while not self._stop.wait(SYNC_S if copied else FIRST_COPY_S):
+            try:
+                copied = copy_journal(self.local, self.stored) or copied
+            except (OSError, sqlite3.Error):
+                continue  # the next copy will do; the local journal is intact

@@ -1,0 +1,165 @@
+"""What a run did, as returned to Python callers and printed at the end of `batcher run`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batcher.errors import BatcherError, exit_code
+from batcher.flow.controller import FlowReport
+from batcher.send.tally import Tally
+
+_BOUND_SHARE = 0.2  # a bound holding the run this share of its time is worth a hint
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """The end of a run; ``exit_code`` is what `batcher run` exits with."""
+
+    output_path: Path
+    rows_total: int
+    rows_ok: int
+    rows_failed: int
+    rows_pending: int
+    rows_skipped: int
+    requests: int
+    retries: int
+    rate_limited: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    output_cost_usd: float
+    wall_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+    aborted: str | None = None  # the message of ``error``
+    resume_command: str | None = None
+    flow: FlowReport | None = None
+    # Why the run stopped before every row was tried (None: it ran to the end).
+    error: BatcherError | None = None
+
+    @classmethod
+    def of_run(
+        cls,
+        tally: Tally,
+        *,
+        output_path: Path,
+        rows_total: int,
+        rows_ok: int,
+        rows_failed: int,
+        output_cost_usd: float,
+        started: float,
+        aborted: BatcherError | None,
+        resume_command: str,
+        flow: FlowReport | None = None,
+    ) -> RunSummary:
+        """A run's summary from its tally; the resume command only when it stopped early."""
+        return cls(
+            output_path=output_path,
+            rows_total=rows_total,
+            rows_ok=rows_ok,
+            rows_failed=rows_failed,
+            rows_pending=rows_total - rows_ok - rows_failed,
+            rows_skipped=tally.skipped,
+            requests=tally.requests,
+            retries=tally.retries,
+            rate_limited=tally.rate_limited,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            cost_usd=tally.cost_usd,
+            output_cost_usd=output_cost_usd,
+            wall_s=time.monotonic() - started,
+            errors=dict(tally.errors),
+            warnings=dict(tally.warnings),
+            aborted=str(aborted) if aborted is not None else None,
+            resume_command=resume_command if aborted is not None else None,
+            flow=flow,
+            error=aborted,
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.error, self.rows_failed)
+
+    def lines(self) -> list[str]:
+        rate = (
+            (self.rows_ok + self.rows_failed - self.rows_skipped) / self.wall_s
+            if self.wall_s
+            else 0
+        )
+        lines = [
+            f"rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_pending} pending "
+            f"of {self.rows_total} ({self.rows_skipped} already done before this run)",
+            f"requests: {self.requests} sent, {self.retries} retries, "
+            f"{self.rate_limited} rate-limited (429)",
+            f"tokens: {self.prompt_tokens} in, {self.completion_tokens} out; "
+            f"cost this run ${self.cost_usd:.4f}, whole output ${self.output_cost_usd:.4f}",
+            f"time: {self.wall_s:.1f} s ({rate:.1f} rows/s)",
+            f"output: {self.output_path}",
+        ]
+        final = {
+            k.removeprefix("final:"): v for k, v in self.errors.items() if k.startswith("final:")
+        }
+        if final:
+            lines.append(
+                "failed rows by error: " + ", ".join(f"{k} {v}" for k, v in sorted(final.items()))
+            )
+        attempts = {k: v for k, v in self.errors.items() if not k.startswith("final:")}
+        if attempts:
+            lines.append(
+                "failed attempts by error: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items()))
+            )
+        if self.flow is not None:
+            lines += self._flow_lines(self.flow)
+        lines += [f"warning: {w}" + (f" ({n}×)" if n > 1 else "") for w, n in self.warnings.items()]
+        if self.aborted:
+            lines.append(f"stopped: {self.aborted}")
+        if self.resume_command:
+            lines.append(f"resume with: {self.resume_command}")
+        return lines
+
+    def _flow_lines(self, flow: FlowReport) -> list[str]:
+        seen = []
+        if flow.job:
+            seen.append("job " + _per_minute(flow.job))
+        if flow.headers:
+            seen.append(f"server headers ({flow.header_style}) " + _per_minute(flow.headers))
+        if flow.discovered_rpm is not None or flow.cuts:
+            now = (
+                f"{flow.discovered_rpm:,.0f} requests/min at the end"
+                if flow.discovered_rpm is not None
+                else "released at the end"
+            )
+            lowest = flow.lowest_discovered_rpm or 0
+            seen.append(f"discovered {now} (lowest {lowest:,.0f}, {flow.cuts} cut(s))")
+        lines = ["limits: " + ("; ".join(seen) if seen else "none known, requests went unpaced")]
+        share = self.rate_limited / self.requests if self.requests else 0.0
+        rate_limited = f"429s: {self.rate_limited} of {self.requests} requests ({share:.1%})"
+        if flow.noise_share > 0:
+            rate_limited += (
+                f"; about {flow.noise_share:.1%} of answers were 429s the pace did not cause"
+            )
+        lines.append(rate_limited)
+        total = sum(flow.bound_seconds.values())
+        wall = max(self.wall_s, total, 1e-9)
+        if flow.bound_seconds:
+            shares = ", ".join(
+                f"{name} {seconds / wall:.0%}"
+                for name, seconds in sorted(flow.bound_seconds.items(), key=lambda i: -i[1])
+            )
+            lines.append(f"held back by: {shares} of the time")
+        if flow.bound_seconds.get("concurrency", 0.0) / wall >= _BOUND_SHARE:
+            if flow.concurrency_auto:
+                hint = f"raise limits.max_concurrency (now {flow.concurrency_cap})"
+            else:
+                hint = f"raise limits.concurrency (now {flow.concurrency_cap}) or set it to auto"
+            lines.append(f"hint: concurrency, not the rate, bound this run: {hint}")
+        return lines
+
+
+def _per_minute(rates: dict[str, float]) -> str:
+    return ", ".join(
+        f"{rate:,.0f} {budget.replace('_', ' ')}/min" for budget, rate in rates.items()
+    )

@@ -1,0 +1,389 @@
+"""One HTTP attempt: send a body, classify what comes back into a Reply or an AttemptError."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import httpx
+import orjson
+
+from batcher.config import EndpointConfig
+from batcher.errors import AccountError, AttemptError, KeyRefusedError, shorten
+from batcher.flow.server_limits import ServerLimits, read_server_limits
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+# Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop
+# the job: words in a message do not (a 400 can quote a row about a "credit card", and a 503
+# "billing service unavailable" is transient).
+_ACCOUNT_CODES = frozenset({"insufficient_quota", "credit_balance_too_low", "payment_required"})
+_ACCOUNT_PREFIX = "billing"
+REDACTED = "***"
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one successful reply says, flattened for the output row."""
+
+    choices: list[dict[str, Any]]
+    model: str | None
+    response_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    ttft_s: float | None = None
+    limits: ServerLimits | None = None  # what the reply's headers said of rate limits
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.choices[0]
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with the API key, in any letter case, replaced by ``***``.
+
+    Run it on a server's or a transport's whole text before shortening it, so a cut can never
+    leave a piece of the key behind.
+    """
+    if not secret or secret.lower() not in text.lower():
+        return text
+    return re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def _error_fields(content: bytes) -> tuple[str, set[str]]:
+    """The message of an error body (unshortened) and its ``type`` / ``code`` values."""
+    text = content.decode("utf-8", "replace")
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return text or "(empty body)", set()
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            codes = {str(error[f]).lower() for f in ("type", "code") if error.get(f) is not None}
+            return str(error.get("message") or text), codes
+        if isinstance(error, str):
+            return error, set()
+    return text, set()
+
+
+def is_account_error(status: int, codes: set[str]) -> bool:
+    """402, or an error type/code that names quota or billing (never words of a message)."""
+    return status == 402 or any(
+        code in _ACCOUNT_CODES or code.startswith(_ACCOUNT_PREFIX) for code in codes
+    )
+
+
+def classify_status(
+    response: httpx.Response, content: bytes, key_env: str, secret: str | None = None
+) -> AttemptError:
+    """Turn a non-200 reply into an AttemptError, or raise when the whole run must stop.
+
+    ``secret`` (the API key) is blanked out of the server's message: some servers echo the
+    key they refused, and messages end up in the output and on the terminal.
+    """
+    status = response.status_code
+    text, codes = _error_fields(content)
+    message = shorten(redact(text, secret))
+    if status in (401, 403):
+        raise KeyRefusedError(
+            f"the server refused the API key from ${key_env} (HTTP {status}: {message})",
+            status=status,
+        )
+    if is_account_error(status, codes):
+        raise AccountError(
+            f"the account cannot pay for requests (HTTP {status}: {message}); "
+            "top it up and run the same command again to resume",
+            status=status,
+        )
+    return AttemptError(
+        f"http_{status}",
+        message,
+        retryable=status in RETRYABLE_STATUS,
+        status=status,
+        retry_after_s=parse_retry_after(response.headers),
+        limits=read_server_limits(response.headers),
+    )
+
+
+def parse_reply(content: bytes, limits: ServerLimits | None = None) -> Reply:
+    """A 200's body as a Reply; a body that is not JSON or has no choices is retryable."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        # The whole body, not a slice: the caller redacts it, then shortens it.
+        raise AttemptError(
+            "invalid_json",
+            f"reply is not JSON: {content.decode('utf-8', 'replace')}",
+            retryable=True,
+        ) from None
+    if not isinstance(data, dict):
+        raise AttemptError("invalid_json", "reply is not a JSON object", retryable=True)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise AttemptError("no_choices", "reply has no choices", retryable=True)
+    return reply_from(data, choices, limits=limits)
+
+
+def reply_from(
+    data: dict[str, Any],
+    choices: list[dict[str, Any]],
+    ttft_s: float | None = None,
+    limits: ServerLimits | None = None,
+) -> Reply:
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Reply(
+        choices=choices,
+        model=data.get("model"),
+        response_id=data.get("id"),
+        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+        completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        total_tokens=_int_or_none(usage.get("total_tokens")),
+        cached_tokens=_int_or_none(cached),
+        ttft_s=ttft_s,
+        limits=limits,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class ChatClient:
+    """The run's one httpx transport, pooled to the concurrency.
+
+    Requests go straight to the transport (``handle_async_request``) as prebuilt
+    ``httpx.Request`` objects: one fixed URL and header set, no cookies, auth flows or
+    redirects to resolve per request. Profiled, that per-request work of ``AsyncClient`` was a
+    quarter of a whole run's CPU time at zero latency.
+    """
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        api_key: str | None,
+        connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the one ``endpoint.transport`` names (unit tests pass an
+        ``httpx.MockTransport``)."""
+        self.endpoint = endpoint
+        headers = dict(_HEADERS)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        if transport is None and endpoint.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits)
+        elif transport is None:
+            transport = httpx.AsyncHTTPTransport(limits=limits)
+        self._transport = transport
+        self._secret = api_key
+        self._url = httpx.URL(endpoint.base_url.rstrip("/") + "/chat/completions")
+        self._headers = httpx.Headers(headers)
+        # The total per-attempt deadline is the caller's (anyio.fail_after); httpx's timeouts
+        # are per read, so they only catch a connection that never answers at all.
+        self._extensions = {"timeout": httpx.Timeout(endpoint.timeout_s).as_dict()}
+
+    async def __aenter__(self) -> Self:
+        await self._transport.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._transport.__aexit__(kind, exc, tb)
+
+    async def _send(self, content: bytes) -> httpx.Response:
+        request = httpx.Request(
+            "POST", self._url, headers=self._headers, content=content, extensions=self._extensions
+        )
+        return await self._transport.handle_async_request(request)
+
+    async def complete(self, body: dict[str, Any]) -> Reply:
+        """One attempt. Raises AttemptError, or KeyRefusedError/AccountError for the run.
+
+        The one place where a failed attempt's text (a server's body, a stream's error chunk,
+        a transport's exception) is redacted and shortened before anything can store it.
+        """
+        try:
+            return await self._complete(body)
+        except AttemptError as exc:
+            raise AttemptError(
+                exc.kind,
+                shorten(redact(exc.message, self._secret)),
+                retryable=exc.retryable,
+                status=exc.status,
+                retry_after_s=exc.retry_after_s,
+                limits=exc.limits,
+            ) from None
+
+    async def _complete(self, body: dict[str, Any]) -> Reply:
+        content = orjson.dumps(body)
+        try:
+            if body.get("stream"):
+                return await self._stream(content)
+            response = await self._send(content)
+            try:
+                payload = await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            # httpx-aiohttp maps a dropped connection to ConnectTimeout; the cause tells.
+            kind = "timeout" if _is_timeout(exc) else "connection"
+            raise AttemptError(kind, _transport_message(exc), retryable=True) from None
+        except httpx.TransportError as exc:
+            raise AttemptError("connection", _transport_message(exc), retryable=True) from None
+        if response.status_code != 200:
+            raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
+        return parse_reply(payload, read_server_limits(response.headers))
+
+    async def _stream(self, content: bytes) -> Reply:
+        started = time.monotonic()
+        response = await self._send(content)
+        try:
+            if response.status_code != 200:
+                payload = await response.aread()
+                raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                # A proxy's page or a plain JSON reply: read it whole rather than as events.
+                return parse_reply(await response.aread(), read_server_limits(response.headers))
+            assembler = StreamAssembler(started, read_server_limits(response.headers))
+            lines = response.aiter_lines()
+            async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):
+                if assembler.feed(line):
+                    return assembler.reply()
+        finally:
+            await response.aclose()
+        raise AttemptError("stream_broken", "the stream ended before [DONE]", retryable=True)
+
+
+async def _with_idle_timeout(lines: AsyncIterator[str], idle_s: float) -> AsyncIterator[str]:
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                line = await anext(lines)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise AttemptError(
+                "stream_idle", f"no data for {idle_s:g} s mid-stream", retryable=True
+            ) from None
+        yield line
+
+
+class StreamAssembler:
+    """Builds one Reply out of server-sent chat-completion chunks."""
+
+    def __init__(self, started: float, limits: ServerLimits | None = None) -> None:
+        self._started = started
+        self._limits = limits
+        self._ttft_s: float | None = None
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._last: dict[str, Any] = {}
+
+    def feed(self, line: str) -> bool:
+        """Take one SSE line; True once the stream is complete."""
+        if not line.startswith("data:"):
+            return False
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if not self._choices:
+                raise AttemptError("no_choices", "stream carried no choices", retryable=True)
+            return True
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise AttemptError(
+                "invalid_json", "a stream chunk is not JSON", retryable=True
+            ) from None
+        if not isinstance(chunk, dict):
+            raise AttemptError("invalid_json", "a stream chunk is not an object", retryable=True)
+        if "error" in chunk:
+            raise AttemptError("stream_error", _error_fields(data.encode())[0], retryable=True)
+        self._last = {**self._last, **{k: v for k, v in chunk.items() if v is not None}}
+        for delta_choice in chunk.get("choices") or []:
+            self._apply(delta_choice)
+        return False
+
+    def _apply(self, delta_choice: dict[str, Any]) -> None:
+        index = int(delta_choice.get("index", 0))
+        choice = self._choices.setdefault(
+            index, {"index": index, "message": {"role": "assistant", "content": None}}
+        )
+        message = choice["message"]
+        delta = delta_choice.get("delta") or {}
+        for field in ("content", "reasoning_content"):
+            piece = delta.get(field)
+            if piece:
+                if self._ttft_s is None:
+                    self._ttft_s = time.monotonic() - self._started
+                message[field] = (message.get(field) or "") + piece
+        for call in delta.get("tool_calls") or []:
+            if self._ttft_s is None:
+                self._ttft_s = time.monotonic() - self._started
+            calls = message.setdefault("tool_calls", [])
+            position = int(call.get("index", len(calls)))
+            while len(calls) <= position:
+                calls.append(
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+            target = calls[position]
+            if call.get("id"):
+                target["id"] = call["id"]
+            function = call.get("function") or {}
+            if function.get("name"):
+                target["function"]["name"] += function["name"]
+            if function.get("arguments"):
+                target["function"]["arguments"] += function["arguments"]
+        if delta_choice.get("finish_reason"):
+            choice["finish_reason"] = delta_choice["finish_reason"]
+
+    def reply(self) -> Reply:
+        if any("finish_reason" not in c for c in self._choices.values()):
+            raise AttemptError("stream_broken", "a choice never finished", retryable=True)
+        choices = [self._choices[i] for i in sorted(self._choices)]
+        return reply_from(self._last, choices, ttft_s=self._ttft_s, limits=self._limits)
+
+
+def _is_timeout(exc: httpx.TimeoutException) -> bool:
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
+
+
+def _transport_message(exc: httpx.HTTPError) -> str:
+    return str(exc) or type(exc).__name__

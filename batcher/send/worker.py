@@ -1,0 +1,197 @@
+"""One row's life: its requests (one, or one per choice with fan-out), each retried under the
+row's policy until it is answered or finally fails, and the replies turned into an Outcome.
+
+The parts each do one job: ``Sender`` one paced attempt, ``RowPolicy`` when to try again,
+``Budget`` what may be spent, ``OutcomeBuilder`` the row's columns; the worker orders them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import anyio
+
+from batcher.config import JobConfig, RetryConfig
+from batcher.errors import AttemptError
+from batcher.rows.request import RequestBuilder, RowRequest
+from batcher.send.budget import Budget
+from batcher.send.client import Reply
+from batcher.send.outcome import OutcomeBuilder, asked_model
+from batcher.send.parse import OutputParser
+from batcher.send.prices import PriceTable
+from batcher.send.retry import Exhausted, RowPolicy, Sleep
+from batcher.send.sender import Sender
+from batcher.send.tally import Tally
+from batcher.store.columns import Outcome
+
+
+class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not an error
+    """The run stopped dispatching while this row waited to retry; the row stays pending."""
+
+
+class _Answered(NamedTuple):
+    """One request of a row, answered: its reply, what parsed of it, and its cost in attempts
+    and in replies paid for whose output did not parse; ``cost_usd`` is the reply's own, as its
+    attempt settled it with the budget."""
+
+    reply: Reply
+    parsed: dict[str, Any] | None
+    attempts: int
+    wasted: list[Reply]
+    cost_usd: float | None
+
+
+class _RequestFailed(Exception):  # noqa: N818 - internal control flow
+    def __init__(self, error: AttemptError, attempts: int, wasted: list[Reply]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+        self.wasted = wasted
+
+
+class RowWorker:
+    """Everything the workers of one run share to process rows."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        budget: Budget,
+        parser: OutputParser,
+        outcomes: OutcomeBuilder,
+        retry: RetryConfig,
+        *,
+        requests_per_row: int,
+        sleep: Sleep = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sender = sender
+        self.budget = budget
+        self.parser = parser
+        self.outcomes = outcomes
+        self.retry = retry
+        self.policy = RowPolicy(retry, clock=clock, sleep=sleep, on_retry=self._count_retry)
+        self.requests_per_row = requests_per_row
+        self._clock = clock
+        self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
+
+    @classmethod
+    def for_job(
+        cls,
+        config: JobConfig,
+        builder: RequestBuilder,
+        sender: Sender,
+        parser: OutputParser,
+        prices: PriceTable,
+        tally: Tally,
+        *,
+        sleep: Sleep = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> RowWorker:
+        """The parts of a row's life for one job's run."""
+        budget = Budget(
+            config.limits.max_cost_usd,
+            prices,
+            tally,
+            max_completion=builder.max_completion,
+            copies=builder.copies,
+            choices=builder.choices_per_request,
+        )
+        return cls(
+            sender,
+            budget,
+            parser,
+            OutcomeBuilder(config, prices, tally),
+            config.retry,
+            requests_per_row=builder.requests_per_row,
+            sleep=sleep,
+            clock=clock,
+        )
+
+    async def process(self, request: RowRequest) -> Outcome:
+        """Send one row (fan-out included) until it is answered or finally fails."""
+        started = self._clock()
+        deadline = started + self.retry.deadline_s if self.retry.deadline_s is not None else None
+        answers: list[_Answered] = []
+        try:
+            for _ in range(self.requests_per_row):
+                answers.append(await self._request(request, deadline))
+        except _RequestFailed as failure:
+            paid = [a.reply for a in answers] + [w for a in answers for w in a.wasted]
+            paid += failure.wasted
+            attempts = sum(a.attempts for a in answers) + failure.attempts
+            latency_s = self._clock() - started
+            return self.outcomes.failed(request, failure.error, attempts, latency_s, paid)
+        latency_s = self._clock() - started
+        if len(answers) == 1 and not answers[0].wasted:
+            # One request and one paid reply, nearly every row: no sums to build, and the
+            # cost its attempt settled with the budget is not priced a second time.
+            answer = answers[0]
+            return self.outcomes.answered(
+                request,
+                [answer.reply],
+                [],
+                answer.parsed,
+                answer.attempts,
+                latency_s,
+                costs=[answer.cost_usd],
+            )
+        parsed = next((a.parsed for a in answers if a.parsed is not None), None)
+        return self.outcomes.answered(
+            request,
+            [a.reply for a in answers],
+            [reply for a in answers for reply in a.wasted],
+            parsed,
+            sum(a.attempts for a in answers),
+            latency_s,
+        )
+
+    async def _request(self, request: RowRequest, deadline: float | None) -> _Answered:
+        """One request of the row, retried by the row's policy."""
+        wasted: list[Reply] = []  # paid for, but their output did not parse
+
+        async def attempt() -> tuple[Reply, dict[str, Any] | None, float | None]:
+            reply, cost_usd = await self._attempt(request, deadline)
+            try:
+                return reply, self._parse(reply), cost_usd
+            except AttemptError:
+                wasted.append(reply)
+                raise
+
+        try:
+            (reply, parsed, cost_usd), attempts = await self.policy.run(attempt, deadline)
+        except Exhausted as exhausted:
+            error = exhausted.error
+            if deadline is not None and self._clock() >= deadline and error.retryable:
+                error = AttemptError(
+                    "deadline",
+                    f"no answer within retry.deadline_s={self.retry.deadline_s:g} s "
+                    f"(last: {error})",
+                    retryable=False,
+                )
+            raise _RequestFailed(error, exhausted.attempts, wasted) from None
+        return _Answered(reply, parsed, attempts, wasted, cost_usd)
+
+    async def _attempt(
+        self, request: RowRequest, deadline: float | None
+    ) -> tuple[Reply, float | None]:
+        """One attempt, its tokens counted and its cost settled: the reply and that cost."""
+        if self.halted():
+            raise Halted
+        with self.budget.reserve(request):
+            reply = await self.sender.send(request, deadline)
+        tally = self.budget.tally
+        tally.prompt_tokens += reply.prompt_tokens or 0
+        tally.completion_tokens += reply.completion_tokens or 0
+        cost_usd = self.outcomes.cost_of([reply], asked_model(request))
+        self.budget.settle(cost_usd)
+        return reply, cost_usd
+
+    def _count_retry(self) -> None:
+        self.budget.tally.retries += 1
+
+    def _parse(self, reply: Reply) -> dict[str, Any] | None:
+        if not self.parser.enabled:
+            return None
+        return self.parser.parse(reply.first.get("message") or {})
