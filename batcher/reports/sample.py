@@ -30,7 +30,7 @@ async def estimate_with_sample(
     run_options = replace(options or RunOptions(), limit=limit, positions=chosen)
     plan = plan_job(job, limit=limit, simulate=run_options.simulate)
     job = plan.job
-    run = Run(plan, run_options)
+    run = Run(plan, run_options, mode="live")
     async with endpoint(job, run_options.simulate) as base_url:
         await run.execute(base_url)
     samples = await anyio.to_thread.run_sync(answered_samples, journal_path(job.checkpoint_dir))

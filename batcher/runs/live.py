@@ -1,5 +1,5 @@
-"""Dispatching a live run: the producer reads and prepares rows, a fixed pool of workers sends
-them, each outcome goes to the journal, and a clock ticks the flow controller once a second."""
+"""The live engine: the producer reads and prepares rows, a fixed pool of workers sends them,
+each outcome goes to the journal, and a clock ticks the flow controller once a second."""
 
 from __future__ import annotations
 
@@ -16,51 +16,73 @@ from batcher.errors import (
     KeyRefusedError,
     RateLimitStallError,
 )
-from batcher.flow.controller import FlowController
-from batcher.rows.plan import Plan, Prepared, RowFailure, Unchanged
+from batcher.flow.controller import FlowController, FlowReport
+from batcher.rows.plan import Prepared, RowFailure, Unchanged
 from batcher.rows.request import RowRequest
+from batcher.runs.context import RunContext
 from batcher.runs.progress import Progress
-from batcher.runs.stopping import Stopping
+from batcher.runs.stopping import Interrupt
 from batcher.send.budget import BudgetStop
 from batcher.send.client import ChatClient
-from batcher.send.parse import OutputParser
-from batcher.send.prices import PriceTable
 from batcher.send.sender import Sender
-from batcher.send.tally import Tally
 from batcher.send.worker import Halted, RowWorker
-from batcher.store.journal import Journal, Previous
+from batcher.store.journal import Previous
+
+
+class LiveEngine:
+    """Sends a run's pending rows one request at a time, paced by its flow controller."""
+
+    def __init__(self, flow: FlowController, grace_s: float) -> None:
+        self.flow = flow
+        self.grace_s = grace_s
+
+    def interrupted(self, signal_name: str) -> Interrupt:
+        return Interrupt(
+            f"interrupted by {signal_name}",
+            f"{signal_name}: stopping; finishing requests in flight for up to "
+            f"{self.grace_s:g} s (interrupt again to skip)",
+            self.grace_s,
+        )
+
+    def flow_report(self) -> FlowReport:
+        return self.flow.report()
+
+    async def send(self, context: RunContext) -> None:
+        options = context.options
+        total = context.plan.total_rows if options.positions is None else len(options.positions)
+        progress = Progress(
+            context.tally,
+            total,
+            quiet=options.quiet,
+            flow=self.flow,
+            every_s=options.progress_every_s,
+        )
+        try:
+            await Dispatch(context, self.flow, self.grace_s).run(progress)
+        finally:
+            progress.close()
 
 
 class Dispatch:
-    """Sends a run's pending rows; ``flow`` is kept for the summary."""
+    """One live run's sending: a producer, a pool of workers and a clock."""
 
-    def __init__(
-        self,
-        plan: Plan,
-        journal: Journal,
-        stopping: Stopping,
-        tally: Tally,
-        *,
-        parser: OutputParser,
-        prices: PriceTable,
-        positions: frozenset[int] | None,
-        skip_failed: bool,
-        flow: FlowController,
-    ) -> None:
-        self.plan = plan
-        self.journal = journal
-        self.stopping = stopping
-        self.tally = tally
-        self.parser = parser
-        self.prices = prices
-        self.positions = positions
-        self.skip_failed = skip_failed
+    def __init__(self, context: RunContext, flow: FlowController, grace_s: float) -> None:
+        self.plan = context.plan
+        self.journal = context.journal
+        self.stopping = context.stopping
+        self.tally = context.tally
+        self.parser = context.parser
+        self.prices = context.prices
+        self.positions = context.options.positions
+        self.skip_failed = context.options.skip_failed
+        self.base_url = context.base_url
         self.flow = flow
+        self.grace_s = grace_s
 
-    async def run(self, base_url: str, progress: Progress) -> None:
+    async def run(self, progress: Progress) -> None:
         config, plan, flow = self.plan.job.config, self.plan, self.flow
         concurrency = config.limits.connections
-        endpoint = config.endpoint.model_copy(update={"base_url": base_url})
+        endpoint = config.endpoint.model_copy(update={"base_url": self.base_url})
         async with ChatClient(endpoint, plan.api_key, concurrency) as client:
             sender = Sender.for_job(config, plan.builder, client, flow, plan.images, self.tally)
             worker = RowWorker.for_job(
@@ -169,5 +191,6 @@ class Dispatch:
                     RateLimitStallError(
                         "the server answered nothing but 429 (rate limited) for "
                         f"limits.stall_timeout_s={flow.stall_timeout_s:g} s"
-                    )
+                    ),
+                    self.grace_s,
                 )

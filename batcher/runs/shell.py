@@ -1,31 +1,29 @@
-"""A run: the producer reads and prepares rows, a fixed pool of workers sends them, the journal
-keeps every outcome, and the output is rebuilt at the end, whatever the end was."""
+"""The run: the one shell every mode runs in. It alone takes the lock, checks the checkpoint's
+identity and the output target, opens and closes the journal, watches signals, keeps the stop
+reason, rebuilds the output and builds the summary; its engine (live or batch) sends the rows.
+``--ray`` runs many of these runs, one per shard, and adds their summaries."""
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
-from batcher.config import Job, LimitsConfig
-from batcher.errors import (
-    BatcherError,
-    OutputError,
-)
-from batcher.flow.controller import FlowController
+from batcher.config import Job
+from batcher.errors import AbortError, BatcherError, OutputError
+from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job
 from batcher.rows.request import REASONING_MODELS
-from batcher.runs.batch import BatchRun
-from batcher.runs.live import Dispatch
-from batcher.runs.progress import Progress
+from batcher.runs.batch.mode import BatchEngine
+from batcher.runs.context import GRACE_S, Engine, RunContext, RunOptions
+from batcher.runs.live import LiveEngine
 from batcher.runs.stopping import Stopping
 from batcher.runs.summary import RunSummary
 from batcher.send.parse import parser_for
@@ -35,36 +33,30 @@ from batcher.store.journal import Journal, journal_path
 from batcher.store.lock import RunLock
 from batcher.store.output import Written, check_output_target, layout_for, write_output
 
-GRACE_S = 10.0
+__all__ = ["GRACE_S", "Run", "RunOptions", "arun", "checkpoint_identity", "endpoint", "run"]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    simulate: bool = False
-    limit: int | None = None
-    fresh: bool = False
-    skip_failed: bool = False
-    keep_done: bool = False  # keep rows answered before, whatever their request is now
-    quiet: bool = False
-    prices_path: str | None = None
-    positions: frozenset[int] | None = None  # only these row positions (estimate --sample)
-    resume_command: str | None = None
-    grace_s: float = GRACE_S
-    progress_every_s: float = 30.0  # status lines when stderr is not a terminal; 0: none
-    cancel: bool = False  # batch mode: cancel the batches in flight instead of submitting
-    notify: Callable[[str], None] = _stderr
-    # Builds the run's flow controller (--ray: one whose pacing is leased from a shared budget).
-    flow_factory: Callable[[LimitsConfig], FlowController] = FlowController
+def checkpoint_identity(job: Job, key_column: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The checkpoint's identity, the same in every mode: its paths relative to the job file,
+    so a moved project folder keeps its checkpoint; and the absolute spelling that older
+    checkpoints (and batch mode before the one shell) stored."""
+    folder = job.source.parent
+    output = job.output_path
+    identity = {
+        "input": os.path.relpath(job.input_path, folder),
+        "output": os.path.relpath(output, folder),
+        "key_column": key_column,
+    }
+    return identity, {"input": job.input_path, "output": str(output)}
 
 
 class Run:
-    """One execution of a job; ``execute`` returns its summary."""
+    """One execution of a job; ``execute`` returns its summary. ``mode`` overrides the job's
+    ``endpoint.mode`` (``estimate --sample`` runs its rows live whatever the mode)."""
 
-    def __init__(self, plan: Plan, options: RunOptions) -> None:
+    def __init__(
+        self, plan: Plan, options: RunOptions, *, mode: Literal["live", "batch"] | None = None
+    ) -> None:
         self.job = job = plan.job
         self.options = options
         self.plan = plan
@@ -79,30 +71,42 @@ class Run:
                 warning = f"model {model} is not listed as supporting reasoning_effort"
                 self.tally.warnings[warning] += 1
                 options.notify(f"warning: {warning}")
-        self.stopping = Stopping(options.notify, options.grace_s)
-        self.flow: FlowController | None = None
+        self.stopping = Stopping(options.notify)
+        # Built now: what an engine cannot do is found before anything is sent.
+        self.engine: Engine = (
+            BatchEngine(job, options)
+            if (mode or config.endpoint.mode) == "batch"
+            else LiveEngine(options.flow_factory(config.limits), options.grace_s)
+        )
+
+    @property
+    def resume_command(self) -> str:
+        return self.options.resume_command or f"batcher run {self.job.source}"
 
     async def execute(self, base_url: str) -> RunSummary:
-        plan = self.plan
         started = time.monotonic()
-        journal_file = journal_path(self.job.checkpoint_dir)
-        check_output_target(self.job.source, plan.output_path)
+        check_output_target(self.job.source, self.plan.output_path)
         lock = RunLock(self.job.checkpoint_dir)
         try:
-            identity, legacy = self._identity()
-            if self.options.fresh and journal_file.exists():
-                self.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
-            journal = await anyio.to_thread.run_sync(
-                lambda: Journal(journal_file, identity, fresh=self.options.fresh, legacy=legacy)
+            journal = await anyio.to_thread.run_sync(self._open_journal)
+            context = RunContext(
+                plan=self.plan,
+                options=self.options,
+                journal=journal,
+                stopping=self.stopping,
+                tally=self.tally,
+                parser=self.parser,
+                prices=self.prices,
+                base_url=base_url,
             )
             # Signals are watched until the output is written: one arriving during the write
             # must neither kill the process nor raise a KeyboardInterrupt into it.
             error: BatcherError | None = None
             async with anyio.create_task_group() as watch:
                 if threading.current_thread() is threading.main_thread():
-                    watch.start_soon(self.stopping.watch_signals)
+                    watch.start_soon(self.stopping.watch_signals, self.engine.interrupted)
                 try:
-                    written = await self._dispatch_and_write(journal, base_url)
+                    written = await self._send_and_write(context)
                 except BatcherError as exc:
                     error = exc  # raised below, outside the task group's exception group
                 finally:
@@ -111,51 +115,32 @@ class Run:
             lock.release()
         if error is not None:
             raise error
-        return self._summary(written, started)
+        return self._summary(written, started, self.engine.flow_report())
 
-    async def _dispatch_and_write(self, journal: Journal, base_url: str) -> Written:
-        options = self.options
-        dispatch = Dispatch(
-            self.plan,
-            journal,
-            self.stopping,
-            self.tally,
-            parser=self.parser,
-            prices=self.prices,
-            positions=options.positions,
-            skip_failed=options.skip_failed,
-            flow=options.flow_factory(self.plan.job.config.limits),
-        )
-        self.flow = dispatch.flow
-        total = self.plan.total_rows if options.positions is None else len(options.positions)
-        progress = Progress(
-            self.tally, total, quiet=options.quiet, flow=self.flow, every_s=options.progress_every_s
-        )
+    def _open_journal(self) -> Journal:
+        """The job's journal, its identity checked (blocking: run in a thread)."""
+        path = journal_path(self.job.checkpoint_dir)
+        identity, legacy = checkpoint_identity(self.job, self.plan.source.key_column)
+        if self.options.fresh and path.exists():
+            self.options.notify(f"--fresh: replacing the checkpoint {path}")
+        return Journal(path, identity, fresh=self.options.fresh, legacy=legacy)
+
+    async def _send_and_write(self, context: RunContext) -> Written:
+        stopping = self.stopping
         try:
-            await dispatch.run(base_url, progress)
+            await self.engine.send(context)
+        except AbortError as exc:
+            stopping.stop_dispatch(exc)  # what was answered before it is kept and written
         finally:
-            progress.close()
-            failure = await anyio.to_thread.run_sync(journal.close)
+            failure = await anyio.to_thread.run_sync(context.journal.close)
         if failure is not None:
-            self.stopping.stop_dispatch(failure)
-        self.stopping.writing = True
-        written = await self._write(journal.path)
-        if written.stopped is not None and self.stopping.abort is None:
+            stopping.stop_dispatch(failure)
+        stopping.writing = True
+        written = await self._write(context.journal.path)
+        if written.stopped is not None and stopping.abort is None:
             # The input broke at a row: what is before it stands.
-            self.stopping.abort = written.stopped
+            stopping.abort = written.stopped
         return written
-
-    def _identity(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The checkpoint's identity, its paths relative to the job file so a moved project
-        folder keeps its checkpoint; and the absolute spelling older checkpoints stored."""
-        folder = self.job.source.parent
-        output = self.job.output_path
-        identity = {
-            "input": os.path.relpath(self.job.input_path, folder),
-            "output": os.path.relpath(output, folder),
-            "key_column": self.plan.source.key_column,
-        }
-        return identity, {"input": self.job.input_path, "output": str(output)}
 
     async def _write(self, journal_file: Path) -> Written:
         """Rebuild the output; if that fails, say so in one line with how to rebuild it."""
@@ -163,15 +148,15 @@ class Run:
         try:
             return await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
         except OutputError as exc:
-            resume = self.options.resume_command or f"batcher run {self.job.source}"
             abort = self.stopping.abort
             reason = f"{abort}; then " if abort is not None else ""
             raise OutputError(
                 f"{reason}{exc}; every answer is kept in the checkpoint: fix that and run "
-                f"`{resume}` to rebuild the output (rows already answered are not sent again)"
+                f"`{self.resume_command}` to rebuild the output (rows already answered are "
+                "not sent again)"
             ) from None
 
-    def _summary(self, written: Written, started: float) -> RunSummary:
+    def _summary(self, written: Written, started: float, flow: FlowReport | None) -> RunSummary:
         return RunSummary.of_run(
             self.tally,
             output_path=self.plan.output_path,
@@ -181,8 +166,8 @@ class Run:
             output_cost_usd=written.cost_usd,
             started=started,
             aborted=self.stopping.abort,
-            resume_command=self.options.resume_command or f"batcher run {self.job.source}",
-            flow=self.flow.report() if self.flow is not None else None,
+            resume_command=self.resume_command,
+            flow=flow,
         )
 
 
@@ -206,13 +191,8 @@ async def arun(
     plan = plan_job(
         job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
     )
-    job = plan.job
     run = Run(plan, options)
-    if job.config.endpoint.mode == "batch":
-        batch_run = BatchRun(run)  # checks what batch mode cannot do, before anything is sent
-        async with endpoint(job, options.simulate) as base_url:
-            return await batch_run.execute(base_url)
-    async with endpoint(job, options.simulate) as base_url:
+    async with endpoint(plan.job, options.simulate) as base_url:
         return await run.execute(base_url)
 
 

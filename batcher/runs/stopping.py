@@ -1,22 +1,32 @@
-"""How a live run stops early: the first reason wins, dispatching ends, requests in flight get
-a grace period, and signals are taken note of until the output is written."""
+"""How a run stops early, in every mode: the first reason wins, dispatching ends, work in flight
+gets the engine's grace period, and signals are taken note of until the output is written."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from typing import NamedTuple
 
 import anyio
 
 from batcher.errors import BatcherError, InterruptedRunError
 
 
-class Stopping:
-    """Shared by a run's producer, workers, clock and signal watcher."""
+class Interrupt(NamedTuple):
+    """How an engine meets a first interrupt: the stop reason, the line printed, and how long
+    work in flight may go on."""
 
-    def __init__(self, notify: Callable[[str], None], grace_s: float) -> None:
+    reason: str
+    line: str
+    grace_s: float
+
+
+class Stopping:
+    """Shared by the shell, its engine's parts (producer, workers, clock, submitter) and the
+    signal watcher."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
         self.notify = notify
-        self.grace_s = grace_s
         self.abort: BatcherError | None = None
         self.stopping = False
         self.writing = False  # the output is being written: signals only take note
@@ -35,12 +45,14 @@ class Stopping:
         self.stop_dispatch(reason)
         self.work_scope.cancel()
 
-    def wind_down(self, reason: BatcherError) -> None:
-        """Stop dispatching; requests in flight have ``grace_s`` to finish."""
+    def wind_down(self, reason: BatcherError, grace_s: float) -> None:
+        """Stop dispatching; work in flight has ``grace_s`` to finish."""
         self.stop_dispatch(reason)
-        self.work_scope.deadline = anyio.current_time() + self.grace_s
+        self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + grace_s)
 
-    async def watch_signals(self) -> None:
+    async def watch_signals(self, interrupted: Callable[[str], Interrupt]) -> None:
+        """Until cancelled: the first SIGINT or SIGTERM winds the run down with the engine's
+        message and grace (``interrupted``), a second one abandons work in flight."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for received in signals:
                 name = signal.Signals(received).name
@@ -53,8 +65,6 @@ class Stopping:
                     self.notify("second interrupt: abandoning requests in flight")
                     self.work_scope.cancel()
                     continue  # keep listening: a later interrupt must not raise mid-write
-                self.wind_down(InterruptedRunError(f"interrupted by {name}"))
-                self.notify(
-                    f"{name}: stopping; finishing requests in flight for up to "
-                    f"{self.grace_s:g} s (interrupt again to skip)"
-                )
+                interrupt = interrupted(name)
+                self.wind_down(InterruptedRunError(interrupt.reason), interrupt.grace_s)
+                self.notify(interrupt.line)

@@ -1,5 +1,5 @@
 """Batch mode: the same job through the provider Batch API (``endpoint.mode: batch``)."""
 
-from batcher.runs.batch.mode import BatchRun
+from batcher.runs.batch.mode import BatchEngine
 
-__all__ = ["BatchRun"]
+__all__ = ["BatchEngine"]

@@ -12,16 +12,14 @@ from batcher.rows.images import ImageError, inline_images
 from batcher.rows.plan import RowFailure, Unchanged
 from batcher.rows.request import RowRequest
 from batcher.runs.batch.book import BatchBook, BookRow
-from batcher.runs.batch.control import RunControl
 from batcher.runs.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.progress import BatchProgress
 from batcher.send.budget import upper_cost
 from batcher.send.prices import PriceTable
 from batcher.store.columns import Outcome
-from batcher.store.journal import Journal
 
 if TYPE_CHECKING:
-    from batcher.runs.shell import Run
+    from batcher.runs.context import RunContext
 
 
 class Filler:
@@ -30,21 +28,22 @@ class Filler:
 
     def __init__(
         self,
-        run: Run,
-        journal: Journal,
+        context: RunContext,
         book: BatchBook,
         progress: BatchProgress,
         prices: PriceTable,
-        control: RunControl,
     ) -> None:
-        self.plan = run.plan
-        self.options = run.options
-        self.config = run.job.config
-        self.tally = run.tally
-        self.journal = journal
+        self.plan = context.plan
+        self.options = context.options
+        self.config = context.plan.job.config
+        self.tally = context.tally
+        self.journal = context.journal
         self.book = book
         self.progress = progress
-        self.control = control
+        self.stopping = context.stopping
+        # Set in the worker thread that fills; the submitter hands it to ``stopping`` on the
+        # event loop (a cancel scope is not cancelled from another thread).
+        self.budget_reached: BudgetReachedError | None = None
         self._price = prices.get(self.config.request.models[0])
         self._max_completion = self.plan.builder.max_completion
         self._started_wall = time.time()
@@ -63,7 +62,7 @@ class Filler:
         """Write the lines of one input batch; the chunks they closed, and whether there is
         more input (blocking: runs in a worker thread)."""
         batch = next(batches, None)
-        if batch is None or self.control.stopped:
+        if batch is None or self.stopping.stopping or self.budget_reached is not None:
             return [], False
         skip_failed = self.options.skip_failed
         prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
@@ -108,7 +107,7 @@ class Filler:
                 closed.append(done)
         if failures:
             self.book.record_failures(failures)
-        return closed, not self.control.stopped
+        return closed, not self.stopping.stopping and self.budget_reached is None
 
     def _line(
         self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
@@ -135,12 +134,10 @@ class Filler:
         cap = self.config.limits.max_cost_usd
         if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
             return False
-        self.control.stop(
-            BudgetReachedError(
-                f"the budget limits.max_cost_usd={cap:g} would be crossed "
-                f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
-                "held for batches at their upper bound); raise it and run again to resume"
-            )
+        self.budget_reached = BudgetReachedError(
+            f"the budget limits.max_cost_usd={cap:g} would be crossed "
+            f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
+            "held for batches at their upper bound); raise it and run again to resume"
         )
         return True
 

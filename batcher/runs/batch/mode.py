@@ -1,47 +1,37 @@
 """``endpoint.mode: batch``: the same job through the provider Batch API, at batch prices.
 
-The submitter turns pending rows into batches (``submit.py``); this module runs the whole:
-it polls the batches every ``batch.poll_s``, collects a finished one by custom_id
-(``results.py``), sends the rows that hit a retryable error in new batches, and writes the
-output at the end, whatever the end was. A rerun re-attaches to every batch the checkpoint
-knows; Ctrl-C leaves the batches running on the server; ``--cancel`` cancels them.
+The submitter turns pending rows into batches (``submit.py``); this engine runs the whole
+inside the run's shell: it polls the batches every ``batch.poll_s``, collects a finished one
+by custom_id (``results.py``) and sends the rows that hit a retryable error in new batches;
+the shell writes the output at the end, whatever the end was. A rerun re-attaches to every
+batch the checkpoint knows; Ctrl-C leaves the batches running on the server; ``--cancel``
+cancels them.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from batcher.errors import (
-    AbortError,
-    BatcherError,
-    ConfigError,
-)
+from batcher.config import Job
+from batcher.errors import AbortError, ConfigError
 from batcher.runs.batch.api import TERMINAL, BatchApi, NoBatchApiError
 from batcher.runs.batch.book import BatchBook, ChunkState
 from batcher.runs.batch.cancel import cancel_in_flight
-from batcher.runs.batch.control import RunControl, watch_signals
 from batcher.runs.batch.filler import Filler
 from batcher.runs.batch.progress import BatchProgress
 from batcher.runs.batch.results import Collector, collect_batch
 from batcher.runs.batch.submit import Submitter
-from batcher.runs.summary import RunSummary
+from batcher.runs.context import RunContext, RunOptions
+from batcher.runs.stopping import Interrupt
 from batcher.send.outcome import OutcomeBuilder
-from batcher.store.journal import Journal, journal_path
-from batcher.store.output import write_output
-
-if TYPE_CHECKING:
-    from batcher.runs.shell import Run
 
 
-def check_batch_job(run: Run) -> None:
+def check_batch_job(job: Job) -> None:
     """What the Batch API cannot do, found before anything is sent."""
-    job = run.job
     request = job.config.request
     if request.stream:
         raise ConfigError(
@@ -60,80 +50,67 @@ def check_batch_job(run: Run) -> None:
         )
 
 
-class BatchRun:
-    """One execution of a job in batch mode; ``execute`` returns its summary."""
+class BatchEngine:
+    """Batch mode inside the run's shell: submits pending rows as batches, polls them and
+    collects what they answered into the journal."""
 
-    def __init__(self, run: Run) -> None:
-        check_batch_job(run)
-        self.run = run
-        self.job = run.job
-        self.options = run.options
-        self.plan = run.plan
-        self.config = run.job.config
-        self.tally = run.tally
-        self.prices = run.prices.for_batch()
-        builder = OutcomeBuilder(self.config, self.prices, self.tally)
-        self.collector = Collector(self.config, builder, run.parser, self.plan.api_key)
-        self.folder = self.job.checkpoint_dir / "batches"
-        self.control = RunControl()  # stops submitting: budget, refusal, interrupt, --cancel
+    def __init__(self, job: Job, options: RunOptions) -> None:
+        check_batch_job(job)
+        self.job = job
+        self.options = options
+        self.config = job.config
+        self.folder = job.checkpoint_dir / "batches"
         self.cancelled = 0
         self._statuses: Counter[str] = Counter()
+        self._created: Counter[str] = Counter()
 
-    # -- the run -------------------------------------------------------------------------
-
-    async def execute(self, base_url: str) -> RunSummary:
-        started = time.monotonic()
-        journal_file = journal_path(self.job.checkpoint_dir)
-        self.journal, self.book = await anyio.to_thread.run_sync(
-            _open_checkpoint, self.run, journal_file, self.folder
+    def interrupted(self, signal_name: str) -> Interrupt:
+        """A first interrupt stops polling at once: the batches keep running on the server."""
+        message = (
+            f"interrupted by {signal_name}: {self._running()} batch(es) keep running on the "
+            "server and will be billed; rerun the same command to collect them, or cancel "
+            f"them with `batcher cancel {self.job.source}`"
         )
-        total = self.plan.total_rows
-        self.progress = BatchProgress(self.tally, total, quiet=self.options.quiet)
+        return Interrupt(message, message, 0.0)
+
+    def flow_report(self) -> None:
+        return None
+
+    async def send(self, context: RunContext) -> None:
+        self.stopping = context.stopping
+        self.plan = context.plan
+        self.tally = context.tally
+        prices = context.prices.for_batch()
+        builder = OutcomeBuilder(self.config, prices, self.tally)
+        self.collector = Collector(self.config, builder, context.parser, self.plan.api_key)
+        self.book = await anyio.to_thread.run_sync(self._open_book, context.journal.path)
+        self.progress = BatchProgress(self.tally, self.plan.total_rows, quiet=self.options.quiet)
+        base_url = context.base_url
         endpoint = self.config.endpoint.model_copy(update={"base_url": base_url})
         try:
             async with BatchApi(endpoint, self.plan.api_key, self.config.retry) as api:
                 self.api = api
-                filler = Filler(
-                    self.run, self.journal, self.book, self.progress, self.prices, self.control
-                )
-                self.submitter = Submitter(self.run, self.book, api, self.control, filler)
+                filler = Filler(context, self.book, self.progress, prices)
+                self.submitter = Submitter(context, self.book, api, filler)
+                self._created = self.submitter.created
                 try:
                     await api.probe()
+                    with self.stopping.work_scope:
+                        await self._main()
                 except NoBatchApiError as exc:
                     raise _no_batch_api(self.job.source, base_url, exc) from None
-                # anyio wraps what a task group's body raises in an ExceptionGroup: run
-                # failures are taken out here and raised as they are, after the group.
-                failure: BatcherError | None = None
-                async with anyio.create_task_group() as group:
-                    if threading.current_thread() is threading.main_thread():
-                        group.start_soon(
-                            watch_signals,
-                            self.control,
-                            self.options.notify,
-                            self._running,
-                            self.job.source,
-                            group.cancel_scope,
-                        )
-                    try:
-                        await self._main()
-                    except AbortError as exc:
-                        self.control.stop(exc)
-                    except NoBatchApiError as exc:
-                        failure = _no_batch_api(self.job.source, base_url, exc)
-                    except BatcherError as exc:
-                        failure = exc
-                    group.cancel_scope.cancel()
-                if failure is not None:
-                    raise failure
         finally:
             self.progress.close()
             await anyio.to_thread.run_sync(self.book.close)
-            await anyio.to_thread.run_sync(self.journal.close)
-        run = self.run
-        written = await anyio.to_thread.run_sync(
-            lambda: write_output(self.plan, run.layout, journal_file)
-        )
-        return self._summary(written.rows, written.ok, written.cost_usd, started)
+
+    def _open_book(self, journal_file: Path) -> BatchBook:
+        """The book of batches, in the journal's file; with --fresh the chunk files left by
+        earlier runs go too (blocking: run in a thread)."""
+        book = BatchBook(journal_file)
+        if self.options.fresh:
+            for stale in self.folder.glob("*"):
+                stale.unlink(missing_ok=True)
+        return book
 
     async def _main(self) -> None:
         await self._show(await anyio.to_thread.run_sync(self.book.active))
@@ -159,7 +136,7 @@ class BatchRun:
                 if status in TERMINAL:
                     await self._finish(chunk, batch)
                     finished += 1
-            if finished and not self.control.stopped:
+            if finished and not self.stopping.stopping:
                 rows = await anyio.to_thread.run_sync(self.book.rows_by_state)
                 if rows.get("retry"):
                     await self.submitter.submit_pending()
@@ -185,35 +162,22 @@ class BatchRun:
             chunk, batch, self.api, self.book, self.collector, self.progress.advance
         )
         if collected is not None:
-            self.control.stop(collected)
+            self.stopping.stop_dispatch(collected)
 
     async def _cancel_all(self) -> None:
         """``--cancel``: cancel every batch in flight and forget chunks never created."""
-        self.control.stop(AbortError("cancelled"))
+        self.stopping.stop_dispatch(AbortError("cancelled"))
         self.cancelled = await cancel_in_flight(
             self.book, self.api, self.folder, self.options.notify
         )
-        self.control.abort = AbortError(
+        self.stopping.abort = AbortError(
             f"cancelled {self.cancelled} batch(es) in flight as asked; "
             "rerun without --cancel to submit their rows again"
         )
 
     def _running(self) -> int:
         """Batches running on the server, as far as this run knows."""
-        return sum(self._statuses.values()) + sum(self.submitter.created.values())
-
-    def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
-        return RunSummary.of_run(
-            self.tally,
-            output_path=self.plan.output_path,
-            rows_total=self.plan.total_rows,
-            rows_ok=ok,
-            rows_failed=rows - ok,
-            output_cost_usd=output_cost,
-            started=started,
-            aborted=self.control.abort,
-            resume_command=self.options.resume_command or f"batcher run {self.job.source}",
-        )
+        return sum(self._statuses.values()) + sum(self._created.values())
 
 
 def _errors_text(batch: dict[str, Any]) -> str:
@@ -232,24 +196,3 @@ def _no_batch_api(source: Path, base_url: str, exc: NoBatchApiError) -> ConfigEr
         f"{source}: endpoint.mode: {base_url} does not serve the Batch API "
         f"({exc}); set endpoint.mode: live to send the rows one by one"
     )
-
-
-def _open_checkpoint(run: Run, journal_file: Path, folder: Path) -> tuple[Journal, BatchBook]:
-    """The journal (it checks the checkpoint's identity and answers "which rows are done")
-    and the book: in batch mode every write goes through the book, in its own transactions.
-    With --fresh both start empty and chunk files left by earlier runs are removed
-    (blocking: run in a thread)."""
-    job, fresh = run.job, run.options.fresh
-    identity = {
-        "input": job.input_path,
-        "output": str(job.output_path),
-        "key_column": run.plan.source.key_column,
-    }
-    if fresh and journal_file.exists():
-        run.options.notify(f"--fresh: replacing the checkpoint {journal_file}")
-    journal = Journal(journal_file, identity, fresh=fresh)
-    book = BatchBook(journal_file)
-    if fresh:
-        for stale in folder.glob("*"):
-            stale.unlink(missing_ok=True)
-    return journal, book

@@ -18,35 +18,33 @@ import anyio
 from batcher.errors import BatchApiError
 from batcher.runs.batch.api import BatchApi, TooLargeError
 from batcher.runs.batch.book import BatchBook
-from batcher.runs.batch.control import RunControl
 from batcher.runs.batch.filler import Filler
 from batcher.runs.batch.lines import Chunk, ChunkWriter
 
 if TYPE_CHECKING:
-    from batcher.runs.shell import Run
+    from batcher.runs.context import RunContext
 
 
 class Submitter:
     """Turns a run's pending rows into batches; ``created`` counts the batches it created."""
 
-    def __init__(
-        self, run: Run, book: BatchBook, api: BatchApi, control: RunControl, filler: Filler
-    ) -> None:
-        self.notify = run.options.notify
-        self.batch = run.job.config.batch
-        self.tally = run.tally
+    def __init__(self, context: RunContext, book: BatchBook, api: BatchApi, filler: Filler) -> None:
+        job = context.plan.job
+        self.notify = context.options.notify
+        self.batch = job.config.batch
+        self.tally = context.tally
         self.book = book
         self.api = api
-        self.control = control
+        self.stopping = context.stopping
         self.filler = filler
-        self.folder = run.job.checkpoint_dir / "batches"
+        self.folder = job.checkpoint_dir / "batches"
         self.max_lines = self.batch.max_lines
         self.max_bytes = self.batch.max_bytes
         self.created: Counter[str] = Counter()
 
     async def submit_pending(self) -> None:
         """Scan the input; every row that needs an answer and is not in flight is submitted."""
-        while not self.control.stopped:
+        while not self.stopping.stopping:
             active = await anyio.to_thread.run_sync(self.book.active)
             self.filler.rescan(sum(c.upper_cost_usd for c in active))
             writer = ChunkWriter(self.folder, self.max_lines, self.max_bytes)
@@ -55,6 +53,8 @@ class Submitter:
             try:
                 while not refused:
                     closed, more = await anyio.to_thread.run_sync(self.filler.fill, batches, writer)
+                    if self.filler.budget_reached is not None:
+                        self.stopping.stop_dispatch(self.filler.budget_reached)
                     if not more:  # the input's end, or the budget's: send what fits
                         last = writer.close()
                         closed += [last] if last is not None else []
