@@ -18,16 +18,11 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── InputError               the input could not be read past a row, mid-run
         └── BatchApiError            the Batch API refused a file or batch operation
 
-``AttemptError`` is not a ``BatcherError``: it describes one failed attempt of one row and is
-caught by the retry policy, never by the user.
+``send.attempt.AttemptError`` is not a ``BatcherError``: it describes one failed attempt of
+one row and is caught by the retry policy, never by the user.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from batcher.flow.server_limits import ServerLimits
 
 MESSAGE_CHARS = 300
 
@@ -135,29 +130,3 @@ class InputError(AbortError):
 
 class BatchApiError(AbortError):
     """The provider Batch API refused an operation on a file or batch (batch mode)."""
-
-
-class AttemptError(Exception):
-    """One attempt of one row failed.
-
-    ``kind`` is the short machine name written before the colon in the output's ``error``
-    column (``http_503``, ``timeout``, ``connection``, ``invalid_json``...).
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        retryable: bool,
-        status: int | None = None,
-        retry_after_s: float | None = None,
-        limits: ServerLimits | None = None,
-    ) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-        self.retryable = retryable
-        self.status = status
-        self.retry_after_s = retry_after_s
-        self.limits = limits  # the rate limits the failed reply's headers stated

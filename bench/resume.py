@@ -21,8 +21,9 @@ import polars as pl
 import yaml
 
 from batcher.config import load_job
-from batcher.rows.plan import Plan
+from batcher.rows.plan import plan_job
 from batcher.rows.request import RowRequest
+from batcher.runs.shell import checkpoint_identity
 from batcher.sim import SimulatorThread
 from batcher.store.columns import Outcome, Usage
 from batcher.store.journal import Journal, journal_path
@@ -30,12 +31,8 @@ from batcher.store.journal import Journal, journal_path
 
 def fill_checkpoint(job_path: Path, done: int) -> None:
     job = load_job(job_path)
-    plan = Plan(job, limit=done)
-    identity = {
-        "input": job.input_path,
-        "output": str(job.output_path),
-        "key_column": plan.source.key_column,
-    }
+    plan = plan_job(job, limit=done, api_key_required=False)
+    identity, _ = checkpoint_identity(job, plan.source.key_column)
     journal = Journal(journal_path(job.checkpoint_dir), identity, fresh=True)
     for batch in plan.batches(batch_rows=50_000):
         for _, item, _ in plan.prepare(batch):

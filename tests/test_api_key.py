@@ -10,7 +10,7 @@ import pytest
 
 from batcher.cli import main
 from batcher.config import EndpointConfig
-from batcher.errors import AttemptError
+from batcher.send.attempt import AttemptError
 from batcher.send.client import ChatClient
 from batcher.sim import SimulatorThread
 from tests.conftest import SimFactory, reviews, write_job

@@ -14,6 +14,7 @@ from PIL import Image
 
 from batcher.cli import main
 from batcher.rows import images as images_module
+from batcher.rows.request import RequestBuilder
 from tests.conftest import SimFactory, write_job
 
 HEIC_STUB = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
@@ -298,3 +299,27 @@ def test_image_paths_stay_inside_the_image_root(
     job = image_job(tmp_path, server.url, rows, images={"allow_outside_root": True})
     assert main(["run", str(job), "--quiet"]) == 0
     assert server.simulator.requests == 6
+
+
+def test_a_rerun_and_the_output_rebuild_read_no_unchanged_image(
+    tmp_path: Path, pics: Path, sim_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = sim_factory()
+    rows = [{"id": str(n), "photo": f"{n}.png"} for n in range(6)]
+    for n in range(6):
+        picture(pics / f"{n}.png", (16 + n, 10), "PNG")
+    job = image_job(tmp_path, server.url, rows)
+    assert main(["run", str(job), "--quiet"]) == 0
+    before = pl.read_parquet(tmp_path / "out/result.parquet")
+
+    # Every image is unchanged: neither the run nor the rebuild may read or hash one again,
+    # nor render a request (both tell an unchanged row by its inputs' digest).
+    def forbidden(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("an unchanged row was prepared again")
+
+    monkeypatch.setattr(images_module.ImageLoader, "describe", forbidden)
+    monkeypatch.setattr(RequestBuilder, "build", forbidden)
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert server.simulator.requests == 6
+    after = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert after.equals(before)

@@ -28,7 +28,7 @@ OUTPUT_NAMES = [
     "tool_calls",
     "reasoning",
 ]
-INTERNAL_NAMES = sorted({*COLUMN_NAMES, "__key", "__fingerprint"} - set(OUTPUT_NAMES))
+INTERNAL_NAMES = sorted({*COLUMN_NAMES, "__key", "__current"} - set(OUTPUT_NAMES))
 
 
 def refused(job: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]) -> str:

@@ -6,8 +6,8 @@ import pytest
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from batcher.config import RetryConfig
-from batcher.errors import AttemptError
 from batcher.rows.request import RowRequest
+from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget, BudgetStop
 from batcher.send.prices import Price, PriceTable
 from batcher.send.retry import Exhausted, RowPolicy, is_retryable, wait_retry_after

@@ -19,10 +19,11 @@ from PIL import Image, UnidentifiedImageError
 
 from batcher.config import Job
 from batcher.rows.images import ImageError, ImageLoader
-from batcher.rows.plan import RowFailure, normalise_keys, plan_job
+from batcher.rows.plan import RowFailure, plan_job
 from batcher.rows.request import ImagePart, RowRequest, with_image_urls
 from batcher.send.parse import parser_for
 from batcher.send.prices import PriceTable
+from batcher.store.keys import normalise_keys
 from batcher.store.output import layout_for
 
 DEFAULT_ROWS = 3
@@ -58,7 +59,10 @@ class PreviewRow:
 def preview(job: Job, *, rows: int = DEFAULT_ROWS) -> list[PreviewRow]:
     """The requests of the first ``rows`` input rows (each model of a list); sends nothing."""
     plan = plan_job(job, limit=rows, api_key_required=False)
-    layout_for(plan, parser_for(plan.job))  # the output's checks (schema, parsed columns)
+    # The output's checks (schema, parsed columns).
+    layout_for(
+        plan.output_rows(), parser_for(plan.job).columns, plan.job.config.request, plan.job.source
+    )
     PriceTable.for_job(plan.job)  # and a run's: a budget needs its models' prices
     shown: list[PreviewRow] = []
     for batch in plan.batches():

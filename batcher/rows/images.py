@@ -92,6 +92,26 @@ class ImageLoader:
 
     # -- preparing (fingerprint and token estimate) -----------------------------------------
 
+    def signature(self, row: dict[str, Any], columns: Iterable[str]) -> str:
+        """What decides the row's images without reading them: each reference, and for a
+        local file its size and modification time (as make and rsync judge a file), with the
+        settings that shape what is sent. Equal signatures, equal images; a file that cannot
+        be looked at signs as missing, so the row is prepared in full and fails there."""
+        parts = [self._settings]
+        for column in columns:
+            value = row.get(column)
+            for item in value if isinstance(value, list) else [value]:
+                reference = "" if item is None else str(item)
+                parts.append(reference)
+                if reference[:8].lower().startswith(("http://", "https://", "data:")):
+                    continue
+                try:
+                    stat = self.resolve(reference).stat() if reference.strip() else None
+                except (ImageError, OSError):
+                    stat = None
+                parts.append(f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "missing")
+        return "\x1f".join(parts)
+
     def describe(self, row: dict[str, Any], columns: Iterable[str]) -> tuple[ImagePart, ...] | str:
         """The row's images in column order, or the ``image_error`` message of the first bad one."""
         parts: list[ImagePart] = []

@@ -26,6 +26,8 @@ from batcher.rows.request import ImagePart, RequestBuilder, RowRequest
 from batcher.rows.source import Source
 from batcher.store.columns import Outcome
 from batcher.store.journal import Previous
+from batcher.store.keys import REQUEST_MODEL, journal_key, normalise_keys
+from batcher.store.output import OutputRows
 
 # Pre-flight renders up to this many rows: a template error on all of them is the template's,
 # not a row's, and is reported before anything is sent.
@@ -50,7 +52,8 @@ class RowFailure:
 
 @dataclass(frozen=True, slots=True)
 class Unchanged:
-    """A row whose inputs are those of its journal outcome: its request would be the same."""
+    """A row whose journal outcome stands: its inputs are those it was answered for (or
+    ``--keep-done`` keeps it), so it is neither rendered nor sent again."""
 
     key: Any
     fingerprint: bytes
@@ -58,105 +61,64 @@ class Unchanged:
 
 Prepared = RowRequest | RowFailure | Unchanged
 Lookup = Callable[[list[Any]], dict[Any, Previous]]
-# The output column naming the model asked, present when request.model is a list.
-REQUEST_MODEL = "request_model"
-MODEL_COLUMN = "__request_model"  # its name while the output is rebuilt (inputs may clash)
-_KEY_SEPARATOR = "\x1f"
 SIMULATOR_URL = "batcher-simulator"  # what --simulate runs fingerprint as, whatever the port
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class Plan:
-    """A job checked against its input, ready to run."""
+    """A job checked against its input, ready to run: facts, and the services built from
+    them once (the input, the request builder, the image loader), handed to every stage."""
 
-    def __init__(
-        self,
-        job: Job,
-        *,
-        limit: int | None = None,
-        api_key_required: bool = True,
-        keep_done: bool = False,
-    ) -> None:
-        config = job.config
-        self.job = job
-        self.limit = limit
-        self.source = Source(job.input_path, config.input.id_column, config.input.dtypes)
-        try:
-            self.builder = RequestBuilder(config.request, config.endpoint.base_url)
-        except ConfigError as exc:
-            raise ConfigError(f"{job.source}: {exc}") from None
-        self.images = ImageLoader(job.image_root, config.images)
-        self.keep_columns = _kept_columns(job, self.source, self.builder)
-        self.models = self.builder.models
-        self.multiple_models = self.builder.multiple_models
-        # Keep every row answered successfully, whatever its request is now (run --keep-done).
-        self.keep_done = keep_done
-        self.row_columns = sorted(set(self.builder.columns) | set(config.request.images))
-        self.source.check_keys()
-        self.input_rows = self.source.count_rows(limit)
-        if self.input_rows == 0 and limit != 0:
-            raise ConfigError(f"{job.input_path}: the input has no rows: there is nothing to send")
-        if limit is not None and limit > self.input_rows:
-            self.limit = None  # past the input's end it limits nothing (nor overflows polars)
-        self.total_rows = self.input_rows * len(self.models)  # output rows
-        self.allow_nulls = config.input.allow_nulls
-        self._check_rendering(str(job.source))
-        self.api_key = read_api_key(job, required=api_key_required)
-        self.output_path = job.output_path
+    job: Job
+    source: Source
+    builder: RequestBuilder
+    images: ImageLoader
+    keep_columns: list[str]  # input columns the output keeps, the key column aside
+    row_columns: list[str]  # input columns a request reads
+    input_rows: int  # within --limit
+    limit: int | None  # None: every row (also for a limit past the input's end)
+    keep_done: bool  # keep every row answered successfully, whatever its request is now
+    api_key: str | None
 
-    def _check_rendering(self, where: str) -> None:
-        """Render the first rows: an error every one of them meets (``{{ text.foo.bar }}``)
-        would fail every row of the run, so it stops the run here instead."""
-        columns = self.builder.columns or [self.source.key_column]
-        try:
-            sample = self.source.frame().select(columns).head(PREFLIGHT_ROWS).collect()
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise ConfigError(str(self.source.read_error(exc))) from None
-        first: tuple[str, Exception] | None = None
-        for row in sample.iter_rows(named=True):
-            if self._null_column(row) is not None:
-                continue  # that row fails alone as input_error
-            failed = self.builder.render_error(row)
-            if failed is None:
-                return
-            first = first or failed
-        if first is not None:
-            template, error = first
-            hint = ""
-            if isinstance(error, TypeError) and self.source.format == "csv":
-                hint = " (CSV columns are text unless input.dtypes declares a type)"
-            raise ConfigError(
-                f"{where}: {template}: rendering the input's first rows fails: "
-                f"{type(error).__name__}: {error}{hint}"
-            )
+    @property
+    def models(self) -> list[str]:
+        return self.builder.models
 
-    def _null_column(self, row: dict[str, Any]) -> str | None:
-        if self.allow_nulls:
-            return None
-        return next((c for c in self.builder.columns if row[c] is None), None)
+    @property
+    def multiple_models(self) -> bool:
+        return self.builder.multiple_models
+
+    @property
+    def total_rows(self) -> int:
+        """Output rows: one per input row and model."""
+        return self.input_rows * len(self.models)
+
+    @property
+    def output_path(self) -> Path:
+        return self.job.output_path
 
     def batches(self, *, batch_rows: int = 5_000) -> Iterator[pl.DataFrame]:
         return self.source.batches(self.row_columns, limit=self.limit, batch_rows=batch_rows)
 
     def journal_key(self, key: Any, model: str) -> Any:
-        """The checkpoint key of one row for one model: the row's key, joined by the model
-        when request.model is a list (so adding a model leaves the others' rows done)."""
-        return f"{key}{_KEY_SEPARATOR}{model}" if self.multiple_models else key
+        return journal_key(key, model, self.multiple_models)
 
-    def journal_key_expression(self, column: str, dtype: pl.DataType) -> pl.Expr:
-        """``journal_key`` as a polars expression over rows from ``expand``."""
-        expression = key_expression(column, dtype)
-        if not self.multiple_models:
-            return expression
-        return pl.concat_str(
-            [expression.cast(pl.String), pl.lit(_KEY_SEPARATOR), pl.col(MODEL_COLUMN)]
-        )
-
-    def expand(self, batch: pl.DataFrame) -> pl.DataFrame:
-        """One row per (input row, model) in input order then list order, as ``prepare``."""
-        if not self.multiple_models:
-            return batch
-        models = pl.DataFrame({MODEL_COLUMN: self.models})
-        return batch.join(models, how="cross", maintain_order="left_right")
+    def decide(
+        self, batch: pl.DataFrame, lookup: Lookup, *, skip_failed: bool
+    ) -> list[tuple[Any, Prepared]]:
+        """Send, skip or record, the one place it is decided, for every mode: each row of a
+        batch and model in order, with its journal key, as ``Unchanged`` (its outcome stands:
+        skip it), a ``RowFailure`` (record it, nothing to send) or a ``RowRequest`` (send it).
+        A failed outcome stands only with ``skip_failed``. Blocking: run in a worker thread."""
+        return [
+            (key, Unchanged(key, item.fingerprint))
+            if not isinstance(item, Unchanged)
+            and previous is not None
+            and previous.fingerprint == item.fingerprint
+            and (previous.ok or skip_failed)
+            else (key, item)
+            for key, item, previous in self.prepare(batch, lookup, lambda p: p.ok or skip_failed)
+        ]
 
     def prepare(
         self,
@@ -167,9 +129,10 @@ class Plan:
         """Each row of a batch and model, in order: journal key, what to do, its outcome.
 
         A row whose journal outcome has the same input digest (and passes ``reuse``) is
-        ``Unchanged`` and is not rendered again; image rows are always prepared in full,
-        since their files may have changed. With ``keep_done`` a successful outcome is kept
-        whatever the request is now. Blocking: run in a worker thread.
+        ``Unchanged`` and is not rendered again; an image row's digest holds each local
+        image's size and modification time, so an unchanged image is not read either. With
+        ``keep_done`` a successful outcome is kept whatever the request is now. Blocking:
+        run in a worker thread.
         """
         keys = normalise_keys(batch.get_column(self.source.key_column))
         models = self.models
@@ -180,19 +143,15 @@ class Plan:
         rows = iter(journal_keys)
         for row in batch.iter_rows(named=True):
             images: tuple[ImagePart, ...] | str | None = None  # described once for all models
+            signature = self.images.signature(row, image_columns) if image_columns else ""
             for model in models:
                 key = next(rows)
                 previous = known.get(key)
                 if previous is not None and self.keep_done and previous.ok:
                     prepared.append((key, Unchanged(key, previous.fingerprint), previous))
                     continue
-                digest = None if image_columns else self.builder.input_digest(row, model)
-                if (
-                    previous is not None
-                    and digest is not None
-                    and previous.input_digest == digest
-                    and reuse(previous)
-                ):
+                digest = self.builder.input_digest(row, model, signature)
+                if previous is not None and previous.input_digest == digest and reuse(previous):
                     prepared.append((key, Unchanged(key, previous.fingerprint), previous))
                     continue
                 if images is None:
@@ -200,6 +159,51 @@ class Plan:
                 item = self._prepare_row(key, row, images, digest, model)
                 prepared.append((key, item, previous))
         return prepared
+
+    def current(self, batch: pl.DataFrame, known: dict[Any, Previous]) -> list[bool]:
+        """For each row of a batch and model, in order: whether its journal outcome in
+        ``known`` stands for the row as it is now (the output rebuild's predicate). Decided by
+        input digests: no request is rendered and no image read, but for an outcome whose
+        inputs changed (or that an older journal stored without a digest)."""
+        keys = normalise_keys(batch.get_column(self.source.key_column))
+        image_columns = self.job.config.request.images
+        stands: list[bool] = []
+        rows = iter([self.journal_key(key, model) for key in keys for model in self.models])
+        for row in batch.iter_rows(named=True):
+            signature: str | None = None
+            for model in self.models:
+                key = next(rows)
+                previous = known.get(key)
+                if previous is None or (self.keep_done and previous.ok):
+                    stands.append(previous is not None)
+                    continue
+                if signature is None:
+                    signature = self.images.signature(row, image_columns) if image_columns else ""
+                digest = self.builder.input_digest(row, model, signature)
+                if previous.input_digest != digest:
+                    images = self.images.describe(row, image_columns) if image_columns else ()
+                    item = self._prepare_row(key, row, images, digest, model)
+                    stands.append(item.fingerprint == previous.fingerprint)
+                    continue
+                stands.append(True)
+        return stands
+
+    def output_rows(self) -> OutputRows:
+        """The rows as the output rebuild reads them, with this plan's predicate."""
+        source = self.source
+        key = source.key_column
+        return OutputRows(
+            key_column=key,
+            key_type=source.schema[key] if key in source.schema else pl.Int64(),
+            kept_schema={c: source.schema[c] for c in self.keep_columns},
+            keep_columns=self.keep_columns,
+            models=self.models if self.multiple_models else None,
+            read_columns=sorted(set(self.row_columns) | set(self.keep_columns)),
+            limit=self.limit,
+            path=self.output_path,
+            batches=source.batches,
+            current=self.current,
+        )
 
     def _prepare_row(
         self,
@@ -218,6 +222,40 @@ class Plan:
             return self.builder.build(key, row, images, digest, model)
         except Exception as exc:  # a user's template can raise anything: that row fails
             return _failure(key, "template_error", f"{type(exc).__name__}: {exc}", row, digest)
+
+    def _null_column(self, row: dict[str, Any]) -> str | None:
+        if self.job.config.input.allow_nulls:
+            return None
+        return next((c for c in self.builder.columns if row[c] is None), None)
+
+
+def _check_rendering(
+    job: Job, source: Source, builder: RequestBuilder, null_column: Callable[..., str | None]
+) -> None:
+    """Render the first rows: an error every one of them meets (``{{ text.foo.bar }}``) would
+    fail every row of the run, so it stops the run here instead."""
+    columns = builder.columns or [source.key_column]
+    try:
+        sample = source.frame().select(columns).head(PREFLIGHT_ROWS).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise ConfigError(str(source.read_error(exc))) from None
+    first: tuple[str, Exception] | None = None
+    for row in sample.iter_rows(named=True):
+        if null_column(row) is not None:
+            continue  # that row fails alone as input_error
+        failed = builder.render_error(row)
+        if failed is None:
+            return
+        first = first or failed
+    if first is not None:
+        template, error = first
+        hint = ""
+        if isinstance(error, TypeError) and source.format == "csv":
+            hint = " (CSV columns are text unless input.dtypes declares a type)"
+        raise ConfigError(
+            f"{job.source}: {template}: rendering the input's first rows fails: "
+            f"{type(error).__name__}: {error}{hint}"
+        )
 
 
 def _kept_columns(job: Job, source: Source, builder: RequestBuilder) -> list[str]:
@@ -268,14 +306,33 @@ def plan_job(
     if simulate:
         endpoint = job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})
         job = Job(job.config.model_copy(update={"endpoint": endpoint}), job.source)
+    config = job.config
+    source = Source(job.input_path, config.input.id_column, config.input.dtypes)
+    try:
+        builder = RequestBuilder(config.request, config.endpoint.base_url)
+    except ConfigError as exc:
+        raise ConfigError(f"{job.source}: {exc}") from None
+    images = ImageLoader(job.image_root, config.images)
+    keep_columns = _kept_columns(job, source, builder)
+    source.check_keys()
+    input_rows = source.count_rows(limit)
+    if input_rows == 0 and limit != 0:
+        raise ConfigError(f"{job.input_path}: the input has no rows: there is nothing to send")
+    if limit is not None and limit > input_rows:
+        limit = None  # past the input's end it limits nothing (nor overflows polars)
     plan = Plan(
-        job,
+        job=job,
+        source=source,
+        builder=builder,
+        images=images,
+        keep_columns=keep_columns,
+        row_columns=sorted(set(builder.columns) | set(config.request.images)),
+        input_rows=input_rows,
         limit=limit,
-        api_key_required=api_key_required and not simulate,
         keep_done=keep_done,
+        api_key=None if simulate else read_api_key(job, required=api_key_required),
     )
-    if simulate:
-        plan.api_key = None
+    _check_rendering(job, source, builder, plan._null_column)
     return plan
 
 
@@ -290,19 +347,6 @@ def _failure(
     return RowFailure(
         key=key, fingerprint=fingerprint, kind=kind, message=message, input_digest=digest
     )
-
-
-def normalise_keys(column: pl.Series) -> list[Any]:
-    """Keys as the journal stores them: integers stay integers, anything else is text."""
-    if column.dtype.is_integer():
-        return column.to_list()
-    return column.cast(pl.String).to_list()
-
-
-def key_expression(column: str, dtype: pl.DataType) -> pl.Expr:
-    """The same normalisation as ``normalise_keys``, as a polars expression."""
-    expression = pl.col(column)
-    return expression if dtype.is_integer() else expression.cast(pl.String)
 
 
 def is_loopback(base_url: str) -> bool:

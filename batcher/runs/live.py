@@ -26,7 +26,6 @@ from batcher.send.budget import BudgetStop
 from batcher.send.client import ChatClient
 from batcher.send.sender import Sender
 from batcher.send.worker import Halted, RowWorker
-from batcher.store.journal import Previous
 
 
 class LiveEngine:
@@ -111,11 +110,11 @@ class Dispatch:
                         prepared = await anyio.to_thread.run_sync(self._next_batch, batches)
                         if prepared is None:
                             return
-                        for _, item, previous in prepared:
+                        for _, item in prepared:
                             position += 1
                             if positions is not None and position - 1 not in positions:
                                 continue
-                            if self._done(item, previous):
+                            if isinstance(item, Unchanged):
                                 self.tally.skipped += 1
                                 progress.advance()
                                 continue
@@ -130,23 +129,12 @@ class Dispatch:
                 except BatcherError as exc:
                     self.stopping.stop_dispatch(exc)
 
-    def _done(self, item: Prepared, previous: Previous | None) -> bool:
-        """Whether the journal's outcome stands for this row as it is now."""
-        return isinstance(item, Unchanged) or (
-            previous is not None
-            and previous.fingerprint == item.fingerprint
-            and (previous.ok or self.skip_failed)
-        )
-
-    def _next_batch(
-        self, batches: Iterator[Any]
-    ) -> list[tuple[Any, Prepared, Previous | None]] | None:
-        """Read, look up and prepare one batch (blocking: runs in a worker thread)."""
+    def _next_batch(self, batches: Iterator[Any]) -> list[tuple[Any, Prepared]] | None:
+        """Read, look up and decide one batch (blocking: runs in a worker thread)."""
         batch = next(batches, None)
         if batch is None:
             return None
-        skip_failed = self.skip_failed
-        return self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
+        return self.plan.decide(batch, self.journal.done, skip_failed=self.skip_failed)
 
     async def _work(
         self, receive: ObjectReceiveStream[RowRequest], worker: RowWorker, progress: Progress

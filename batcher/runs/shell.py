@@ -62,7 +62,9 @@ class Run:
         self.plan = plan
         config = job.config
         self.parser = parser_for(job)
-        self.layout = layout_for(plan, self.parser)
+        self.layout = layout_for(
+            plan.output_rows(), self.parser.columns, config.request, job.source
+        )
         self.prices = PriceTable.for_job(job, options.prices_path)
         self.tally = Tally()
         request = config.request
@@ -144,9 +146,9 @@ class Run:
 
     async def _write(self, journal_file: Path) -> Written:
         """Rebuild the output; if that fails, say so in one line with how to rebuild it."""
-        plan, layout = self.plan, self.layout
+        layout = self.layout
         try:
-            return await anyio.to_thread.run_sync(lambda: write_output(plan, layout, journal_file))
+            return await anyio.to_thread.run_sync(lambda: write_output(layout, journal_file))
         except OutputError as exc:
             abort = self.stopping.abort
             reason = f"{abort}; then " if abort is not None else ""

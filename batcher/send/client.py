@@ -15,8 +15,9 @@ import httpx
 import orjson
 
 from batcher.config import EndpointConfig
-from batcher.errors import AccountError, AttemptError, KeyRefusedError, shorten
+from batcher.errors import AccountError, KeyRefusedError, shorten
 from batcher.flow.server_limits import ServerLimits, read_server_limits
+from batcher.send.attempt import AttemptError
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 # Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 
 from batcher.config import JobConfig
-from batcher.errors import AttemptError
 from batcher.rows.request import RowRequest
+from batcher.send.attempt import AttemptError
 from batcher.send.client import Reply
 from batcher.send.prices import Price, PriceTable
 from batcher.send.tally import Tally

@@ -10,7 +10,8 @@ import orjson
 import polars as pl
 
 from batcher.config import Job, JobConfig
-from batcher.errors import AttemptError, ConfigError
+from batcher.errors import ConfigError
+from batcher.send.attempt import AttemptError
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 

@@ -21,7 +21,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from batcher.config import RetryConfig
-from batcher.errors import AttemptError
+from batcher.send.attempt import AttemptError
 
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")

@@ -11,11 +11,11 @@ from typing import Any
 import anyio
 
 from batcher.config import JobConfig
-from batcher.errors import AttemptError
 from batcher.flow.controller import FlowController
 from batcher.flow.limiter import Cost
 from batcher.rows.images import ImageError, ImageLoader, inline_images
 from batcher.rows.request import RequestBuilder, RowRequest
+from batcher.send.attempt import AttemptError
 from batcher.send.client import ChatClient, Reply
 from batcher.send.tally import Tally
 

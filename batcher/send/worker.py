@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import anyio
 
 from batcher.config import JobConfig, RetryConfig
-from batcher.errors import AttemptError
 from batcher.rows.request import RequestBuilder, RowRequest
+from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget
 from batcher.send.client import Reply
 from batcher.send.outcome import OutcomeBuilder, asked_model

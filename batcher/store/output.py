@@ -1,8 +1,9 @@
 """The output Parquet, rebuilt from the input and the journal in batches, written atomically.
 
-A row is in the output when the journal holds an outcome for its key *and* its current
-request fingerprint, so an edited prompt never shows a stale answer. The file is written
-beside the target and renamed over it, so a reader (or a killed run) never sees half a file.
+A row is in the output when the journal holds an outcome for its key that stands for the row
+as it is now (the run's predicate, ``OutputRows.current``), so an edited prompt never shows a
+stale answer. The file is written beside the target and renamed over it, so a reader (or a
+killed run) never sees half a file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,22 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher.config import RequestConfig
 from batcher.errors import ConfigError, InputError, OutputError
-from batcher.rows.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
-from batcher.send.parse import OutputParser
 from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA
 from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes
+from batcher.store.keys import (
+    MODEL_COLUMN,
+    REQUEST_MODEL,
+    journal_key,
+    journal_key_expression,
+    journal_key_type,
+    normalise_keys,
+)
 
 _KEY = "__key"
-_FINGERPRINT = "__fingerprint"
 _POSITION = "__position"
+_CURRENT = "__current"
 _ERRNO = re.compile(r"\[errno (\d+)\]")
 
 
@@ -44,6 +52,42 @@ class Written:
     cost_usd: float
     # The input stopped reading at a bad row: the output holds the rows before it.
     stopped: InputError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRows:
+    """The job's rows as the output rebuild reads them. The run builds it from its plan, and
+    ``current`` decides which journal outcomes stand, so the store renders no request."""
+
+    key_column: str
+    key_type: pl.DataType
+    kept_schema: dict[str, pl.DataType]
+    keep_columns: list[str]  # input columns the output keeps, in order, the key aside
+    models: list[str] | None  # a model list: one output row per input row and model
+    read_columns: list[str]  # input columns ``current`` and the output read
+    limit: int | None  # --limit: the rows counted as ok or failed
+    path: Path
+    # (columns, limit, batch_rows) → the input in batches, in order.
+    batches: Callable[..., Iterator[pl.DataFrame]]
+    # (input batch, its journal outcomes by key) → whether each row's outcome stands, one
+    # per row and model in order.
+    current: Callable[[pl.DataFrame, dict[Any, Previous]], list[bool]]
+
+    @property
+    def multiple_models(self) -> bool:
+        return self.models is not None
+
+    def journal_keys(self, batch: pl.DataFrame) -> list[Any]:
+        keys = normalise_keys(batch.get_column(self.key_column))
+        models = self.models or [""]
+        return [journal_key(k, m, self.multiple_models) for k in keys for m in models]
+
+    def expand(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """One row per (input row, model) in input order then list order."""
+        if self.models is None:
+            return frame
+        models = pl.DataFrame({MODEL_COLUMN: self.models})
+        return frame.join(models, how="cross", maintain_order="left_right")
 
 
 def check_output_target(job_source: Path, target: Path) -> None:
@@ -82,9 +126,10 @@ def _alive(pid: int) -> bool:
 class OutputLayout:
     """The output's columns for one job, in order, with their types."""
 
-    def __init__(self, plan: Plan, parsed: dict[str, pl.DataType]) -> None:
-        request = plan.job.config.request
-        self.plan = plan
+    def __init__(
+        self, rows: OutputRows, parsed: dict[str, pl.DataType], request: RequestConfig
+    ) -> None:
+        self.rows = rows
         self.parsed = parsed
         self.multiple = (request.n or 1) > 1
         self.streamed = request.stream
@@ -100,8 +145,7 @@ class OutputLayout:
 
     def fixed_names(self) -> list[str]:
         """Every output column but the parsed ones: a parsed property may not take one."""
-        source = self.plan.source
-        names = [source.key_column, *self.plan.keep_columns]
+        names = [self.rows.key_column, *self.rows.keep_columns]
         names += [c.meta.output_name() for c in self.result_columns()[: -len(self.parsed) or None]]
         return names
 
@@ -109,14 +153,14 @@ class OutputLayout:
         """Input columns written to the output may not take a name the output or the rebuild
         uses: the join would rename or shadow one of them (a kept ``ok`` once miscounted the
         summary). Template columns that are not kept never reach the join, so they may."""
-        reserved = {_KEY, _FINGERPRINT, *COLUMN_NAMES}
+        reserved = {_KEY, _CURRENT, *COLUMN_NAMES}
         reserved.update(c.meta.output_name() for c in self.result_columns())
-        key = self.plan.source.key_column
+        key = self.rows.key_column
         if key in reserved:
             raise ConfigError(
                 f"input.id_column {key!r} has the name of an output column; rename it in the input"
             )
-        clashes = [c for c in self.plan.keep_columns if c in reserved]
+        clashes = [c for c in self.rows.keep_columns if c in reserved]
         if clashes:
             names = ", ".join(repr(c) for c in clashes)
             raise ConfigError(
@@ -141,7 +185,7 @@ class OutputLayout:
                 extra.struct.field("reasoning"),
             ],
         }
-        columns = [pl.col(MODEL_COLUMN).alias(REQUEST_MODEL)] if self.plan.multiple_models else []
+        columns = [pl.col(MODEL_COLUMN).alias(REQUEST_MODEL)] if self.rows.multiple_models else []
         for name in OUTPUT_COLUMNS:
             columns += [pl.col(name), *beside.get(name, ())]
         columns += [
@@ -150,12 +194,13 @@ class OutputLayout:
         return columns
 
 
-def layout_for(plan: Plan, parser: OutputParser) -> OutputLayout:
-    """The output's layout, checked: no parsed property or kept column takes a name the
-    output uses."""
-    source = plan.job.source
-    layout = OutputLayout(plan, parser.columns)
-    clash = set(parser.columns) & set(layout.fixed_names())
+def layout_for(
+    rows: OutputRows, parsed: dict[str, pl.DataType], request: RequestConfig, source: Path
+) -> OutputLayout:
+    """The output's layout, checked: no parsed property (``parsed``: their types) or kept
+    column takes a name the output uses; ``source`` is the job file, for messages."""
+    layout = OutputLayout(rows, parsed, request)
+    clash = set(parsed) & set(layout.fixed_names())
     if clash:
         raise ConfigError(
             f"{source}: output schema properties {', '.join(sorted(clash))} clash with "
@@ -168,9 +213,7 @@ def layout_for(plan: Plan, parser: OutputParser) -> OutputLayout:
     return layout
 
 
-def write_output(
-    plan: Plan, layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000
-) -> Written:
+def write_output(layout: OutputLayout, journal_file: Path, *, batch_rows: int = 20_000) -> Written:
     """Rebuild the output from the input and the journal (blocking: run in a thread).
 
     Every answered row is written, ``--limit`` or not: the limit bounds what is sent, and a
@@ -181,14 +224,14 @@ def write_output(
     """
     try:
         try:
-            return _write_output(plan, layout, journal_file, None, batch_rows)
+            return _write_output(layout, journal_file, None, batch_rows)
         except InputError as exc:
             if exc.row is None:
                 raise
-            written = _write_output(plan, layout, journal_file, exc.row, batch_rows)
+            written = _write_output(layout, journal_file, exc.row, batch_rows)
             return replace(written, stopped=exc)
     except (OSError, sqlite3.Error, pl.exceptions.PolarsError) as exc:
-        raise OutputError(f"{plan.output_path}: cannot write the output ({_reason(exc)})") from None
+        raise OutputError(f"{layout.rows.path}: cannot write the output ({_reason(exc)})") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -202,42 +245,39 @@ def _reason(exc: Exception) -> str:
 
 
 def _write_output(
-    plan: Plan, layout: OutputLayout, journal_file: Path, read_rows: int | None, batch_rows: int
+    layout: OutputLayout, journal_file: Path, read_rows: int | None, batch_rows: int
 ) -> Written:
-    source = plan.source
-    key = source.key_column
-    key_type = source.schema[key] if key in source.schema else pl.Int64()
-    target = plan.output_path
+    rows = layout.rows
+    key = rows.key_column
+    target = rows.path
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    needed = sorted(set(plan.row_columns) | set(plan.keep_columns))
-    limit = plan.limit
+    limit = rows.limit
     if not journal_file.exists():
         raise FileNotFoundError(2, f"the checkpoint {journal_file} is gone")
     connection = connect(journal_file, readonly=True)
     writer: pq.ParquetWriter | None = None
-    rows = ok = failed = 0
+    total = ok = failed = 0
     cost = 0.0
     offset = 0
+    kept = [pl.col(c) for c in rows.keep_columns]
     try:
-        for batch in source.batches(needed, limit=read_rows, batch_rows=batch_rows):
-            frame = _answered(plan, batch, connection, key_type, offset)
+        for batch in rows.batches(rows.read_columns, limit=read_rows, batch_rows=batch_rows):
+            frame = _answered(rows, batch, connection, offset)
             offset += batch.height
-            rows += frame.height
+            total += frame.height
             counted = frame if limit is None else frame.filter(pl.col(_POSITION) < limit)
             done = int(counted.get_column("ok").sum() or 0)
             ok += done
             failed += counted.height - done
             cost += float(frame.get_column("cost_usd").sum() or 0.0)
-            table = frame.select(
-                pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
-            ).to_arrow()
+            table = frame.select(pl.col(key), *kept, *layout.result_columns()).to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
             writer.write_table(table.cast(writer.schema))
         if writer is None:
-            empty = _empty_output(plan, layout, key_type)
+            empty = _empty_output(layout)
             writer = pq.ParquetWriter(temporary, empty.schema, compression="zstd")
             writer.write_table(empty)
         writer.close()
@@ -253,60 +293,45 @@ def _write_output(
             if writer is not None:
                 writer.close()
             temporary.unlink(missing_ok=True)
-    return Written(rows=rows, ok=ok, failed=failed, cost_usd=cost)
+    return Written(rows=total, ok=ok, failed=failed, cost_usd=cost)
 
 
 def _answered(
-    plan: Plan,
-    batch: pl.DataFrame,
-    connection: sqlite3.Connection,
-    key_type: pl.DataType,
-    offset: int,
+    rows: OutputRows, batch: pl.DataFrame, connection: sqlite3.Connection, offset: int
 ) -> pl.DataFrame:
-    """The batch's rows (one per model) with a journal outcome for their current fingerprint,
-    joined to it; ``_POSITION`` is the input row's position, for ``--limit``."""
-    key = plan.source.key_column
-    keys = normalise_keys(batch.get_column(key))
-    journal_keys = [plan.journal_key(k, m) for k in keys for m in plan.models]
-    outcomes = read_outcomes(connection, journal_keys, _KEY, _journal_key_type(plan, key_type))
-    prepared = plan.prepare(batch, _constant(previous_by_key(outcomes, _KEY)))
-    fingerprints = [item.fingerprint for _, item, _ in prepared]
+    """The batch's rows (one per model) whose journal outcome stands, joined to it;
+    ``_POSITION`` is the input row's position, for ``--limit``."""
+    key = rows.key_column
+    key_type = journal_key_type(rows.key_type, rows.multiple_models)
+    outcomes = read_outcomes(connection, rows.journal_keys(batch), _KEY, key_type)
+    current = rows.current(batch, previous_by_key(outcomes, _KEY))
     # Only what the output keeps meets the journal's columns in the join.
-    positioned = batch.select(pl.col(key), *[pl.col(c) for c in plan.keep_columns]).with_columns(
+    positioned = batch.select(pl.col(key), *[pl.col(c) for c in rows.keep_columns]).with_columns(
         pl.int_range(offset, offset + batch.height, dtype=pl.Int64).alias(_POSITION)
     )
     return (
-        plan.expand(positioned)
+        rows.expand(positioned)
         .with_columns(
-            plan.journal_key_expression(key, key_type).alias(_KEY),
-            pl.Series(_FINGERPRINT, fingerprints, dtype=pl.Binary),
+            journal_key_expression(key, rows.key_type, rows.multiple_models).alias(_KEY),
+            pl.Series(_CURRENT, current, dtype=pl.Boolean),
         )
+        .filter(pl.col(_CURRENT))
         .join(outcomes, on=_KEY, how="inner", maintain_order="left")
-        .filter(pl.col(_FINGERPRINT) == pl.col("fingerprint"))
     )
 
 
-def _constant(known: dict[Any, Previous]) -> Callable[[list[Any]], dict[Any, Previous]]:
-    """A lookup that answers with outcomes already fetched for this batch."""
-    return lambda _keys: known
-
-
-def _journal_key_type(plan: Plan, key_type: pl.DataType) -> pl.DataType:
-    return key_type if key_type.is_integer() and not plan.multiple_models else pl.String()
-
-
-def _empty_output(plan: Plan, layout: OutputLayout, key_type: pl.DataType) -> pa.Table:
-    schema = plan.source.schema
-    key = plan.source.key_column
-    models = {MODEL_COLUMN: pl.String()} if plan.multiple_models else {}
+def _empty_output(layout: OutputLayout) -> pa.Table:
+    rows = layout.rows
+    key = rows.key_column
+    models = {MODEL_COLUMN: pl.String()} if rows.multiple_models else {}
     frame = pl.DataFrame(
         schema={
-            key: key_type,
-            **{c: schema[c] for c in plan.keep_columns},
+            key: rows.key_type,
+            **rows.kept_schema,
             **models,
             **SCHEMA,
         }
     )
     return frame.select(
-        pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
+        pl.col(key), *[pl.col(c) for c in rows.keep_columns], *layout.result_columns()
     ).to_arrow()

@@ -16,7 +16,8 @@ import httpx
 import orjson
 
 from batcher.config import EndpointConfig, RetryConfig
-from batcher.errors import AttemptError, BatchApiError, shorten
+from batcher.errors import BatchApiError, shorten
+from batcher.send.attempt import AttemptError
 from batcher.send.client import classify_status
 from batcher.send.retry import retrying
 

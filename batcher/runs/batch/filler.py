@@ -64,20 +64,15 @@ class Filler:
         batch = next(batches, None)
         if batch is None or self.stopping.stopping or self.budget_reached is not None:
             return [], False
-        skip_failed = self.options.skip_failed
-        prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
-        booked = self.book.rows([key for key, _, _ in prepared])
+        decided = self.plan.decide(batch, self.journal.done, skip_failed=self.options.skip_failed)
+        booked = self.book.rows([key for key, _ in decided])
         closed: list[Chunk] = []
         failures: list[Outcome] = []
-        for key, item, previous in prepared:
+        for key, item in decided:
             fresh = self._position >= self._seen  # first time this run looks at the row
             self._position += 1
             self._seen = max(self._seen, self._position)
-            if isinstance(item, Unchanged) or (
-                previous is not None
-                and previous.fingerprint == item.fingerprint
-                and (previous.ok or skip_failed)
-            ):
+            if isinstance(item, Unchanged):
                 if fresh:
                     self.tally.skipped += 1
                     self.progress.advance()

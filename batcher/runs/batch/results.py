@@ -20,10 +20,11 @@ import httpx
 import orjson
 
 from batcher.config import JobConfig
-from batcher.errors import AccountError, AttemptError, BatcherError, KeyRefusedError
+from batcher.errors import AccountError, BatcherError, KeyRefusedError
 from batcher.rows.request import RowRequest
 from batcher.runs.batch.api import BatchApi
 from batcher.runs.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
+from batcher.send.attempt import AttemptError
 from batcher.send.client import Reply, classify_status, parse_reply
 from batcher.send.outcome import OutcomeBuilder
 from batcher.send.parse import OutputParser
