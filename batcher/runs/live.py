@@ -16,7 +16,7 @@ from batcher.errors import (
     KeyRefusedError,
     RateLimitStallError,
 )
-from batcher.flow.controller import FlowController
+from batcher.flow.controller import FlowController, Halted
 from batcher.rows.plan import Plan, Prepared, RowFailure, Unchanged
 from batcher.rows.request import RowRequest
 from batcher.runs.progress import Progress
@@ -27,7 +27,8 @@ from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
 from batcher.send.sender import Sender
 from batcher.send.tally import Tally
-from batcher.send.worker import Halted, RowWorker
+from batcher.send.worker import RowWorker
+from batcher.store.columns import Outcome
 from batcher.store.journal import Journal, Previous
 
 
@@ -66,7 +67,8 @@ class Dispatch:
             worker = RowWorker.for_job(
                 config, plan.builder, sender, self.parser, self.prices, self.tally
             )
-            worker.halted = lambda: self.stopping.stopping
+            worker.interrupted = self._record_interrupted
+            self.stopping.attach(flow, self.tally)
             send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
             async with anyio.create_task_group() as clock:
                 clock.start_soon(self._tick, progress)
@@ -137,7 +139,7 @@ class Dispatch:
                 try:
                     outcome = await worker.process(request)
                 except Halted:
-                    continue  # stopped while it waited to retry: pending for the next run
+                    continue  # stopped before it was sent: pending for the next run
                 except BudgetStop:
                     cap = self.plan.job.config.limits.max_cost_usd
                     stopping.stop_dispatch(
@@ -156,6 +158,13 @@ class Dispatch:
                     stopping.stop_work(exc)
                     return
                 progress.advance()
+
+    def _record_interrupted(self, outcome: Outcome) -> None:
+        """A row stopped mid-way with replies paid for: its outcome carries their cost."""
+        try:
+            self.journal.record(outcome)
+        except BatcherError as exc:
+            self.stopping.stop_work(exc)
 
     async def _tick(self, progress: Progress) -> None:
         """Once a second: the flow controller's clockwork, status lines, the stall check."""

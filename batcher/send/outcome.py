@@ -178,6 +178,28 @@ class OutcomeBuilder:
             finish_reason=error.message if error.kind == "finish_reason" else None,
         )
 
+    def interrupted(
+        self, request: RowRequest, attempts: int, latency_s: float, paid: list[Reply]
+    ) -> Outcome:
+        """A row the run stopped before it was done, after it paid for ``paid``: recorded, so
+        the journal counts that spend and keeps the last reply's text, and failed with kind
+        ``interrupted``, so the next run sends the row again (as a whole, since a row's columns
+        come from one run's replies)."""
+        self.tally.failed += 1
+        self.tally.errors["final:interrupted"] += 1
+        message = paid[-1].first.get("message") or {}
+        return Outcome.failed(
+            request.key,
+            request.fingerprint,
+            "interrupted",
+            "the run stopped before this row was done; run again to send it",
+            input_digest=request.input_digest,
+            attempts=attempts,
+            latency_s=latency_s,
+            usage=self.usage_of(paid, asked_model(request), paid[-1].model),
+            response=message.get("content"),
+        )
+
 
 def asked_model(request: RowRequest) -> str:
     """The model a row's request asks for."""
