@@ -18,7 +18,6 @@ so is a request whose place comes after the stop (``Halted``).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -275,17 +274,17 @@ class FlowController:
         if self.halted:
             return
         self.halted = True
+        # Waiters for room in flight need no wake-up: each place given back (by a woken
+        # waiter at once, by a request in flight when it ends) goes to the next, who is
+        # refused and gives it back in turn; the run waits for those in flight anyway.
         self.pacer.halt()
-        # Waiters for room in flight get a token at once, then see ``halted`` and give it
-        # back; a per-wait cancel scope would cost every request of a full gate 4 µs.
-        self._gate.total_tokens = math.inf
         for scope in self._backoffs:
             scope.cancel()
 
     @property
     def concurrency(self) -> int:
-        """Requests allowed in flight now (the gate's size; once halted, as it was)."""
-        return self.sizer.limit
+        """Requests allowed in flight now."""
+        return int(self._gate.total_tokens)
 
     @property
     def requests_per_s(self) -> float | None:
@@ -307,7 +306,7 @@ class FlowController:
                 self.discovery.release()
             self.rates.apply()
         limit = self.sizer.size(self.rates.equivalent_rps(), saturated=saturated)
-        if limit != self._gate.total_tokens and not self.halted:
+        if limit != self._gate.total_tokens:
             self._gate.total_tokens = limit
         bound = self.bound()
         if bound is not None:
