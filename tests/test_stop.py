@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import polars as pl
 import pytest
 
+from batcher.cli import main
 from batcher.sim import SimulatorThread
 from tests.conftest import SimFactory, reviews, start, wait_for, write_job
 
@@ -70,3 +72,25 @@ def test_a_signal_ends_dispatch_at_once_and_keeps_every_answer(
     assert notice is not None, text
     in_flight, sent = (int(n.replace(",", "")) for n in notice.groups())
     assert final["requests"] == sent, f"{figures}; sent {sent}, {in_flight} in flight"
+
+
+def test_a_row_stopped_midway_is_sent_again_even_with_skip_failed(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    server = sim_factory()
+    job = write_job(tmp_path, server.url, data=reviews(6))
+    assert main(["run", str(job), "--quiet"]) == 0
+    # As a stop leaves them: k00001 interrupted after a paid reply, k00002 finally failed.
+    journal = tmp_path / "out/result.parquet.checkpoint/journal.sqlite"
+    connection = sqlite3.connect(journal)
+    with connection:
+        for key, kind in (("k00001", "interrupted"), ("k00002", "http_400")):
+            connection.execute(
+                "UPDATE outcomes SET ok = 0, error_kind = ?, error = ? WHERE key = ?",
+                (kind, f"{kind}: ...", key),
+            )
+    connection.close()
+    assert main(["run", str(job), "--quiet", "--skip-failed"]) == 1  # k00002 stays failed
+    assert server.simulator.requests == 6 + 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.filter(pl.col("error").is_not_null())["id"].to_list() == ["k00002"]

@@ -115,7 +115,7 @@ class Dispatch:
         return isinstance(item, Unchanged) or (
             previous is not None
             and previous.fingerprint == item.fingerprint
-            and (previous.ok or self.skip_failed)
+            and previous.stands(self.skip_failed)
         )
 
     def _next_batch(
@@ -126,7 +126,7 @@ class Dispatch:
         if batch is None:
             return None
         skip_failed = self.skip_failed
-        return self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
+        return self.plan.prepare(batch, self.journal.done, lambda p: p.stands(skip_failed))
 
     async def _work(
         self, receive: ObjectReceiveStream[RowRequest], worker: RowWorker, progress: Progress

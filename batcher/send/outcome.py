@@ -16,7 +16,7 @@ from batcher.rows.request import RowRequest
 from batcher.send.client import Reply
 from batcher.send.prices import Price, PriceTable
 from batcher.send.tally import Tally
-from batcher.store.columns import Outcome, Usage
+from batcher.store.columns import INTERRUPTED, Outcome, Usage
 
 
 class OutcomeBuilder:
@@ -186,12 +186,12 @@ class OutcomeBuilder:
         ``interrupted``, so the next run sends the row again (as a whole, since a row's columns
         come from one run's replies)."""
         self.tally.failed += 1
-        self.tally.errors["final:interrupted"] += 1
+        self.tally.errors[f"final:{INTERRUPTED}"] += 1
         message = paid[-1].first.get("message") or {}
         return Outcome.failed(
             request.key,
             request.fingerprint,
-            "interrupted",
+            INTERRUPTED,
             "the run stopped before this row was done; run again to send it",
             input_digest=request.input_digest,
             attempts=attempts,

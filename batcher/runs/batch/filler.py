@@ -66,7 +66,7 @@ class Filler:
         if batch is None or self.control.stopped:
             return [], False
         skip_failed = self.options.skip_failed
-        prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.ok or skip_failed)
+        prepared = self.plan.prepare(batch, self.journal.done, lambda p: p.stands(skip_failed))
         booked = self.book.rows([key for key, _, _ in prepared])
         closed: list[Chunk] = []
         failures: list[Outcome] = []
@@ -77,7 +77,7 @@ class Filler:
             if isinstance(item, Unchanged) or (
                 previous is not None
                 and previous.fingerprint == item.fingerprint
-                and (previous.ok or skip_failed)
+                and previous.stands(skip_failed)
             ):
                 if fresh:
                     self.tally.skipped += 1
