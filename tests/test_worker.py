@@ -3,16 +3,21 @@ when something sleeps, and sleeps that record their waits instead of waiting."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from batcher.config import JobConfig
-from batcher.flow.controller import FlowController
+from batcher.errors import InterruptedRunError
+from batcher.flow.controller import FlowController, Halted
 from batcher.rows.images import ImageLoader
 from batcher.rows.request import RequestBuilder
+from batcher.runs.stopping import Stopping
 from batcher.send.budget import BudgetStop
 from batcher.send.client import ChatClient
 from batcher.send.parse import OutputParser
@@ -162,3 +167,149 @@ async def test_budget_stops_before_anything_is_sent() -> None:
         await process(script, time, tally, limits={"max_cost_usd": 1e-9})
     assert script.sent == []
     assert tally.inflight_cost_usd == 0
+
+
+# -- stopping: nothing is sent once the run stops, and no paid reply is dropped -------------
+
+
+class Stop:
+    """A run's stop, taken while some part of a row sleeps: the sleep stops the run (as a
+    signal, the budget or a stall would) and then returns, or waits until it is woken."""
+
+    def __init__(self, time: FakeTime, *, wait: bool = False) -> None:
+        self.time = time
+        self.wait = wait
+        self.stopping = Stopping(lambda _message: None)
+        self.interrupted: list[Outcome] = []
+
+    async def sleep(self, seconds: float) -> None:
+        if self.wait:
+            await anyio.sleep_forever()  # only the stop's wake-up ends it
+        self.time.now += seconds
+        self.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGTERM"))
+
+
+@asynccontextmanager
+async def stopping_worker(
+    script: Script, stop: Stop, tally: Tally, *, pace: bool, **sections: Any
+) -> AsyncIterator[tuple[RowWorker, RequestBuilder]]:
+    """A row worker whose pacing (``pace``) or retry waits are ``stop``'s sleep."""
+    config = job_config(**sections)
+    builder = RequestBuilder(config.request, BASE_URL)
+    time = stop.time
+    pace_sleep = stop.sleep if pace else time.pace_sleep
+    flow = FlowController(config.limits, clock=time.clock, sleep=pace_sleep)
+    stop.stopping.attach(flow)
+    images = ImageLoader(Path("."), config.images)
+    transport = httpx.MockTransport(script)
+    async with ChatClient(config.endpoint, None, 4, transport=transport) as client:
+        sender = Sender.for_job(config, builder, client, flow, images, tally, clock=time.clock)
+        worker = RowWorker.for_job(
+            config,
+            builder,
+            sender,
+            OutputParser(config),
+            PriceTable.load(),
+            tally,
+            sleep=time.retry_sleep if pace else stop.sleep,
+            clock=time.clock,
+        )
+        worker.interrupted = stop.interrupted.append
+        yield worker, builder
+
+
+PACED = {"limits": {"requests_per_minute": 60}}  # one request a second: the second one waits
+
+
+async def test_a_request_whose_place_comes_after_the_stop_is_not_sent() -> None:
+    time, tally = FakeTime(), Tally()
+    stop, script = Stop(time), Script.of(answer())
+    async with stopping_worker(script, stop, tally, pace=True, **PACED) as (worker, builder):
+        assert (await worker.process(builder.build("k1", {"text": "a"}))).ok
+        # k2 waits a second for its place; the run stops meanwhile; then the place comes.
+        with pytest.raises(Halted):
+            await worker.process(builder.build("k2", {"text": "b"}))
+    assert stop.time.now == 1.0  # the place was granted, after the stop
+    assert len(script.sent) == 1
+    assert (tally.requests, stop.interrupted) == (1, [])
+    assert worker.sender.flow.in_flight == 0
+
+
+async def test_rows_waiting_for_room_or_the_pace_are_woken_by_the_stop() -> None:
+    time, tally = FakeTime(), Tally()
+    stop, script = Stop(time, wait=True), Script.of(answer())
+    sections = merge(PACED, {"limits": {"concurrency": 2}})
+    halted: list[str] = []
+    async with stopping_worker(script, stop, tally, pace=True, **sections) as (worker, builder):
+
+        async def row(key: str) -> None:
+            try:
+                await worker.process(builder.build(key, {"text": key}))
+            except Halted:
+                halted.append(key)
+
+        with anyio.fail_after(10):  # only if a waiter were never woken
+            async with anyio.create_task_group() as rows:
+                for i in range(6):  # one answered, two wait for the pace, three for room
+                    rows.start_soon(row, f"k{i}")
+                await anyio.wait_all_tasks_blocked()
+                assert worker.sender.flow.pacer.waiting == 2
+                stop.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGINT"))
+    assert len(script.sent) == 1
+    assert sorted(halted) == [f"k{i}" for i in range(1, 6)]
+    assert time.now == 0.0  # woken: no wait ran to its end
+    assert worker.sender.flow.in_flight == 0
+
+
+async def test_a_retry_waiting_at_the_stop_is_cut_short_and_not_sent() -> None:
+    time, tally = FakeTime(), Tally()
+    stop, script = Stop(time, wait=True), Script.of(refusal(503), answer())
+    async with stopping_worker(script, stop, tally, pace=False) as (worker, builder):
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as rows:
+
+                async def row() -> None:
+                    with pytest.raises(Halted):
+                        await worker.process(builder.build("k1", {"text": "a"}))
+
+                rows.start_soon(row)
+                await anyio.wait_all_tasks_blocked()
+                stop.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGTERM"))
+    assert len(script.sent) == 1
+    assert stop.interrupted == []  # a 503 is not paid for: the row stays pending
+
+
+async def test_a_fan_out_row_stopped_midway_keeps_the_reply_it_paid_for() -> None:
+    time, tally = FakeTime(), Tally()
+    stop, script = Stop(time), Script.of(answer("a"), answer("b"))
+    fanout = {"request": {"n": 2, "n_mode": "fanout"}, **PACED}
+    async with stopping_worker(script, stop, tally, pace=True, **fanout) as (worker, builder):
+        with pytest.raises(Halted):
+            await worker.process(builder.build("k1", {"text": "a"}))
+    assert len(script.sent) == 1
+    (outcome,) = stop.interrupted
+    assert (outcome.ok, outcome.error_kind, outcome.attempts) == (False, "interrupted", 1)
+    assert outcome.response == "a"
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (10, 5)
+    assert outcome.cost_usd == pytest.approx(tally.cost_usd)
+    assert tally.cost_usd > 0
+
+
+async def test_a_reply_that_did_not_parse_is_kept_when_the_stop_cuts_its_retry() -> None:
+    time, tally = FakeTime(), Tally()
+    stop, script = Stop(time), Script.of(answer("not json"), answer("{}"))
+    json_output = {"parse": "json", "schema": {"type": "object", "properties": {}}}
+    async with stopping_worker(script, stop, tally, pace=False, output=json_output) as (
+        worker,
+        builder,
+    ):
+        with pytest.raises(Halted):
+            await worker.process(builder.build("k1", {"text": "a"}))
+    assert len(script.sent) == 1
+    (outcome,) = stop.interrupted
+    assert (outcome.error_kind, outcome.response, outcome.prompt_tokens) == (
+        "interrupted",
+        "not json",
+        10,
+    )
+    assert outcome.cost_usd == pytest.approx(tally.cost_usd)

@@ -12,6 +12,8 @@ no trial is already answering it, unless that trial's cut is plainly too shallow
 most. In flight: a fixed number, or ``auto`` (``concurrency.py``). ``tick`` runs once a second:
 growth, sizing, and what bounds the run.
 A server that answers nothing but 429 for ``stall_timeout_s`` is reported ``stalled``.
+Once the run stops, ``halt`` grants no place again: waiters for one are woken and refused, and
+so is a request whose place comes after the stop (``Halted``).
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class FlowReport:
         )
 
 
+class Halted(Exception):  # noqa: N818 - a signal between flow and worker, not an error
+    """The run stopped dispatching: this request is not sent, its row stays pending."""
+
+
 class Slot:
     """One request's place: pass what came back to ``answered`` or ``rate_limited``."""
 
@@ -143,6 +149,11 @@ class Place:
         except BaseException:
             gate.release_on_behalf_of(self)
             raise
+        # A place that comes after the stop is refused: workers that waited for one must not
+        # send once the run stopped. One attribute read per request.
+        if flow.halted:
+            gate.release_on_behalf_of(self)
+            raise Halted
         flow.in_flight += 1
         return Slot(flow, self.cost, flow.discovery.epoch, flow._clock())
 
@@ -182,6 +193,8 @@ class FlowController:
         self._gate = anyio.CapacityLimiter(self.sizer.limit)
         self.rates = RatesInForce(limits, self.pacer, self.discovery)
         self.in_flight = 0
+        self.halted = False  # the run stopped dispatching: no place is granted any more
+        self._backoffs: set[anyio.CancelScope] = set()
         self._gate_waits = 0
         self._last_tick = clock()
         self._last_pacer_waits = 0
@@ -193,6 +206,18 @@ class FlowController:
     def slot(self, cost: Cost) -> Place:
         """Wait for room in flight and for the pace, then hold the request's place."""
         return Place(self, cost)
+
+    async def backoff(self, sleep: Sleep, seconds: float) -> None:
+        """A retry's wait, cut short when the flow halts (the retry is then refused its place).
+        Only failed attempts wait here, so the cancel scope costs nothing on the hot path."""
+        if self.halted:
+            return
+        with anyio.CancelScope() as scope:
+            self._backoffs.add(scope)
+            try:
+                await sleep(seconds)
+            finally:
+                self._backoffs.discard(scope)
 
     def _answered(self, slot: Slot, usage: Cost, limits: ServerLimits | None) -> None:
         now = self._clock()
@@ -242,6 +267,19 @@ class FlowController:
             self.pacer.pause_until(self._clock() + wait)
 
     # -- the run's side ---------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """Grant no place from now on: every stop ends dispatch at once. Requests in flight go
+        on; whoever waits for a place, for the pace or to retry is woken and refused."""
+        if self.halted:
+            return
+        self.halted = True
+        # Waiters for room in flight need no wake-up: each place given back (by a woken
+        # waiter at once, by a request in flight when it ends) goes to the next, who is
+        # refused and gives it back in turn; the run waits for those in flight anyway.
+        self.pacer.halt()
+        for scope in self._backoffs:
+            scope.cancel()
 
     @property
     def concurrency(self) -> int:

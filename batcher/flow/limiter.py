@@ -50,6 +50,8 @@ class RateLimiter:
         self._generation = 0
         self.waiting = 0  # requests sleeping for their slot now
         self.waits = 0  # times a request had to sleep for its slot, ever
+        self.halted = False
+        self._sleepers: set[anyio.CancelScope] = set()
 
     def set_rate(self, budget: str, per_s: float | None) -> None:
         """Pace ``budget`` at ``per_s`` from now on (None: stop pacing it)."""
@@ -73,6 +75,8 @@ class RateLimiter:
             now = self._clock()
             if not self.rates and now >= self.paused_until:
                 return  # nothing paced: the common case of an unlimited server
+            if self.halted:
+                return  # the place is refused once granted: nothing left to pace
             if now < self.paused_until:
                 await self._wait(self.paused_until - now)
                 continue
@@ -82,6 +86,8 @@ class RateLimiter:
                 self._next[budget] = start + cost.of(budget) / rate
             if start > now:
                 await self._wait(start - now)
+            if self.halted:
+                return
             if self._clock() >= self.paused_until and generation == self._generation:
                 for budget in self.rates:
                     self._last[budget] = (start, cost.of(budget))
@@ -89,12 +95,25 @@ class RateLimiter:
             # Paused, or a rate was cut, while this request slept on an old slot: queue again.
 
     async def _wait(self, seconds: float) -> None:
+        """Sleep for a slot; ``halt`` cuts it short. Only requests that must wait pay for
+        the cancel scope (about 4 µs)."""
         self.waiting += 1
         self.waits += 1
         try:
-            await self._sleep(seconds)
+            with anyio.CancelScope() as scope:
+                self._sleepers.add(scope)
+                try:
+                    await self._sleep(seconds)
+                finally:
+                    self._sleepers.discard(scope)
         finally:
             self.waiting -= 1
+
+    def halt(self) -> None:
+        """The run stopped: wake every request sleeping for its slot, and pace nothing more."""
+        self.halted = True
+        for scope in self._sleepers:
+            scope.cancel()
 
     def settle(self, estimated: Cost, actual: Cost) -> None:
         """Correct the token clocks with the server's usage once the reply is in."""

@@ -109,15 +109,16 @@ class Plan:
         """Send, skip or record, the one place it is decided, for every mode: each row of a
         batch and model in order, with its journal key, as ``Unchanged`` (its outcome stands:
         skip it), a ``RowFailure`` (record it, nothing to send) or a ``RowRequest`` (send it).
-        A failed outcome stands only with ``skip_failed``. Blocking: run in a worker thread."""
+        A failed outcome stands only with ``skip_failed``, a row stopped mid-way never
+        (``Previous.stands``). Blocking: run in a worker thread."""
         return [
             (key, Unchanged(key, item.fingerprint))
             if not isinstance(item, Unchanged)
             and previous is not None
             and previous.fingerprint == item.fingerprint
-            and (previous.ok or skip_failed)
+            and previous.stands(skip_failed)
             else (key, item)
-            for key, item, previous in self.prepare(batch, lookup, lambda p: p.ok or skip_failed)
+            for key, item, previous in self.prepare(batch, lookup, lambda p: p.stands(skip_failed))
         ]
 
     def prepare(

@@ -16,7 +16,7 @@ from batcher.errors import (
     KeyRefusedError,
     RateLimitStallError,
 )
-from batcher.flow.controller import FlowController, FlowReport
+from batcher.flow.controller import FlowController, FlowReport, Halted
 from batcher.rows.plan import Prepared, RowFailure, Unchanged
 from batcher.rows.request import RowRequest
 from batcher.runs.context import RunContext
@@ -25,7 +25,9 @@ from batcher.runs.stopping import Interrupt
 from batcher.send.budget import BudgetStop
 from batcher.send.client import ChatClient
 from batcher.send.sender import Sender
-from batcher.send.worker import Halted, RowWorker
+from batcher.send.tally import Tally
+from batcher.send.worker import RowWorker
+from batcher.store.columns import Outcome
 
 
 class LiveEngine:
@@ -34,20 +36,26 @@ class LiveEngine:
     def __init__(self, flow: FlowController, grace_s: float) -> None:
         self.flow = flow
         self.grace_s = grace_s
+        self._tally: Tally | None = None
 
     def interrupted(self, signal_name: str) -> Interrupt:
+        grace = f"up to {self.grace_s:g} s to finish (interrupt again to skip)"
         return Interrupt(
             f"interrupted by {signal_name}",
-            f"{signal_name}: stopping; finishing requests in flight for up to "
-            f"{self.grace_s:g} s (interrupt again to skip)",
+            f"{signal_name}: stopping; nothing more is sent; {self.flow.in_flight:,} requests "
+            f"in flight (of {self._sent():,} sent) have {grace}",
             self.grace_s,
         )
+
+    def _sent(self) -> int:
+        return self._tally.requests if self._tally is not None else 0
 
     def flow_report(self) -> FlowReport:
         return self.flow.report()
 
     async def send(self, context: RunContext) -> None:
         options = context.options
+        self._tally = context.tally
         total = context.plan.total_rows if options.positions is None else len(options.positions)
         progress = Progress(
             context.tally,
@@ -87,7 +95,8 @@ class Dispatch:
             worker = RowWorker.for_job(
                 config, plan.builder, sender, self.parser, self.prices, self.tally
             )
-            worker.halted = lambda: self.stopping.stopping
+            worker.interrupted = self._record_interrupted
+            self.stopping.attach(flow)
             send, receive = anyio.create_memory_object_stream[RowRequest](concurrency)
             async with anyio.create_task_group() as clock:
                 clock.start_soon(self._tick, progress)
@@ -147,7 +156,7 @@ class Dispatch:
                 try:
                     outcome = await worker.process(request)
                 except Halted:
-                    continue  # stopped while it waited to retry: pending for the next run
+                    continue  # stopped before it was sent: pending for the next run
                 except BudgetStop:
                     cap = self.plan.job.config.limits.max_cost_usd
                     stopping.stop_dispatch(
@@ -166,6 +175,13 @@ class Dispatch:
                     stopping.stop_work(exc)
                     return
                 progress.advance()
+
+    def _record_interrupted(self, outcome: Outcome) -> None:
+        """A row stopped mid-way with replies paid for: its outcome carries their cost."""
+        try:
+            self.journal.record(outcome)
+        except BatcherError as exc:
+            self.stopping.stop_work(exc)
 
     async def _tick(self, progress: Progress) -> None:
         """Once a second: the flow controller's clockwork, status lines, the stall check."""

@@ -1,5 +1,7 @@
-"""How a run stops early, in every mode: the first reason wins, dispatching ends, work in flight
-gets the engine's grace period, and signals are taken note of until the output is written."""
+"""How a run stops early, in every mode: the first reason wins, dispatching ends at once (a live
+run's flow controller grants no place from then on, so no request leaves that was not in
+flight), work in flight gets the engine's grace period, and signals are taken note of until
+the output is written."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import NamedTuple
 import anyio
 
 from batcher.errors import BatcherError, InterruptedRunError
+from batcher.flow.controller import FlowController
 
 
 class Interrupt(NamedTuple):
@@ -32,12 +35,22 @@ class Stopping:
         self.writing = False  # the output is being written: signals only take note
         self.dispatch_scope = anyio.CancelScope()
         self.work_scope = anyio.CancelScope()
+        self._flow: FlowController | None = None
+
+    def attach(self, flow: FlowController) -> None:
+        """The run's flow controller, halted by any stop."""
+        self._flow = flow
+        if self.stopping:
+            flow.halt()
 
     def stop_dispatch(self, reason: BatcherError) -> None:
-        """Send nothing more; the first reason is the one the run reports."""
+        """Send nothing more, whatever the reason (signal, budget, stall, a failure): workers
+        waiting for a place are refused it; the first reason is the one the run reports."""
         if self.abort is None:
             self.abort = reason
         self.stopping = True
+        if self._flow is not None:
+            self._flow.halt()
         self.dispatch_scope.cancel()
 
     def stop_work(self, reason: BatcherError) -> None:

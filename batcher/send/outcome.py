@@ -16,7 +16,7 @@ from batcher.send.attempt import AttemptError
 from batcher.send.client import Reply
 from batcher.send.prices import Price, PriceTable
 from batcher.send.tally import Tally
-from batcher.store.columns import Outcome, Usage
+from batcher.store.columns import INTERRUPTED, Outcome, Usage
 
 
 class OutcomeBuilder:
@@ -176,6 +176,28 @@ class OutcomeBuilder:
             usage=self.usage_of(paid, asked_model(request), paid[-1].model) if paid else None,
             response=raw,
             finish_reason=error.message if error.kind == "finish_reason" else None,
+        )
+
+    def interrupted(
+        self, request: RowRequest, attempts: int, latency_s: float, paid: list[Reply]
+    ) -> Outcome:
+        """A row the run stopped before it was done, after it paid for ``paid``: recorded, so
+        the journal counts that spend and keeps the last reply's text, and failed with kind
+        ``interrupted``, so the next run sends the row again (as a whole, since a row's columns
+        come from one run's replies)."""
+        self.tally.failed += 1
+        self.tally.errors[f"final:{INTERRUPTED}"] += 1
+        message = paid[-1].first.get("message") or {}
+        return Outcome.failed(
+            request.key,
+            request.fingerprint,
+            INTERRUPTED,
+            "the run stopped before this row was done; run again to send it",
+            input_digest=request.input_digest,
+            attempts=attempts,
+            latency_s=latency_s,
+            usage=self.usage_of(paid, asked_model(request), paid[-1].model),
+            response=message.get("content"),
         )
 
 

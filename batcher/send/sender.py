@@ -1,5 +1,6 @@
 """One paced attempt: a flow-controller slot, the row's images inlined inside it, the client's
-call under the attempt's timeout, and the slot told how the attempt ended."""
+call under the attempt's timeout, and the slot told how the attempt ended. Nothing is sent once
+the flow has halted: a slot granted after the stop raises ``Halted`` instead."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import anyio
 
 from batcher.config import JobConfig
-from batcher.flow.controller import FlowController
+from batcher.flow.controller import FlowController, Halted
 from batcher.flow.limiter import Cost
 from batcher.rows.images import ImageError, ImageLoader, inline_images
 from batcher.rows.request import RequestBuilder, RowRequest
@@ -71,7 +72,8 @@ class Sender:
         )
 
     async def send(self, request: RowRequest, deadline: float | None) -> Reply:
-        """One attempt; raises AttemptError (or the run's KeyRefusedError/AccountError)."""
+        """One attempt; raises AttemptError (or the run's KeyRefusedError/AccountError), or
+        Halted when the run stopped before it could be sent."""
         prompt = max(request.estimated_tokens - self.completion_per_row, 0)
         async with self.flow.slot(Cost(prompt, self.completion_per_request)) as slot:
             body = request.body
@@ -79,6 +81,8 @@ class Sender:
                 body, slot.body_bytes = await anyio.to_thread.run_sync(
                     self._with_images, request, limiter=self._image_slots
                 )
+                if self.flow.halted:
+                    raise Halted  # stopped while the images were encoded: not sent
             timeout = self.timeout_s
             if deadline is not None:
                 timeout = max(min(timeout, deadline - self._clock()), 0.001)

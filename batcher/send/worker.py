@@ -3,6 +3,8 @@ row's policy until it is answered or finally fails, and the replies turned into 
 
 The parts each do one job: ``Sender`` one paced attempt, ``RowPolicy`` when to try again,
 ``Budget`` what may be spent, ``OutcomeBuilder`` the row's columns; the worker orders them.
+When the run stops (``Halted``, re-exported here for the runner) no further attempt of a row
+is sent; replies it already paid for are recorded as an ``interrupted`` outcome, never dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from batcher.config import JobConfig, RetryConfig
+from batcher.flow.controller import Halted
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget
@@ -27,8 +30,16 @@ from batcher.send.tally import Tally
 from batcher.store.columns import Outcome
 
 
-class Halted(Exception):  # noqa: N818 - a signal between worker and runner, not an error
-    """The run stopped dispatching while this row waited to retry; the row stays pending."""
+class _Spent:
+    """What one request of a row has cost so far: attempts made, and the replies paid for
+    whose output did not parse. Kept outside the request so a row stopped mid-way still
+    knows what it paid for."""
+
+    __slots__ = ("attempts", "wasted")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.wasted: list[Reply] = []
 
 
 class _Answered(NamedTuple):
@@ -71,10 +82,15 @@ class RowWorker:
         self.parser = parser
         self.outcomes = outcomes
         self.retry = retry
-        self.policy = RowPolicy(retry, clock=clock, sleep=sleep, on_retry=self._count_retry)
         self.requests_per_row = requests_per_row
         self._clock = clock
-        self.halted: Callable[[], bool] = lambda: False  # the runner's "stop dispatching"
+        self._flow = sender.flow
+        # A row stopped mid-way (the run halted, the budget, a refused key, the grace's end)
+        # after replies were paid for: its outcome, carrying their cost, goes here, since the
+        # row's exception (or cancellation) goes on to the runner.
+        self.interrupted: Callable[[Outcome], None] = lambda _outcome: None
+        self.policy = RowPolicy(retry, clock=clock, sleep=self._backoff, on_retry=self._count_retry)
+        self._sleep = sleep
 
     @classmethod
     def for_job(
@@ -110,19 +126,34 @@ class RowWorker:
         )
 
     async def process(self, request: RowRequest) -> Outcome:
-        """Send one row (fan-out included) until it is answered or finally fails."""
+        """Send one row (fan-out included) until it is answered or finally fails.
+
+        Raises Halted when the run stopped before the row was done; a row that had paid
+        replies by then is handed to ``interrupted`` first, so no reply is thrown away."""
         started = self._clock()
         deadline = started + self.retry.deadline_s if self.retry.deadline_s is not None else None
         answers: list[_Answered] = []
+        spent = _Spent()
         try:
             for _ in range(self.requests_per_row):
-                answers.append(await self._request(request, deadline))
+                spent = _Spent()
+                answers.append(await self._request(request, deadline, spent))
         except _RequestFailed as failure:
             paid = [a.reply for a in answers] + [w for a in answers for w in a.wasted]
             paid += failure.wasted
             attempts = sum(a.attempts for a in answers) + failure.attempts
             latency_s = self._clock() - started
             return self.outcomes.failed(request, failure.error, attempts, latency_s, paid)
+        except BaseException:
+            # Halted, BudgetStop, a refused key or the grace's cancellation mid-row: the
+            # replies already paid for are recorded, then the row's ending goes on.
+            paid = [a.reply for a in answers] + [w for a in answers for w in a.wasted]
+            paid += spent.wasted
+            if paid:
+                attempts = sum(a.attempts for a in answers) + spent.attempts
+                latency_s = self._clock() - started
+                self.interrupted(self.outcomes.interrupted(request, attempts, latency_s, paid))
+            raise
         latency_s = self._clock() - started
         if len(answers) == 1 and not answers[0].wasted:
             # One request and one paid reply, nearly every row: no sums to build, and the
@@ -147,12 +178,19 @@ class RowWorker:
             latency_s,
         )
 
-    async def _request(self, request: RowRequest, deadline: float | None) -> _Answered:
-        """One request of the row, retried by the row's policy."""
-        wasted: list[Reply] = []  # paid for, but their output did not parse
+    async def _request(
+        self, request: RowRequest, deadline: float | None, spent: _Spent
+    ) -> _Answered:
+        """One request of the row, retried by the row's policy; ``spent`` follows its cost."""
+        wasted = spent.wasted  # paid for, but their output did not parse
 
         async def attempt() -> tuple[Reply, dict[str, Any] | None, float | None]:
-            reply, cost_usd = await self._attempt(request, deadline)
+            try:
+                reply, cost_usd = await self._attempt(request, deadline)
+            except AttemptError:
+                spent.attempts += 1
+                raise
+            spent.attempts += 1
             try:
                 return reply, self._parse(reply), cost_usd
             except AttemptError:
@@ -177,7 +215,7 @@ class RowWorker:
         self, request: RowRequest, deadline: float | None
     ) -> tuple[Reply, float | None]:
         """One attempt, its tokens counted and its cost settled: the reply and that cost."""
-        if self.halted():
+        if self._flow.halted:
             raise Halted
         with self.budget.reserve(request):
             reply = await self.sender.send(request, deadline)
@@ -187,6 +225,10 @@ class RowWorker:
         cost_usd = self.outcomes.cost_of([reply], asked_model(request))
         self.budget.settle(cost_usd)
         return reply, cost_usd
+
+    async def _backoff(self, seconds: float) -> None:
+        """The wait before a retry, cut short when the run stops (the retry is not sent)."""
+        await self._flow.backoff(self._sleep, seconds)
 
     def _count_retry(self) -> None:
         self.budget.tally.retries += 1

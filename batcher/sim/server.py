@@ -106,6 +106,7 @@ class Simulator:
         return {
             "requests": self.requests,
             "answered": self.answered,
+            "in_flight": self.in_flight,  # arrived and not yet answered
             "max_in_flight": self.max_in_flight,
             "achieved_rps": self.achieved_rps(),
             "statuses": dict(self.statuses),

@@ -22,6 +22,10 @@ from batcher.errors import shorten
 # Kept in the journal for resuming and for rebuilding the output, never written to it.
 INTERNAL = frozenset({"fingerprint", "ok", "error_kind", "extra", "input_digest"})
 
+# The error kind of a row the run stopped before it was done: never its final outcome, so
+# the next run sends it again, --skip-failed or not.
+INTERRUPTED = "interrupted"
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:

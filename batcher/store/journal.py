@@ -28,7 +28,7 @@ from batcher.errors import (
     ConfigError,
     JournalMismatchError,
 )
-from batcher.store.columns import COLUMN_NAMES, COLUMNS, SCHEMA, Outcome, as_row
+from batcher.store.columns import COLUMN_NAMES, COLUMNS, INTERRUPTED, SCHEMA, Outcome, as_row
 
 COMMIT_INTERVAL_S = 0.5
 COMMIT_ROWS = 256
@@ -54,6 +54,12 @@ class Previous(NamedTuple):
     fingerprint: bytes
     ok: bool
     input_digest: bytes | None
+    error_kind: str | None = None
+
+    def stands(self, skip_failed: bool) -> bool:
+        """Whether this outcome is kept rather than sent again: an answer always, a failure
+        with --skip-failed, a row the run stopped mid-way never."""
+        return self.ok or (skip_failed and self.error_kind != INTERRUPTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,13 +221,15 @@ class Journal:
         """What the journal holds for each of ``keys`` it has."""
         try:
             rows = self._reader.execute(
-                "SELECT key, fingerprint, ok, input_digest FROM outcomes "
+                "SELECT key, fingerprint, ok, input_digest, error_kind FROM outcomes "
                 "WHERE key IN (SELECT value FROM json_each(?))",
                 (orjson.dumps(list(keys)).decode(),),
             ).fetchall()
         except sqlite3.Error as exc:
             raise CheckpointError(f"{self.path}: cannot read the checkpoint: {exc}") from None
-        return {key: Previous(print_, bool(ok), digest) for key, print_, ok, digest in rows}
+        return {
+            key: Previous(print_, bool(ok), digest, kind) for key, print_, ok, digest, kind in rows
+        }
 
 
 def _check_identity(
@@ -322,12 +330,13 @@ def read_outcomes(
 def previous_by_key(outcomes: pl.DataFrame, key_name: str) -> dict[Any, Previous]:
     """What ``read_outcomes`` returned, as the lookup ``Plan.prepare`` takes."""
     return {
-        key: Previous(fingerprint, bool(ok), digest)
-        for key, fingerprint, ok, digest in zip(
+        key: Previous(fingerprint, bool(ok), digest, kind)
+        for key, fingerprint, ok, digest, kind in zip(
             outcomes.get_column(key_name).to_list(),
             outcomes.get_column("fingerprint").to_list(),
             outcomes.get_column("ok").to_list(),
             outcomes.get_column("input_digest").to_list(),
+            outcomes.get_column("error_kind").to_list(),
             strict=True,
         )
     }

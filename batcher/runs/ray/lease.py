@@ -244,11 +244,18 @@ class LeasedPacer(RateLimiter):
             answers, self.answers = self.answers, []
             self.source.report(answers)
 
+    def halt(self) -> None:
+        super().halt()
+        for waiter in self._queue:
+            waiter.event.set()  # each sees ``halted`` and leaves the queue
+
     async def acquire(self, cost: Cost = _FREE) -> None:
         waiter = _Waiter(cost)
         self._queue.append(waiter)
         try:
             while waiter.start is None:
+                if self.halted:
+                    return  # the place is refused: no lease for it
                 if self._leader is None:
                     self._leader = waiter
                     try:
@@ -263,13 +270,15 @@ class LeasedPacer(RateLimiter):
         finally:
             if waiter.start is None:
                 self._queue.remove(waiter)
+        if self.halted:
+            return
         delay = waiter.start - self._wall()
         if delay > 0:
             await self._wait(delay)
 
     async def _lead(self, me: _Waiter) -> None:
         """Ask for slots for the queue (the leader first) until the leader has one."""
-        while me.start is None:
+        while me.start is None and not self.halted:
             asked = [self._queue[i] for i in range(min(len(self._queue), MAX_LEASE))]
             answers, self.answers = self.answers, []
             grant = await self.source.lease([w.cost for w in asked], answers)

@@ -1,0 +1,96 @@
+"""Stopping a run: after the signal nothing is sent that was not in flight, and every answer the
+server gave is in the journal. A real subprocess, signalled, against the simulator."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from batcher.cli import main
+from batcher.sim import SimulatorThread
+from tests.conftest import SimFactory, reviews, start, wait_for, write_job
+
+ROWS = 3000
+
+
+def stats(server: SimulatorThread) -> dict[str, Any]:
+    return dict(httpx.get(server.url.removesuffix("/v1") + "/sim/stats").json())
+
+
+def journal_rows(output: Path) -> tuple[int, int]:
+    """Rows in the run's journal, and how many of them were answered."""
+    path = output.with_name(output.name + ".checkpoint") / "journal.sqlite"
+    connection = sqlite3.connect(path)
+    try:
+        rows, ok = connection.execute("SELECT count(*), total(ok) FROM outcomes").fetchone()
+    finally:
+        connection.close()
+    return int(rows), int(ok)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_ends_dispatch_at_once_and_keeps_every_answer(
+    tmp_path: Path, sim_factory: SimFactory, stop: signal.Signals
+) -> None:
+    # Replies take 0.3-0.5 s and the job paces 20 requests a second, so a few are in flight
+    # and hundreds of workers (auto concurrency) wait for room or for the pace at any moment.
+    server = sim_factory(latency_s=0.3, latency_jitter_s=0.2, seed=3)
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(ROWS),
+        limits={"concurrency": "auto", "requests_per_minute": 1200},
+    )
+    process = start(job)
+    wait_for(lambda: server.simulator.answered >= 40 or process.poll() is not None)
+    at_signal = stats(server)
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=120)
+    text = err.decode()
+    assert process.returncode == 3, text
+    assert f"stopped: interrupted by {stop.name}" in text
+    wait_for(lambda: server.simulator.in_flight == 0)  # the server finished what it took
+    final = stats(server)
+    rows, ok = journal_rows(tmp_path / "out/result.parquet")
+    figures = (
+        f"requests at the signal {at_signal['requests']}, in the end {final['requests']}; "
+        f"answered {final['answered']}, in the journal {rows} ({ok} ok)"
+    )
+    # Every reply the server gave (and would charge for) is committed: nothing is lost.
+    assert final["answered"] == rows == ok, figures
+    assert rows < ROWS, figures
+    # The run says how many requests it had sent when it took the signal: the server saw
+    # exactly those, so none left afterwards.
+    notice = re.search(r"stopping; .*?(\d[\d,]*) requests in flight \(of (\d[\d,]*) sent\)", text)
+    assert notice is not None, text
+    in_flight, sent = (int(n.replace(",", "")) for n in notice.groups())
+    assert final["requests"] == sent, f"{figures}; sent {sent}, {in_flight} in flight"
+
+
+def test_a_row_stopped_midway_is_sent_again_even_with_skip_failed(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    server = sim_factory()
+    job = write_job(tmp_path, server.url, data=reviews(6))
+    assert main(["run", str(job), "--quiet"]) == 0
+    # As a stop leaves them: k00001 interrupted after a paid reply, k00002 finally failed.
+    journal = tmp_path / "out/result.parquet.checkpoint/journal.sqlite"
+    connection = sqlite3.connect(journal)
+    with connection:
+        for key, kind in (("k00001", "interrupted"), ("k00002", "http_400")):
+            connection.execute(
+                "UPDATE outcomes SET ok = 0, error_kind = ?, error = ? WHERE key = ?",
+                (kind, f"{kind}: ...", key),
+            )
+    connection.close()
+    assert main(["run", str(job), "--quiet", "--skip-failed"]) == 1  # k00002 stays failed
+    assert server.simulator.requests == 6 + 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.filter(pl.col("error").is_not_null())["id"].to_list() == ["k00002"]
