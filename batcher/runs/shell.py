@@ -179,6 +179,7 @@ class Run:
             rows_ok=written.ok,
             rows_failed=written.failed,
             output_cost_usd=written.cost_usd,
+            written=written,
             started=started,
             aborted=self.stopping.abort,
             resume_command=self.options.resume_command or f"batcher run {self.job.source}",

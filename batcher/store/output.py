@@ -13,7 +13,7 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,15 @@ import pyarrow.parquet as pq
 from batcher.errors import ConfigError, InputError, OutputError
 from batcher.rows.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 from batcher.send.parse import OutputParser
-from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA
-from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes
+from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA, unpriced_expression
+from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes, totals
+from batcher.store.spend import Spend
 
 _KEY = "__key"
 _FINGERPRINT = "__fingerprint"
 _POSITION = "__position"
 _ERRNO = re.compile(r"\[errno (\d+)\]")
+_UNPRICED = unpriced_expression(COLUMN_NAMES)  # over the journal's columns, as joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,9 @@ class Written:
     cost_usd: float
     # The input stopped reading at a bad row: the output holds the rows before it.
     stopped: InputError | None = None
+    unpriced_rows: int = 0  # rows of the output whose cost is unknown (no price)
+    # What the job has spent over all its runs, as its journal tells (see ``Totals.spent``).
+    spent: Spend = field(default_factory=Spend)
 
 
 def check_output_target(job_source: Path, target: Path) -> None:
@@ -217,7 +222,7 @@ def _write_output(
         raise FileNotFoundError(2, f"the checkpoint {journal_file} is gone")
     connection = connect(journal_file, readonly=True)
     writer: pq.ParquetWriter | None = None
-    rows = ok = failed = 0
+    rows = ok = failed = unpriced = 0
     cost = 0.0
     offset = 0
     try:
@@ -230,6 +235,7 @@ def _write_output(
             ok += done
             failed += counted.height - done
             cost += float(frame.get_column("cost_usd").sum() or 0.0)
+            unpriced += int(frame.select(_UNPRICED.sum()).item())
             table = frame.select(
                 pl.col(key), *[pl.col(c) for c in plan.keep_columns], *layout.result_columns()
             ).to_arrow()
@@ -245,6 +251,7 @@ def _write_output(
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
+        spent = totals(connection).spent
     finally:
         connection.close()
         # After a fault (disk full, folder gone) cleaning up can fail the same way; the
@@ -253,7 +260,7 @@ def _write_output(
             if writer is not None:
                 writer.close()
             temporary.unlink(missing_ok=True)
-    return Written(rows=rows, ok=ok, failed=failed, cost_usd=cost)
+    return Written(rows, ok, failed, cost, unpriced_rows=unpriced, spent=spent)
 
 
 def _answered(

@@ -33,7 +33,7 @@ from batcher.runs.batch.submit import Submitter
 from batcher.runs.summary import RunSummary
 from batcher.send.outcome import OutcomeBuilder
 from batcher.store.journal import Journal, journal_path
-from batcher.store.output import write_output
+from batcher.store.output import Written, write_output
 
 if TYPE_CHECKING:
     from batcher.runs.shell import Run
@@ -133,7 +133,7 @@ class BatchRun:
         written = await anyio.to_thread.run_sync(
             lambda: write_output(self.plan, run.layout, journal_file)
         )
-        return self._summary(written.rows, written.ok, written.cost_usd, started)
+        return self._summary(written, started)
 
     async def _main(self) -> None:
         await self._show(await anyio.to_thread.run_sync(self.book.active))
@@ -202,14 +202,15 @@ class BatchRun:
         """Batches running on the server, as far as this run knows."""
         return sum(self._statuses.values()) + sum(self.submitter.created.values())
 
-    def _summary(self, rows: int, ok: int, output_cost: float, started: float) -> RunSummary:
+    def _summary(self, written: Written, started: float) -> RunSummary:
         return RunSummary.of_run(
             self.tally,
             output_path=self.plan.output_path,
             rows_total=self.plan.total_rows,
-            rows_ok=ok,
-            rows_failed=rows - ok,
-            output_cost_usd=output_cost,
+            rows_ok=written.ok,
+            rows_failed=written.rows - written.ok,
+            output_cost_usd=written.cost_usd,
+            written=written,
             started=started,
             aborted=self.control.abort,
             resume_command=self.options.resume_command or f"batcher run {self.job.source}",
