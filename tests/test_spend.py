@@ -54,7 +54,7 @@ def assert_all_spend_counted(
     assert report["job"]["cost_usd"] == pytest.approx(billed)
     assert report["job"]["unpriced_rows"] == 0
     # What the replaced outcomes cost is what the output no longer shows.
-    current = pl.read_parquet(output)["cost_usd"].sum()
+    current = float(pl.read_parquet(output)["cost_usd"].sum())
     assert report["total"]["cost_usd"] == pytest.approx(current)
     assert report["job"]["superseded_cost_usd"] == pytest.approx(billed - current)
 
