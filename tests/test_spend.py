@@ -200,3 +200,27 @@ def test_cost_without_the_checkpoint_says_what_it_shows(
     assert cost_report(output, capsys)["job"] is None
     assert main(["cost", str(output)]) == 0
     assert "spent on this job: not known without its checkpoint" in capsys.readouterr().out
+
+
+def test_batch_mode_keeps_the_spend_of_rows_it_asks_again(
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Batch mode writes outcomes through its own book: the same journal keeps what they cost.
+    server = sim_factory()
+
+    def batch_job(max_tokens: int) -> Path:
+        return write_job(
+            tmp_path,
+            server.url,
+            data=mixed_reviews(20),
+            endpoint={"mode": "batch"},
+            batch={"poll_s": 0.05},
+            request={"max_tokens": max_tokens},
+            output={"fail_on_finish": ["length"]},
+        )
+
+    first = run(batch_job(SHORT_MAX_TOKENS))
+    assert first.rows_failed == 10
+    second = run(batch_job(64), keep_done=True)
+    assert (second.rows_ok, second.rows_skipped) == (20, 10)
+    assert_all_spend_counted(batch_job(64), [first, second], capsys)
