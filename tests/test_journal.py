@@ -11,7 +11,15 @@ from pathlib import Path
 import polars as pl
 
 from batcher.store.columns import COLUMN_NAMES, Outcome, Usage
-from batcher.store.journal import Journal, Superseded, Totals, connect, read_outcomes, totals
+from batcher.store.journal import (
+    Journal,
+    Superseded,
+    Totals,
+    connect,
+    read_outcomes,
+    spent,
+    totals,
+)
 from batcher.store.spend import Spend
 
 IDENTITY = {"input": "data.csv", "output": "out.parquet", "key_column": "id"}
@@ -160,6 +168,11 @@ def test_unpriced_outcomes_are_counted_not_priced_at_zero(tmp_path: Path) -> Non
     # The replaced a was unpriced too; a replaced x that was never sent leaves nothing.
     assert (held.superseded.keys, held.superseded.unpriced_rows) == (1, 1)
     assert held.spent == Spend(1.0, 3)
+    connection = connect(path, readonly=True)
+    try:
+        assert spent(connection) == held.spent  # the end of a run's shorter query
+    finally:
+        connection.close()
     assert not never_sent.unpriced
     assert attempt("a", None).unpriced
 

@@ -425,6 +425,16 @@ def totals(connection: sqlite3.Connection) -> Totals:
     return Totals(ok, failed, prompt, completion, cost, kinds, unpriced, superseded(connection))
 
 
+def spent(connection: sqlite3.Connection) -> Spend:
+    """``totals(connection).spent`` without its grouping: 0.15 s for 1,000,000 rows, against
+    1 s (the end of every run asks it)."""
+    cost, unpriced = connection.execute(
+        "SELECT total(cost_usd), count(*) FILTER (WHERE "
+        f"{UNPRICED_SQL.format(row='')}) FROM outcomes"
+    ).fetchone()
+    return Spend(float(cost), int(unpriced)) + superseded(connection).spend
+
+
 def superseded(connection: sqlite3.Connection) -> Superseded:
     """The spend of every outcome replaced since the journal was made (none in a journal of
     a version that did not keep it)."""

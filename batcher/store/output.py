@@ -25,7 +25,7 @@ from batcher.errors import ConfigError, InputError, OutputError
 from batcher.rows.plan import MODEL_COLUMN, REQUEST_MODEL, Plan, normalise_keys
 from batcher.send.parse import OutputParser
 from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA, unpriced_expression
-from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes, totals
+from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes, spent
 from batcher.store.spend import Spend
 
 _KEY = "__key"
@@ -251,7 +251,7 @@ def _write_output(
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-        spent = totals(connection).spent
+        job = spent(connection)
     finally:
         connection.close()
         # After a fault (disk full, folder gone) cleaning up can fail the same way; the
@@ -260,7 +260,7 @@ def _write_output(
             if writer is not None:
                 writer.close()
             temporary.unlink(missing_ok=True)
-    return Written(rows, ok, failed, cost, unpriced_rows=unpriced, spent=spent)
+    return Written(rows, ok, failed, cost, unpriced_rows=unpriced, spent=job)
 
 
 def _answered(
