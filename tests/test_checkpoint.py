@@ -173,8 +173,9 @@ def test_full_checkpoint_disk_keeps_committed_rows_and_exits_3(
 
     def small_disk(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         connection = original(path, readonly=readonly)
-        if not readonly:  # SQLite's own "database or disk is full" after about 100 rows
-            connection.execute("PRAGMA max_page_count = 9")
+        # SQLite's own "database or disk is full" after about 100 rows (the schema takes 7 pages)
+        if not readonly:
+            connection.execute("PRAGMA max_page_count = 11")
         return connection
 
     monkeypatch.setattr(batcher.store.journal, "connect", small_disk)

@@ -117,7 +117,7 @@ def test_real_disk_full_in_the_checkpoint(
     small_disk: Callable[[str, str], Path],
 ) -> None:
     server = sim_factory(latency_s=0.005)
-    checkpoint = small_disk("ck", "160k")
+    checkpoint = small_disk("ck", "192k")  # the schema and the first commits fit, not all rows
     job = write_job(
         tmp_path,
         server.url,

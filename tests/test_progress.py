@@ -43,3 +43,17 @@ def test_quiet_and_not_a_terminal_show_only_the_summary(
     err = capsys.readouterr().err
     assert "row/s" not in err
     assert err.startswith("rows: 20 ok, 0 failed, 0 pending of 20")
+
+
+def test_unpriced_rows_show_as_unknown_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    tally = Tally()
+    progress = Progress(tally, 10, quiet=False, every_s=1.0)
+    tally.ok, tally.unpriced_rows = 4, 4
+    progress.advance(4)
+    progress.close()
+    assert "unknown (4 rows of unpriced models)" in screen.getvalue()
+    tally.cost_usd = 0.0123
+    line = progress.status_line(1.0)
+    assert line.endswith("$0.0123 + unknown for 4 rows of unpriced models")

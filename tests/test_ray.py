@@ -333,3 +333,33 @@ def test_sigterm_interrupts_the_driver_as_on_one_machine(
     assert driver.returncode == 3
     assert err.splitlines()[-1] == "error: interrupted; run the same command again to resume"
     assert all(start_time(pid) != started for pid, started in cluster.items())
+
+
+def test_a_rerun_keeps_the_spend_of_rows_asked_again(
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Truncated rows of two shards, redone with --keep-done: the shards' journals keep what
+    the truncated answers cost, and the merged checkpoint says what both runs billed."""
+    from tests.test_finish import SHORT_MAX_TOKENS, mixed_reviews
+
+    sim = sim_factory()
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=mixed_reviews(40),
+        request={"max_tokens": SHORT_MAX_TOKENS},
+        output={"fail_on_finish": ["length"]},
+        ray={"shard_rows": 20},
+    )
+    first = run_on_ray(job)
+    assert first.rows_failed == 20
+    second = run_on_ray(job, ["request.max_tokens=64"], keep_done=True)
+    assert (second.rows_ok, second.requests) == (40, 20)
+    billed = first.cost_usd + second.cost_usd
+    assert second.job_cost_usd == pytest.approx(billed)
+    assert second.output_cost_usd < billed
+    capsys.readouterr()
+    assert main(["status", str(job)]) == 0
+    assert f"spent on this job ${billed:.4f}\n" in capsys.readouterr().out

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from batcher.config import Job
 from batcher.rows.source import Source
 from batcher.runs.batch.book import describe
-from batcher.store.journal import journal_path, reading, totals
+from batcher.store.journal import Superseded, journal_path, reading, totals
+from batcher.store.spend import Spend
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,14 @@ class JobStatus:
     failed_by_kind: dict[str, int] = field(default_factory=dict)
     journal: str | None = None
     batches: list[str] = field(default_factory=list)  # batch mode: what is in flight
+    unpriced_rows: int = 0  # rows whose cost is unknown (no price), left out of cost_usd
+    # Outcomes replaced by newer ones for their rows (retried, asked again): paid for too.
+    superseded: Superseded = field(default_factory=Superseded)
+
+    @property
+    def spent(self) -> Spend:
+        """What the job has spent: its rows' outcomes and the ones they replaced."""
+        return Spend(self.cost_usd, self.unpriced_rows) + self.superseded.spend
 
     @property
     def rows_pending(self) -> int:
@@ -29,13 +38,21 @@ class JobStatus:
     def lines(self) -> list[str]:
         if self.journal is None:
             return [f"no checkpoint yet: {self.rows_total} rows pending"]
+        gone = self.superseded
         lines = [
             f"checkpoint: {self.journal}",
             f"rows: {self.rows_total} to answer; {self.rows_ok} done, "
             f"{self.rows_failed} failed, {self.rows_pending} pending",
-            f"tokens so far: {self.prompt_tokens} in, {self.completion_tokens} out; "
-            f"cost ${self.cost_usd:.4f}",
+            f"tokens so far: {self.prompt_tokens + gone.prompt_tokens} in, "
+            f"{self.completion_tokens + gone.completion_tokens} out; "
+            f"spent on this job {self.spent.describe()}",
         ]
+        if gone.times:
+            lines.append(
+                f"of which on earlier outcomes of rows asked again: {gone.spend.describe()} "
+                f"({gone.times} outcomes of {gone.keys} rows, since replaced); "
+                f"on the outcomes held now: {Spend(self.cost_usd, self.unpriced_rows).describe()}"
+            )
         if self.failed_by_kind:
             kinds = ", ".join(
                 f"{kind} {count}" for kind, count in sorted(self.failed_by_kind.items())
@@ -63,4 +80,6 @@ def job_status(job: Job, limit: int | None = None) -> JobStatus:
         held.failed_by_kind,
         str(path),
         batches,
+        held.unpriced_rows,
+        held.superseded,
     )

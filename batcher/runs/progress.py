@@ -64,7 +64,7 @@ class Progress:
         self._bar.set_postfix_str(
             f"ok={t.ok} failed={t.failed} retries={t.retries} 429s={t.rate_limited} "
             f"req/s={self._rate:.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
-            f"${t.cost_usd:.4f}{flow}",
+            f"{t.spend.describe()}{flow}",
             refresh=False,
         )
 
@@ -86,7 +86,7 @@ class Progress:
         return (
             f"[{elapsed // 3600:d}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}] "
             f"{self.done}/{self.total} rows ({share:.1%}), {t.ok} ok, {t.failed} failed, "
-            f"{rate:.1f} req/s{flow}, 429s {limited:.1%}, ${t.cost_usd:.4f}"
+            f"{rate:.1f} req/s{flow}, 429s {limited:.1%}, {t.spend.describe()}"
         )
 
     def close(self) -> None:

@@ -166,6 +166,7 @@ class Run:
             rows_ok=written.ok,
             rows_failed=written.failed,
             output_cost_usd=written.cost_usd,
+            written=written,
             started=started,
             aborted=self.stopping.abort,
             resume_command=self.resume_command,

@@ -9,6 +9,8 @@ from pathlib import Path
 from batcher.errors import BatcherError, exit_code
 from batcher.flow.controller import FlowReport
 from batcher.send.tally import Tally
+from batcher.store.output import Written
+from batcher.store.spend import Spend
 
 _BOUND_SHARE = 0.2  # a bound holding the run this share of its time is worth a hint
 
@@ -38,6 +40,13 @@ class RunSummary:
     flow: FlowReport | None = None
     # Why the run stopped before every row was tried (None: it ran to the end).
     error: BatcherError | None = None
+    # Rows whose cost is unknown (no price for their model), left out of the sums above.
+    unpriced_rows: int = 0
+    output_unpriced_rows: int = 0
+    # Spent on the job over all its runs, rows asked again included (the journal's figure;
+    # None where it is not known, a --ray run with its checkpoint in object storage).
+    job_cost_usd: float | None = None
+    job_unpriced_rows: int = 0
 
     @classmethod
     def of_run(
@@ -53,8 +62,10 @@ class RunSummary:
         aborted: BatcherError | None,
         resume_command: str,
         flow: FlowReport | None = None,
+        written: Written | None = None,
     ) -> RunSummary:
-        """A run's summary from its tally; the resume command only when it stopped early."""
+        """A run's summary from its tally; the resume command only when it stopped early;
+        ``written`` (the output's own account) adds what is unpriced and the job's spend."""
         return cls(
             output_path=output_path,
             rows_total=rows_total,
@@ -76,7 +87,28 @@ class RunSummary:
             resume_command=resume_command if aborted is not None else None,
             flow=flow,
             error=aborted,
+            unpriced_rows=tally.unpriced_rows,
+            output_unpriced_rows=written.unpriced_rows if written is not None else 0,
+            job_cost_usd=written.spent.cost_usd if written is not None else None,
+            job_unpriced_rows=written.spent.unpriced_rows if written is not None else 0,
         )
+
+    @property
+    def spend(self) -> Spend:
+        """What this run spent."""
+        return Spend(self.cost_usd, self.unpriced_rows)
+
+    @property
+    def output_spend(self) -> Spend:
+        """What the output's rows cost."""
+        return Spend(self.output_cost_usd, self.output_unpriced_rows)
+
+    @property
+    def job_spend(self) -> Spend | None:
+        """What the job has spent over all its runs (None: not known)."""
+        if self.job_cost_usd is None:
+            return None
+        return Spend(self.job_cost_usd, self.job_unpriced_rows)
 
     @property
     def exit_code(self) -> int:
@@ -88,13 +120,16 @@ class RunSummary:
             if self.wall_s
             else 0
         )
+        spent = self.job_spend
+        job = f", spent on this job {spent.describe()}" if spent is not None else ""
         lines = [
             f"rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_pending} pending "
             f"of {self.rows_total} ({self.rows_skipped} already done before this run)",
             f"requests: {self.requests} sent, {self.retries} retries, "
             f"{self.rate_limited} rate-limited (429)",
             f"tokens: {self.prompt_tokens} in, {self.completion_tokens} out; "
-            f"cost this run ${self.cost_usd:.4f}, whole output ${self.output_cost_usd:.4f}",
+            f"cost this run {self.spend.describe()}, whole output "
+            f"{self.output_spend.describe()}{job}",
             f"time: {self.wall_s:.1f} s ({rate:.1f} rows/s)",
             f"output: {self.output_path}",
         ]

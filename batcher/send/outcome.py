@@ -124,18 +124,26 @@ class OutcomeBuilder:
         if parsed is not None:
             extra["parsed"] = parsed
         self.tally.ok += 1
-        return Outcome.answered(
-            request.key,
-            request.fingerprint,
-            response=message.get("content"),
-            finish_reason=choices[0].get("finish_reason"),
-            usage=self.usage_of(paid, asked_model(request), first.model, costs),
-            latency_s=latency_s,
-            attempts=attempts,
-            response_id=first.response_id,
-            extra=extra or None,
-            input_digest=request.input_digest,
+        return self._counted(
+            Outcome.answered(
+                request.key,
+                request.fingerprint,
+                response=message.get("content"),
+                finish_reason=choices[0].get("finish_reason"),
+                usage=self.usage_of(paid, asked_model(request), first.model, costs),
+                latency_s=latency_s,
+                attempts=attempts,
+                response_id=first.response_id,
+                extra=extra or None,
+                input_digest=request.input_digest,
+            )
         )
+
+    def _counted(self, outcome: Outcome) -> Outcome:
+        """``outcome``, its unknown cost counted in the tally (a sum of costs leaves it out)."""
+        if outcome.unpriced:
+            self.tally.unpriced_rows += 1
+        return outcome
 
     def _failing_finish(self, choices: list[dict[str, Any]]) -> str | None:
         """The first finish reason among ``choices`` that output.fail_on_finish names."""
@@ -165,17 +173,19 @@ class OutcomeBuilder:
             raw = message.get("content")
             if raw is None and message.get("tool_calls"):
                 raw = orjson.dumps(message["tool_calls"]).decode()
-        return Outcome.failed(
-            request.key,
-            request.fingerprint,
-            error.kind,
-            error.message,
-            input_digest=request.input_digest,
-            attempts=attempts,
-            latency_s=latency_s,
-            usage=self.usage_of(paid, asked_model(request), paid[-1].model) if paid else None,
-            response=raw,
-            finish_reason=error.message if error.kind == "finish_reason" else None,
+        return self._counted(
+            Outcome.failed(
+                request.key,
+                request.fingerprint,
+                error.kind,
+                error.message,
+                input_digest=request.input_digest,
+                attempts=attempts,
+                latency_s=latency_s,
+                usage=self.usage_of(paid, asked_model(request), paid[-1].model) if paid else None,
+                response=raw,
+                finish_reason=error.message if error.kind == "finish_reason" else None,
+            )
         )
 
     def interrupted(

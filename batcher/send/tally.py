@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from batcher.store.spend import Spend
+
 
 @dataclass(slots=True)
 class Tally:
@@ -22,3 +24,8 @@ class Tally:
     inflight_cost_usd: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
+    unpriced_rows: int = 0  # rows done whose cost is unknown (no price for their model)
+
+    @property
+    def spend(self) -> Spend:
+        return Spend(self.cost_usd, self.unpriced_rows)

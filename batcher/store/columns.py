@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,6 +62,16 @@ class Outcome:
     response_id: str | None = None
     extra: dict[str, Any] | None = None
     input_digest: bytes | None = None
+
+    @property
+    def unpriced(self) -> bool:
+        """Paid for at a price nobody gave (see ``UNPRICED_SQL``)."""
+        return self.cost_usd is None and (
+            self.ok
+            or self.model is not None
+            or self.prompt_tokens is not None
+            or self.completion_tokens is not None
+        )
 
     @classmethod
     def answered(
@@ -125,6 +136,27 @@ class Outcome:
             error=f"{kind}: {shorten(message)}",
             input_digest=input_digest,
         )
+
+
+# A row whose cost is unknown: no cost, yet a reply was paid for (every answered row; a failed
+# row that kept a reply's model or tokens, e.g. a truncated or unparsable one). A row that
+# failed before any reply has no cost either, and cost nothing. The same rule three times:
+# ``Outcome.unpriced``, this over a journal row (``{row}`` names its table, "" or "old."),
+# and ``unpriced_expression`` over an output file, where success is a null ``error``.
+UNPRICED_SQL = (
+    "({row}cost_usd IS NULL AND ({row}ok = 1 OR {row}model IS NOT NULL "
+    "OR {row}prompt_tokens IS NOT NULL OR {row}completion_tokens IS NOT NULL))"
+)
+
+
+def unpriced_expression(columns: Collection[str]) -> pl.Expr:
+    """``UNPRICED_SQL`` over an output file with these ``columns`` (``error`` and
+    ``cost_usd`` among them; the others count where present)."""
+    paid = pl.col("error").is_null()
+    for name in ("model", "prompt_tokens", "completion_tokens"):
+        if name in columns:
+            paid = paid | pl.col(name).is_not_null()
+    return pl.col("cost_usd").is_null() & paid
 
 
 def _usage(usage: Usage) -> dict[str, Any]:

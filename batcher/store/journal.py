@@ -28,18 +28,57 @@ from batcher.errors import (
     ConfigError,
     JournalMismatchError,
 )
-from batcher.store.columns import COLUMN_NAMES, COLUMNS, INTERRUPTED, SCHEMA, Outcome, as_row
+from batcher.store.columns import (
+    COLUMN_NAMES,
+    COLUMNS,
+    INTERRUPTED,
+    SCHEMA,
+    UNPRICED_SQL,
+    Outcome,
+    as_row,
+)
+from batcher.store.spend import Spend
 
 COMMIT_INTERVAL_S = 0.5
 COMMIT_ROWS = 256
 _OUTCOME_COLUMNS = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS)
+# What an outcome leaves behind when a new one for its key replaces it (a failed row retried,
+# a row asked again after --keep-done or an edited prompt): summed per key, so the journal
+# keeps what every attempt cost while growing by one row per key asked again, at most. Each
+# entry: the column, its SQL type, its value from the replaced row (``old``).
+_SUPERSEDED = (
+    ("times", "INTEGER", "1"),
+    ("prompt_tokens", "INTEGER", "coalesce(old.prompt_tokens, 0)"),
+    ("completion_tokens", "INTEGER", "coalesce(old.completion_tokens, 0)"),
+    ("cost_usd", "REAL", "coalesce(old.cost_usd, 0.0)"),
+    ("unpriced_rows", "INTEGER", UNPRICED_SQL.format(row="old.")),
+)
+_SUPERSEDED_NAMES = tuple(name for name, _, _ in _SUPERSEDED)
+# The writer's upsert fires the trigger only on a key already present, so new rows (nearly
+# all) cost what they did; a row that cost nothing (it failed before any reply) leaves
+# nothing. INSERT OR REPLACE (the ray merge, a plain copy) fires no UPDATE trigger.
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outcomes (key PRIMARY KEY NOT NULL, {_OUTCOME_COLUMNS});
+CREATE TABLE IF NOT EXISTS superseded (
+    key PRIMARY KEY NOT NULL, {", ".join(f"{name} {sql} NOT NULL" for name, sql, _ in _SUPERSEDED)}
+);
+"""
+# Created once the columns it reads are there (after ``_add_new_columns`` on an old journal).
+_TRIGGER = f"""
+CREATE TRIGGER IF NOT EXISTS outcomes_superseded AFTER UPDATE ON outcomes
+WHEN old.cost_usd IS NOT NULL OR {UNPRICED_SQL.format(row="old.")}
+BEGIN
+    INSERT INTO superseded (key, {", ".join(_SUPERSEDED_NAMES)})
+    VALUES (old.key, {", ".join(value for _, _, value in _SUPERSEDED)})
+    ON CONFLICT (key) DO UPDATE SET
+    {", ".join(f"{name} = {name} + excluded.{name}" for name in _SUPERSEDED_NAMES)};
+END;
 """
 _INSERT = (
-    f"INSERT OR REPLACE INTO outcomes (key, {', '.join(COLUMN_NAMES)}) "
-    f"VALUES ({', '.join('?' * (len(COLUMN_NAMES) + 1))})"
+    f"INSERT INTO outcomes (key, {', '.join(COLUMN_NAMES)}) "
+    f"VALUES ({', '.join('?' * (len(COLUMN_NAMES) + 1))}) "
+    f"ON CONFLICT (key) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMN_NAMES)}"
 )
 _SELECT = (
     f"SELECT key, {', '.join(COLUMN_NAMES)} FROM outcomes "
@@ -63,8 +102,25 @@ class Previous(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Superseded:
+    """Outcomes replaced by a newer one for their key, summed."""
+
+    keys: int = 0
+    times: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced_rows: int = 0
+
+    @property
+    def spend(self) -> Spend:
+        return Spend(self.cost_usd, self.unpriced_rows)
+
+
+@dataclass(frozen=True, slots=True)
 class Totals:
-    """What a checkpoint holds, summed (``batcher status``)."""
+    """What a checkpoint holds, summed (``batcher status``): its rows' outcomes, and what the
+    outcomes they replaced had cost (``superseded``: ``times`` outcomes of ``keys`` rows)."""
 
     ok: int = 0
     failed: int = 0
@@ -72,6 +128,18 @@ class Totals:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     failed_by_kind: dict[str, int] = field(default_factory=dict)
+    unpriced_rows: int = 0
+    superseded: Superseded = field(default_factory=Superseded)
+
+    @property
+    def held(self) -> Spend:
+        """What the rows' current outcomes cost."""
+        return Spend(self.cost_usd, self.unpriced_rows)
+
+    @property
+    def spent(self) -> Spend:
+        """Everything spent on the job: current outcomes and the ones they replaced."""
+        return self.held + self.superseded.spend
 
 
 def journal_path(checkpoint_dir: Path) -> Path:
@@ -144,6 +212,7 @@ class Journal:
             self._writer = connect(path)
             self._writer.executescript(_SCHEMA)
             _add_new_columns(self._writer)
+            self._writer.executescript(_TRIGGER)
             verify(self._writer, path)
             _check_identity(self._writer, path, identity, legacy or {})
             self._reader = connect(path)
@@ -343,24 +412,68 @@ def previous_by_key(outcomes: pl.DataFrame, key_name: str) -> dict[Any, Previous
 
 
 def totals(connection: sqlite3.Connection) -> Totals:
-    """Rows answered and failed, their tokens and cost, failures by kind."""
+    """Rows answered and failed, their tokens and cost, failures by kind; the spend of the
+    outcomes they replaced."""
     rows = connection.execute(
         "SELECT ok, error_kind, count(*), total(prompt_tokens), total(completion_tokens), "
-        "total(cost_usd) FROM outcomes GROUP BY ok, error_kind"
+        f"total(cost_usd), total({UNPRICED_SQL.format(row='')}) "
+        "FROM outcomes GROUP BY ok, error_kind"
     ).fetchall()
-    ok = failed = prompt = completion = 0
+    ok = failed = prompt = completion = unpriced = 0
     cost = 0.0
     kinds: dict[str, int] = {}
-    for success, kind, count, prompt_tokens, completion_tokens, row_cost in rows:
+    for success, kind, count, prompt_tokens, completion_tokens, row_cost, row_unpriced in rows:
         prompt += int(prompt_tokens)
         completion += int(completion_tokens)
         cost += float(row_cost)
+        unpriced += int(row_unpriced)
         if success:
             ok += count
         else:
             failed += count
             kinds[kind or "unknown"] = count
-    return Totals(ok, failed, prompt, completion, cost, kinds)
+    return Totals(ok, failed, prompt, completion, cost, kinds, unpriced, superseded(connection))
+
+
+def spent(connection: sqlite3.Connection) -> Spend:
+    """``totals(connection).spent`` without its grouping: 0.15 s for 1,000,000 rows, against
+    1 s (the end of every run asks it)."""
+    cost, unpriced = connection.execute(
+        "SELECT total(cost_usd), count(*) FILTER (WHERE "
+        f"{UNPRICED_SQL.format(row='')}) FROM outcomes"
+    ).fetchone()
+    return Spend(float(cost), int(unpriced)) + superseded(connection).spend
+
+
+def superseded(connection: sqlite3.Connection) -> Superseded:
+    """The spend of every outcome replaced since the journal was made (none in a journal of
+    a version that did not keep it)."""
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'superseded'"
+    ).fetchone()
+    if exists is None:
+        return Superseded()
+    keys, *sums = connection.execute(
+        f"SELECT count(*), {', '.join(f'total({name})' for name in _SUPERSEDED_NAMES)} "
+        "FROM superseded"
+    ).fetchone()
+    times, prompt, completion, cost, unpriced = sums
+    return Superseded(
+        int(keys), int(times), int(prompt), int(completion), float(cost), int(unpriced)
+    )
+
+
+def copy_superseded(connection: sqlite3.Connection, schema: str) -> None:
+    """The attached journal ``schema``'s replaced spend into the main one, key by key (a
+    shard's journal holds its keys' whole history, so a copy made twice counts once)."""
+    exists = connection.execute(
+        f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'superseded'"
+    ).fetchone()
+    if exists is not None:
+        connection.execute(
+            f"INSERT OR REPLACE INTO main.superseded (key, {', '.join(_SUPERSEDED_NAMES)}) "
+            f"SELECT key, {', '.join(_SUPERSEDED_NAMES)} FROM {schema}.superseded"
+        )
 
 
 def answered_samples(path: Path) -> list[tuple[float, float, int]]:

@@ -14,7 +14,7 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from batcher.config import RequestConfig
 from batcher.errors import ConfigError, InputError, OutputError
-from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA
-from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes
+from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA, unpriced_expression
+from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes, spent
 from batcher.store.keys import (
     MODEL_COLUMN,
     REQUEST_MODEL,
@@ -34,11 +34,13 @@ from batcher.store.keys import (
     journal_key_type,
     normalise_keys,
 )
+from batcher.store.spend import Spend
 
 _KEY = "__key"
 _POSITION = "__position"
 _CURRENT = "__current"
 _ERRNO = re.compile(r"\[errno (\d+)\]")
+_UNPRICED = unpriced_expression(COLUMN_NAMES)  # over the journal's columns, as joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,9 @@ class Written:
     cost_usd: float
     # The input stopped reading at a bad row: the output holds the rows before it.
     stopped: InputError | None = None
+    unpriced_rows: int = 0  # rows of the output whose cost is unknown (no price)
+    # What the job has spent over all its runs, as its journal tells (see ``Totals.spent``).
+    spent: Spend = field(default_factory=Spend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +263,7 @@ def _write_output(
         raise FileNotFoundError(2, f"the checkpoint {journal_file} is gone")
     connection = connect(journal_file, readonly=True)
     writer: pq.ParquetWriter | None = None
-    total = ok = failed = 0
+    total = ok = failed = unpriced = 0
     cost = 0.0
     offset = 0
     kept = [pl.col(c) for c in rows.keep_columns]
@@ -272,6 +277,7 @@ def _write_output(
             ok += done
             failed += counted.height - done
             cost += float(frame.get_column("cost_usd").sum() or 0.0)
+            unpriced += int(frame.select(_UNPRICED.sum()).item())
             table = frame.select(pl.col(key), *kept, *layout.result_columns()).to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
@@ -285,6 +291,7 @@ def _write_output(
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
+        job = spent(connection)
     finally:
         connection.close()
         # After a fault (disk full, folder gone) cleaning up can fail the same way; the
@@ -293,7 +300,7 @@ def _write_output(
             if writer is not None:
                 writer.close()
             temporary.unlink(missing_ok=True)
-    return Written(rows=total, ok=ok, failed=failed, cost_usd=cost)
+    return Written(total, ok, failed, cost, unpriced_rows=unpriced, spent=job)
 
 
 def _answered(

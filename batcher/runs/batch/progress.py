@@ -33,7 +33,7 @@ class BatchProgress:
         t = self.tally
         self._bar.set_postfix_str(
             f"batches: {by_status or 'none'} | rows: submitted={rows.get('submitted', 0)} "
-            f"retry={rows.get('retry', 0)} ok={t.ok} failed={t.failed} ${t.cost_usd:.4f}",
+            f"retry={rows.get('retry', 0)} ok={t.ok} failed={t.failed} {t.spend.describe()}",
             refresh=True,
         )
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from batcher.errors import OutputError
 from batcher.runs.ray import storage
 from batcher.runs.ray.shard import JOURNAL, PART
-from batcher.store.journal import Journal, connect, journal_path
+from batcher.store.journal import Journal, connect, copy_superseded, journal_path
 
 
 def write_parts(parts: Sequence[str], target: str) -> int:
@@ -64,7 +64,8 @@ def part_locations(store: str, names: Sequence[str]) -> list[str]:
 def merge_journals(
     checkpoint_dir: Path, identity: dict[str, str], store: str, names: Sequence[str]
 ) -> Path:
-    """Every shard's outcomes into the job's own journal; its path."""
+    """Every shard's outcomes, and what the outcomes they replaced cost, into the job's own
+    journal; its path."""
     path = journal_path(checkpoint_dir)
     failure = Journal(path, identity).close()  # creates it, or checks it is this job's
     if failure is not None:
@@ -82,6 +83,7 @@ def merge_journals(
                         connection.execute(
                             "INSERT OR REPLACE INTO main.outcomes SELECT * FROM shard.outcomes"
                         )
+                        copy_superseded(connection, "shard")
                 finally:
                     connection.execute("DETACH DATABASE shard")
     except sqlite3.Error as exc:

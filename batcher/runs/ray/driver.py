@@ -45,9 +45,10 @@ from batcher.runs.ray.shard import (
 from batcher.runs.ray.shards import ShardedInput, cut
 from batcher.runs.shell import Run, RunOptions
 from batcher.runs.summary import RunSummary
-from batcher.store.journal import Journal, journal_path
+from batcher.store.journal import Journal, journal_path, reading, totals
 from batcher.store.lock import RunLock
 from batcher.store.output import check_output_target
+from batcher.store.spend import Spend
 
 SHARD_ATTEMPTS = 4  # a shard whose worker dies is given to a new one this many times in all
 
@@ -106,12 +107,15 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
         names = [task.shard.name for task in tasks]
         present = [n for n in names if storage.exists(storage.join(where.store, n, PART))]
         write_parts(part_locations(where.store, present), where.output)
+        spent: Spend | None = None  # the shards' own, unless the job's journal is here
         if identity is not None:
-            merge_journals(Path(where.checkpoint), identity, where.store, present)
+            merged = merge_journals(Path(where.checkpoint), identity, where.store, present)
+            with reading(merged) as connection:
+                spent = totals(connection).spent
     finally:
         if lock is not None:
             lock.release()
-    return _summary(job, options, where.output, sharded.rows, results, flow, started)
+    return _summary(job, options, where.output, sharded.rows, results, flow, started, spent)
 
 
 def _check(
@@ -341,6 +345,7 @@ def _summary(
     results: dict[int, ShardResult],
     flow: FlowReport | None,
     started: float,
+    spent: Spend | None = None,
 ) -> RunSummary:
     shards = [r for i, r in sorted(results.items()) if i >= 0]
     aborted = results[-1].aborted if -1 in results else None
@@ -356,6 +361,8 @@ def _summary(
     ok = sum(r.rows_ok for r in shards)
     failed = sum(r.rows_failed for r in shards)
     resume = options.resume_command or f"batcher run {job.source} --ray"
+    if spent is None:
+        spent = Spend(sum(r.job_cost_usd for r in shards), sum(r.job_unpriced_rows for r in shards))
     return RunSummary(
         output_path=Path(output),
         rows_total=rows_total,
@@ -376,6 +383,10 @@ def _summary(
         aborted=aborted,
         resume_command=resume if aborted is not None else None,
         flow=flow,
+        unpriced_rows=sum(r.unpriced_rows for r in shards),
+        output_unpriced_rows=sum(r.output_unpriced_rows for r in shards),
+        job_cost_usd=spent.cost_usd,
+        job_unpriced_rows=spent.unpriced_rows,
     )
 
 

@@ -89,6 +89,11 @@ class ShardResult:
     error: str | None = None  # the run failed (a BatcherError's message)
     exit_code: int = 0
     done_before: bool = False  # skipped: done by an earlier run
+    unpriced_rows: int = 0
+    output_unpriced_rows: int = 0
+    # The shard's journal: what its rows cost over every run, rows asked again included.
+    job_cost_usd: float = 0.0
+    job_unpriced_rows: int = 0
 
     @classmethod
     def of(cls, index: int, summary: RunSummary) -> ShardResult:
@@ -105,6 +110,10 @@ class ShardResult:
             completion_tokens=summary.completion_tokens,
             cost_usd=summary.cost_usd,
             output_cost_usd=summary.output_cost_usd,
+            unpriced_rows=summary.unpriced_rows,
+            output_unpriced_rows=summary.output_unpriced_rows,
+            job_cost_usd=summary.job_cost_usd or 0.0,
+            job_unpriced_rows=summary.job_unpriced_rows,
             errors=dict(summary.errors),
             warnings=dict(summary.warnings),
             aborted=summary.aborted,
@@ -143,6 +152,9 @@ def done_result(task: ShardTask) -> ShardResult | None:
         rows_failed=result.rows_failed,
         rows_skipped=result.rows_total,
         output_cost_usd=result.output_cost_usd,
+        output_unpriced_rows=result.output_unpriced_rows,
+        job_cost_usd=result.job_cost_usd,
+        job_unpriced_rows=result.job_unpriced_rows,
         done_before=True,
     )
 
