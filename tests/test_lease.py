@@ -167,6 +167,36 @@ async def test_leased_pacers_share_one_rate() -> None:
     assert source.calls < 80 / 2  # leases of several slots, not one call a request
 
 
+@pytest.mark.anyio
+async def test_a_halted_pacer_lets_its_queue_go_and_asks_for_no_more_slots() -> None:
+    """The run stopped: requests queued for a lease or sleeping for their slot return at once
+    (their places are then refused), and the shared budget is asked for nothing more."""
+    clock = FakeClock()
+    source = InProcess(SharedBudget(limits(requests_per_minute=60), clock=clock))
+
+    async def forever(_seconds: float) -> None:
+        await anyio.sleep_forever()  # only the halt ends a wait
+
+    pacer = LeasedPacer(source, wall=clock, sleep=forever)
+    returned: list[int] = []
+
+    async def send(i: int) -> None:
+        await pacer.acquire(Cost())
+        returned.append(i)
+
+    with anyio.fail_after(10):  # only if a waiter were never let go
+        async with anyio.create_task_group() as group:
+            for i in range(20):
+                group.start_soon(send, i)
+            await anyio.wait_all_tasks_blocked()
+            calls = source.calls
+            assert len(returned) == 1  # one a second: the first goes, the rest wait
+            pacer.halt()
+    assert sorted(returned) == list(range(20))
+    assert source.calls == calls
+    assert clock.now == 1_000.0
+
+
 def test_nothing_of_ray_is_imported_without_the_flag(tmp_path: Path) -> None:
     """A whole run on one machine (the simulator) leaves Ray unimported."""
     job = write_job(tmp_path, "http://127.0.0.1:9/v1")

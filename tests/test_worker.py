@@ -13,7 +13,12 @@ import httpx
 import pytest
 
 from batcher.config import JobConfig
-from batcher.errors import InterruptedRunError
+from batcher.errors import (
+    BudgetReachedError,
+    InterruptedRunError,
+    KeyRefusedError,
+    RateLimitStallError,
+)
 from batcher.flow.controller import FlowController, Halted
 from batcher.rows.images import ImageLoader
 from batcher.rows.request import RequestBuilder
@@ -176,17 +181,30 @@ class Stop:
     """A run's stop, taken while some part of a row sleeps: the sleep stops the run (as a
     signal, the budget or a stall would) and then returns, or waits until it is woken."""
 
-    def __init__(self, time: FakeTime, *, wait: bool = False) -> None:
+    def __init__(self, time: FakeTime, *, wait: bool = False, reason: str = "signal") -> None:
         self.time = time
         self.wait = wait
+        self.reason = reason
         self.stopping = Stopping(lambda _message: None)
         self.interrupted: list[Outcome] = []
+
+    def now(self) -> None:
+        """Stop the run as the runner does for ``reason``."""
+        stopping = self.stopping
+        if self.reason == "signal":
+            stopping.wind_down(InterruptedRunError("interrupted by SIGTERM"), 10)
+        elif self.reason == "stall":
+            stopping.wind_down(RateLimitStallError("nothing but 429"), 10)
+        elif self.reason == "budget":
+            stopping.stop_dispatch(BudgetReachedError("the budget would be crossed"))
+        else:
+            stopping.stop_work(KeyRefusedError("key refused", status=401))
 
     async def sleep(self, seconds: float) -> None:
         if self.wait:
             await anyio.sleep_forever()  # only the stop's wake-up ends it
         self.time.now += seconds
-        self.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGTERM"))
+        self.now()
 
 
 @asynccontextmanager
@@ -221,9 +239,10 @@ async def stopping_worker(
 PACED = {"limits": {"requests_per_minute": 60}}  # one request a second: the second one waits
 
 
-async def test_a_request_whose_place_comes_after_the_stop_is_not_sent() -> None:
+@pytest.mark.parametrize("reason", ["signal", "stall", "budget", "key"])
+async def test_a_request_whose_place_comes_after_the_stop_is_not_sent(reason: str) -> None:
     time, tally = FakeTime(), Tally()
-    stop, script = Stop(time), Script.of(answer())
+    stop, script = Stop(time, reason=reason), Script.of(answer())
     async with stopping_worker(script, stop, tally, pace=True, **PACED) as (worker, builder):
         assert (await worker.process(builder.build("k1", {"text": "a"}))).ok
         # k2 waits a second for its place; the run stops meanwhile; then the place comes.
@@ -254,7 +273,7 @@ async def test_rows_waiting_for_room_or_the_pace_are_woken_by_the_stop() -> None
                     rows.start_soon(row, f"k{i}")
                 await anyio.wait_all_tasks_blocked()
                 assert worker.sender.flow.pacer.waiting == 2
-                stop.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGINT"))
+                stop.now()
     assert len(script.sent) == 1
     assert sorted(halted) == [f"k{i}" for i in range(1, 6)]
     assert time.now == 0.0  # woken: no wait ran to its end
@@ -274,7 +293,7 @@ async def test_a_retry_waiting_at_the_stop_is_cut_short_and_not_sent() -> None:
 
                 rows.start_soon(row)
                 await anyio.wait_all_tasks_blocked()
-                stop.stopping.stop_dispatch(InterruptedRunError("interrupted by SIGTERM"))
+                stop.now()
     assert len(script.sent) == 1
     assert stop.interrupted == []  # a 503 is not paid for: the row stays pending
 

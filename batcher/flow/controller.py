@@ -98,7 +98,7 @@ class FlowReport:
 
 
 class Halted(Exception):  # noqa: N818 - a signal between flow and worker, not an error
-    """The run stopped dispatching: this request is not sent, its row stays pending."""
+    """The run stopped dispatching: this request is not sent; its row is left to the next run."""
 
 
 class Slot:
