@@ -154,6 +154,12 @@ def test_replaced_outcomes_keep_their_spend_one_row_per_key(tmp_path: Path) -> N
     finally:
         connection.close()
     assert stored == 2  # one row per key asked again, however often
+    # A column mended in place is not a new outcome: nothing more is counted as replaced.
+    writer = sqlite3.connect(path)
+    with writer:
+        writer.execute("UPDATE outcomes SET ok = 0, error_kind = 'x' WHERE key = 'c'")
+    writer.close()
+    assert held_totals(path).superseded == gone
 
 
 def test_unpriced_outcomes_are_counted_not_priced_at_zero(tmp_path: Path) -> None:

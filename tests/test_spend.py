@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import batcher
 from batcher.cli import main
 from batcher.runs.summary import RunSummary
-from tests.conftest import MODEL, SimFactory, reviews, write_job
+from tests.conftest import MODEL, SimFactory, reviews, start, wait_for, write_job
 from tests.test_finish import SHORT_MAX_TOKENS, mixed_reviews
 from tests.test_models import SONNET
 
@@ -224,3 +225,38 @@ def test_batch_mode_keeps_the_spend_of_rows_it_asks_again(
     second = run(batch_job(64), keep_done=True)
     assert (second.rows_ok, second.rows_skipped) == (20, 10)
     assert_all_spend_counted(batch_job(64), [first, second], capsys)
+
+
+def test_rows_interrupted_after_paying_keep_their_cost_when_sent_again(
+    tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Three fan-out requests per row: a signal mid-run leaves rows that paid for some of
+    # theirs, written `interrupted` with that cost; the next run sends them again whole.
+    server = sim_factory(latency_s=0.1, latency_jitter_s=0.2, seed=5)
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(300),
+        request={"n": 3, "n_mode": "fanout"},
+        limits={"concurrency": 12},
+    )
+    process = start(job)
+    wait_for(lambda: server.simulator.answered >= 60 or process.poll() is not None)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 3, err.decode()
+    wait_for(lambda: server.simulator.in_flight == 0)
+    assert main(["run", str(job), "--quiet"]) == 0
+    # The simulator's account: each distinct request gets one reply, paid each time it came.
+    simulator = server.simulator
+    billed = sum(
+        simulator.answered_by_prompt[prompt]
+        * (usage["prompt_tokens"] * HAIKU[0] + usage["completion_tokens"] * HAIKU[1])
+        / 1e6
+        for prompt, usage in simulator.usage_by_prompt.items()
+    )
+    report = cost_report(tmp_path / "out/result.parquet", capsys)
+    assert report["job"]["superseded_rows"] > 0  # some rows were stopped mid-way
+    assert report["job"]["cost_usd"] == pytest.approx(billed)
+    assert report["total"]["cost_usd"] < billed  # what the output alone would have said
+    assert spent_in_status(job, capsys) == pytest.approx(billed, abs=5e-5)

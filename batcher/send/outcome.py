@@ -198,16 +198,18 @@ class OutcomeBuilder:
         self.tally.failed += 1
         self.tally.errors[f"final:{INTERRUPTED}"] += 1
         message = paid[-1].first.get("message") or {}
-        return Outcome.failed(
-            request.key,
-            request.fingerprint,
-            INTERRUPTED,
-            "the run stopped before this row was done; run again to send it",
-            input_digest=request.input_digest,
-            attempts=attempts,
-            latency_s=latency_s,
-            usage=self.usage_of(paid, asked_model(request), paid[-1].model),
-            response=message.get("content"),
+        return self._counted(
+            Outcome.failed(
+                request.key,
+                request.fingerprint,
+                INTERRUPTED,
+                "the run stopped before this row was done; run again to send it",
+                input_digest=request.input_digest,
+                attempts=attempts,
+                latency_s=latency_s,
+                usage=self.usage_of(paid, asked_model(request), paid[-1].model),
+                response=message.get("content"),
+            )
         )
 
 

@@ -56,7 +56,9 @@ _SUPERSEDED = (
 _SUPERSEDED_NAMES = tuple(name for name, _, _ in _SUPERSEDED)
 # The writer's upsert fires the trigger only on a key already present, so new rows (nearly
 # all) cost what they did; a row that cost nothing (it failed before any reply) leaves
-# nothing. INSERT OR REPLACE (the ray merge, a plain copy) fires no UPDATE trigger.
+# nothing. It fires on an update of the fingerprint, which only a new outcome sets (the
+# upsert sets every column), not on a fix-up of a column in place; INSERT OR REPLACE (the
+# ray merge, a plain copy) fires no UPDATE trigger.
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outcomes (key PRIMARY KEY NOT NULL, {_OUTCOME_COLUMNS});
@@ -66,7 +68,7 @@ CREATE TABLE IF NOT EXISTS superseded (
 """
 # Created once the columns it reads are there (after ``_add_new_columns`` on an old journal).
 _TRIGGER = f"""
-CREATE TRIGGER IF NOT EXISTS outcomes_superseded AFTER UPDATE ON outcomes
+CREATE TRIGGER IF NOT EXISTS outcomes_superseded AFTER UPDATE OF fingerprint ON outcomes
 WHEN old.cost_usd IS NOT NULL OR {UNPRICED_SQL.format(row="old.")}
 BEGIN
     INSERT INTO superseded (key, {", ".join(_SUPERSEDED_NAMES)})
