@@ -99,3 +99,14 @@ def test_a_summary_with_its_error_crosses_processes_whole() -> None:
 
 def _fields(summary: RunSummary) -> dict[str, object]:
     return {name: getattr(summary, name) for name in RunSummary.__dataclass_fields__}
+
+
+def test_unpriced_rows_and_the_job_s_spend_add_up() -> None:
+    first = part(3, 0, unpriced_rows=1, output_unpriced_rows=2, job_cost_usd=0.5)
+    second = part(3, 0, unpriced_rows=2, job_unpriced_rows=4, job_cost_usd=0.25)
+    total = first + second
+    assert (total.unpriced_rows, total.output_unpriced_rows, total.job_unpriced_rows) == (3, 2, 4)
+    assert total.job_cost_usd == 0.75
+    # Known for one run only: what is known; for neither: not known.
+    assert (first + part(1, 0)).job_cost_usd == 0.5
+    assert (part(1, 0) + part(1, 0)).job_cost_usd is None
