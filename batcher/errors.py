@@ -48,6 +48,20 @@ class BatcherError(Exception):
 
     exit_code = 2
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled whole, context attributes included (``--ray`` brings a shard's error back to
+        # the driver): the default calls ``type(self)(*args)``, which lacks keyword context.
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(
+    kind: type[BatcherError], args: tuple[object, ...], state: dict[str, object]
+) -> BatcherError:
+    error = kind.__new__(kind, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(BatcherError):
     """The job file, a ``--set`` override or the input data is not usable."""

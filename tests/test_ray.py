@@ -3,6 +3,7 @@ a local S3-compatible server."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -18,12 +19,14 @@ import pytest
 
 from batcher.cli import main
 from batcher.config import load_job
-from batcher.errors import ConfigError
+from batcher.errors import BudgetReachedError, ConfigError
+from batcher.rows.request import PROMPT_MARGIN
 from batcher.runs.ray.reaper import descendants, start_time
 from batcher.runs.shell import RunOptions, run
 from batcher.runs.summary import RunSummary
+from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
-from tests.conftest import reviews, write_job
+from tests.conftest import MODEL, reviews, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 TIMING = ["latency_s"]
@@ -363,3 +366,111 @@ def test_a_rerun_keeps_the_spend_of_rows_asked_again(
     capsys.readouterr()
     assert main(["status", str(job)]) == 0
     assert f"spent on this job ${billed:.4f}\n" in capsys.readouterr().out
+
+
+def in_flight_usd(job: Path, output: pl.DataFrame, concurrency: int) -> float:
+    """What one run may have in flight: every place taken by a request at its upper bound
+    (the output's longest prompt with the estimate's margin, every completion at the job's
+    ``max_tokens``: 32)."""
+    price = PriceTable.for_job(load_job(job)).get(MODEL)
+    assert price is not None
+    prompt = max(output["prompt_tokens"].drop_nulls().to_list())
+    return concurrency * price.cost(math.ceil(prompt * PROMPT_MARGIN), 32)
+
+
+def test_one_dollar_cap_for_the_whole_job(
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """1,200 rows in 12 shards of 100 on 4 workers, capped at $0.05: no shard alone reaches
+    the cap (each costs about $0.011), the job does. It stops there, exit 3, with the budget's
+    message and the resume command; raised, the cap lets a rerun finish the rest."""
+    rows, cap, concurrency = 1200, 0.05, 8
+    sim = sim_factory(latency_s=0.02)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(rows),
+        limits={"max_cost_usd": cap, "concurrency": concurrency},
+        ray={"shard_rows": 100, "workers": 4},
+    )
+    assert main(["run", str(job), "--ray", "--progress-every", "0.5"]) == 3
+    err = capsys.readouterr().err
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    spent = float(output["cost_usd"].sum())
+    assert spent <= cap + in_flight_usd(job, output, concurrency)
+    assert spent >= cap / 2  # it spent the budget, it did not stop at once
+    assert 0 < output["response"].is_not_null().sum() < rows
+    stopped = f"stopped: the budget limits.max_cost_usd={cap:g} would be crossed (spent $"
+    assert stopped in err
+    assert f"resume with: batcher run {job} --ray --progress-every 0.5" in err
+    status = [line for line in err.splitlines() if line.startswith("ray: ")]
+    assert status, err
+    assert f"spent or leased of limits.max_cost_usd={cap:g}" in status[-1]
+    assert sim.simulator is not None
+    answered = sim.simulator.answered
+
+    assert main(["run", str(job), "--ray", "--quiet", "--set", "limits.max_cost_usd=10"]) == 0
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["response"].is_not_null().all()
+    assert sim.simulator.answered <= rows + concurrency * 4  # what was answered stays answered
+    assert sim.simulator.answered > answered
+
+
+def test_an_aborted_run_exits_3_as_on_one_machine(
+    tmp_path: Path,
+    sim_factory: Callable[..., SimulatorThread],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The key refused in one shard: dispatching stops, and the run says why and how to
+    resume, with exit 3, as a run on one machine does."""
+    data = reviews(200)
+    marked = pl.when(pl.col("id") == "k00130").then("[[sim:401]] " + pl.col("text"))
+    data = data.with_columns(marked.otherwise(pl.col("text")).alias("text"))
+    sections: dict[str, Any] = {"ray": {"shard_rows": 50, "workers": 2}}
+    one = tmp_path / "one"
+    one.mkdir()
+    with SimulatorThread() as server:
+        assert main(["run", str(write_job(one, server.url, data=data)), "--quiet"]) == 3
+    expected = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stop")]
+    assert len(expected) == 1, expected
+    assert "401" in expected[0]
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    job = write_job(folder, sim_factory().url, data=data, **sections)
+    assert main(["run", str(job), "--ray", "--quiet"]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("stop")] == expected
+    assert err[-1] == f"resume with: batcher run {job} --ray --quiet"
+
+
+def test_the_cap_holds_across_a_restart_of_the_budget_actor(
+    tmp_path: Path, sim_factory: Callable[..., SimulatorThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget actor killed mid-run and restarted: it takes up what it had leased (saved
+    with every lease), so the job's spending still stays within the one cap."""
+    import ray
+
+    rows, cap, concurrency = 1200, 0.05, 8
+    sim = sim_factory(latency_s=0.05)
+    job = write_job(
+        tmp_path,
+        sim.url,
+        data=reviews(rows),
+        limits={"max_cost_usd": cap, "concurrency": concurrency},
+        ray={"shard_rows": 100, "workers": 4},
+    )
+    background = Background(job, monkeypatch)
+    assert sim.simulator is not None
+    simulator = sim.simulator
+    # About $0.033 spent, more leased: forgotten, that would be leased again.
+    wait_for(lambda: simulator.answered >= 300, 60)
+    ray.kill(background.dispatch.budget, no_restart=False)
+    summary = background.join()
+    assert summary.exit_code == 3
+    assert isinstance(summary.error, BudgetReachedError)
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    spent = float(output["cost_usd"].sum())
+    assert spent == pytest.approx(summary.cost_usd)
+    assert spent <= cap + in_flight_usd(job, output, concurrency)

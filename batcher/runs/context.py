@@ -13,6 +13,7 @@ from batcher.config import LimitsConfig
 from batcher.flow.controller import FlowController, FlowReport
 from batcher.rows.plan import Plan
 from batcher.runs.stopping import Interrupt, Stopping
+from batcher.send.budget import Budget, CostBudget, own_budget
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
 from batcher.send.tally import Tally
@@ -42,6 +43,8 @@ class RunOptions:
     notify: Callable[[str], None] = _stderr
     # Builds the run's flow controller (--ray: one whose pacing is leased from a shared budget).
     flow_factory: Callable[[LimitsConfig], FlowController] = FlowController
+    # Makes the run's dollar budget of its own (--ray: one whose cap is leased from the job's).
+    budget_factory: Callable[[Budget], CostBudget] = own_budget
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,7 @@ class Dispatch:
         self.prices = context.prices
         self.positions = context.options.positions
         self.skip_failed = context.options.skip_failed
+        self.budget_factory = context.options.budget_factory
         self.base_url = context.base_url
         self.flow = flow
         self.grace_s = grace_s
@@ -93,7 +94,13 @@ class Dispatch:
         async with ChatClient(endpoint, plan.api_key, concurrency) as client:
             sender = Sender.for_job(config, plan.builder, client, flow, plan.images, self.tally)
             worker = RowWorker.for_job(
-                config, plan.builder, sender, self.parser, self.prices, self.tally
+                config,
+                plan.builder,
+                sender,
+                self.parser,
+                self.prices,
+                self.tally,
+                budget_factory=self.budget_factory,
             )
             worker.interrupted = self._record_interrupted
             self.stopping.attach(flow)

@@ -20,19 +20,20 @@ class RunSummary:
     """The end of a run; ``exit_code`` is what `batcher run` exits with."""
 
     output_path: Path
-    rows_total: int
-    rows_ok: int
-    rows_failed: int
-    rows_pending: int
-    rows_skipped: int
-    requests: int
-    retries: int
-    rate_limited: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    output_cost_usd: float
-    wall_s: float
+    # Counts default to none, so ``RunSummary(path)`` is the start of a sum of runs.
+    rows_total: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_pending: int = 0
+    rows_skipped: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    output_cost_usd: float = 0.0
+    wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
     aborted: str | None = None  # the message of ``error``
@@ -91,6 +92,41 @@ class RunSummary:
             output_unpriced_rows=written.unpriced_rows if written is not None else 0,
             job_cost_usd=written.spent.cost_usd if written is not None else None,
             job_unpriced_rows=written.spent.unpriced_rows if written is not None else 0,
+        )
+
+    def __add__(self, other: RunSummary) -> RunSummary:
+        """Two runs of parts of one job as one (``--ray`` adds its shards' runs): counts and
+        error counts summed, the first run's error, resume command, flow and output kept.
+        Runs side by side overlap, so the wall time is the longer one's; whoever ran them
+        all (the driver) puts in its own."""
+        if not isinstance(other, RunSummary):
+            return NotImplemented
+        first = self if self.error is not None or other.error is None else other
+        return RunSummary(
+            output_path=self.output_path,
+            rows_total=self.rows_total + other.rows_total,
+            rows_ok=self.rows_ok + other.rows_ok,
+            rows_failed=self.rows_failed + other.rows_failed,
+            rows_pending=self.rows_pending + other.rows_pending,
+            rows_skipped=self.rows_skipped + other.rows_skipped,
+            requests=self.requests + other.requests,
+            retries=self.retries + other.retries,
+            rate_limited=self.rate_limited + other.rate_limited,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+            output_cost_usd=self.output_cost_usd + other.output_cost_usd,
+            wall_s=max(self.wall_s, other.wall_s),
+            errors=_summed(self.errors, other.errors),
+            warnings=_summed(self.warnings, other.warnings),
+            aborted=first.aborted,
+            resume_command=first.resume_command,
+            flow=self.flow if self.flow is not None else other.flow,
+            error=first.error,
+            unpriced_rows=self.unpriced_rows + other.unpriced_rows,
+            output_unpriced_rows=self.output_unpriced_rows + other.output_unpriced_rows,
+            job_cost_usd=_known_sum(self.job_cost_usd, other.job_cost_usd),
+            job_unpriced_rows=self.job_unpriced_rows + other.job_unpriced_rows,
         )
 
     @property
@@ -192,6 +228,21 @@ class RunSummary:
                 hint = f"raise limits.concurrency (now {flow.concurrency_cap}) or set it to auto"
             lines.append(f"hint: concurrency, not the rate, bound this run: {hint}")
         return lines
+
+
+def _known_sum(a: float | None, b: float | None) -> float | None:
+    """Two runs' figures where either is known (None: neither is)."""
+    if a is None and b is None:
+        return None
+    return (a or 0.0) + (b or 0.0)
+
+
+def _summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Two runs' counts by name, in the order first seen (the summary prints warnings so)."""
+    summed = dict(a)
+    for name, count in b.items():
+        summed[name] = summed.get(name, 0) + count
+    return summed
 
 
 def _per_minute(rates: dict[str, float]) -> str:

@@ -19,7 +19,7 @@ from batcher.config import JobConfig, RetryConfig
 from batcher.flow.controller import Halted
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
-from batcher.send.budget import Budget
+from batcher.send.budget import Budget, CostBudget, own_budget
 from batcher.send.client import Reply
 from batcher.send.outcome import OutcomeBuilder, asked_model
 from batcher.send.parse import OutputParser
@@ -68,7 +68,7 @@ class RowWorker:
     def __init__(
         self,
         sender: Sender,
-        budget: Budget,
+        budget: CostBudget,
         parser: OutputParser,
         outcomes: OutcomeBuilder,
         retry: RetryConfig,
@@ -104,8 +104,10 @@ class RowWorker:
         *,
         sleep: Sleep = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        budget_factory: Callable[[Budget], CostBudget] = own_budget,
     ) -> RowWorker:
-        """The parts of a row's life for one job's run."""
+        """The parts of a row's life for one job's run; ``budget_factory`` makes the run's
+        dollar budget of its own one (``RunOptions.budget_factory``)."""
         budget = Budget(
             config.limits.max_cost_usd,
             prices,
@@ -116,7 +118,7 @@ class RowWorker:
         )
         return cls(
             sender,
-            budget,
+            budget_factory(budget),
             parser,
             OutcomeBuilder(config, prices, tally),
             config.retry,
@@ -217,7 +219,7 @@ class RowWorker:
         """One attempt, its tokens counted and its cost settled: the reply and that cost."""
         if self._flow.halted:
             raise Halted
-        with self.budget.reserve(request):
+        async with self.budget.hold(request):
             reply = await self.sender.send(request, deadline)
         tally = self.budget.tally
         tally.prompt_tokens += reply.prompt_tokens or 0

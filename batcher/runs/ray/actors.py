@@ -15,24 +15,30 @@ from batcher.config import LimitsConfig
 from batcher.flow.controller import FlowReport
 from batcher.flow.limiter import Cost
 from batcher.runs.ray import storage
+from batcher.runs.ray.allowance import CostLedger
 from batcher.runs.ray.lease import SAVE_EVERY_S, Answer, BudgetState, Grant, SharedBudget
 from batcher.runs.ray.shard import ShardResult, ShardTask, run_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BudgetActor:
-    """The job's one budget. Every call answers at once (see ``lease.py``). Its state is saved
-    at ``state_location`` about once a second; restarted, it takes up from there."""
+    """The job's one budget: its pace (``lease.py``) and its dollar cap (``allowance.py``).
+    Every call answers at once. Its state is saved at ``state_location`` about once a second,
+    and whenever dollars are leased or given back; restarted, it takes up from there."""
 
     def __init__(self, limits: LimitsConfig, state_location: str, run_id: str) -> None:
         self.budget = SharedBudget(limits)
+        self.ledger = CostLedger(limits.max_cost_usd)
         self.state_location = state_location
         self.run_id = run_id
         saved = storage.read_bytes(state_location)
         data = orjson.loads(saved) if saved is not None else {}
-        # Only a restart within the same run takes up the state: a new run learns afresh.
+        # Only a restart within the same run takes up the state: a new run learns afresh
+        # (the cap, as on one machine, is for what this run spends).
         if data.get("run") == run_id:
             self.budget.restore(BudgetState.of_json(data))
+            if "dollars" in data:
+                self.ledger.restore(data["dollars"])
         self._saved_at = 0.0
 
     def lease(self, costs: Sequence[Cost], answers: Sequence[Answer]) -> Grant:
@@ -43,17 +49,32 @@ class BudgetActor:
     def report(self, answers: Sequence[Answer]) -> None:
         self.budget.report(answers)
 
+    def lease_dollars(self, holder: str, least_usd: float, wanted_usd: float) -> float:
+        granted = self.ledger.lease(holder, least_usd, wanted_usd)
+        if granted:
+            self._save(force=True)  # before the grant is answered: a restart never regrants it
+        return granted
+
+    def give_back(self, holder: str, spent_usd: float) -> None:
+        self.ledger.give_back(holder, spent_usd)
+        self._save(force=True)
+
     def describe(self) -> str:
-        return self.budget.describe()
+        pace = self.budget.describe()
+        cap = self.ledger.max_cost_usd
+        if cap is None:
+            return pace
+        committed = self.ledger.committed_usd
+        return f"{pace}; ${committed:.4f} spent or leased of limits.max_cost_usd={cap:g}"
 
     def flow_report(self) -> FlowReport:
         return self.budget.flow.report()
 
-    def _save(self) -> None:
+    def _save(self, *, force: bool = False) -> None:
         state = self.budget.state()
-        if state.saved_at - self._saved_at >= SAVE_EVERY_S:
+        if force or state.saved_at - self._saved_at >= SAVE_EVERY_S:
             self._saved_at = state.saved_at
-            data = {"run": self.run_id, **state.as_json()}
+            data = {"run": self.run_id, **state.as_json(), "dollars": self.ledger.as_json()}
             storage.write_bytes(self.state_location, orjson.dumps(data))
 
 
@@ -71,12 +92,28 @@ class ActorLeaseSource:
         self.actor.report.remote(list(answers))
 
 
+class ActorAllowanceSource:
+    """A shard's way to the budget actor's dollars (``allowance.AllowanceSource``)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def lease(self, holder: str, least_usd: float, wanted_usd: float) -> float:
+        granted: float = await self.actor.lease_dollars.remote(holder, least_usd, wanted_usd)
+        return granted
+
+    def give_back(self, holder: str, spent_usd: float) -> None:
+        # Waited for: the shard's result reaches the driver after its allowance is free.
+        ray.get(self.actor.give_back.remote(holder, spent_usd))
+
+
 @ray.remote(num_cpus=1, max_restarts=0)
 class ShardWorker:
     """Runs shards one after another, each with batcher's own engine."""
 
     def __init__(self, budget: Any) -> None:
         self.source = ActorLeaseSource(budget)
+        self.allowance = ActorAllowanceSource(budget)
 
     def run(self, task: ShardTask) -> ShardResult:
-        return run_shard(task, self.source)
+        return run_shard(task, self.source, self.allowance)

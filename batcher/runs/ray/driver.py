@@ -2,8 +2,10 @@
 a Ray cluster, retries a shard whose worker died, and writes the one output file.
 
 Ray schedules; each shard runs batcher's own engine in a worker (``shard.py``), all of them
-paced by one budget actor (``lease.py``). A rerun skips the shards an earlier run finished
-and resumes the others from their journals.
+paced and held to the job's one dollar cap by one budget actor (``lease.py``,
+``allowance.py``). The job's summary is the shards' summaries added up, with the first reason
+any of them stopped. A rerun skips the shards an earlier run finished and resumes the others
+from their journals.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from batcher.config import Job
-from batcher.errors import AbortError, BatcherError, ConfigError
+from batcher.errors import AbortError, BatcherError, BudgetReachedError, ConfigError
 from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job, read_api_key
 from batcher.runs.ray import storage
@@ -45,6 +47,7 @@ from batcher.runs.ray.shard import (
 from batcher.runs.ray.shards import ShardedInput, cut
 from batcher.runs.shell import Run, RunOptions
 from batcher.runs.summary import RunSummary
+from batcher.send.budget import budget_reached
 from batcher.store.journal import Journal, journal_path, reading, totals
 from batcher.store.lock import RunLock
 from batcher.store.output import check_output_target
@@ -103,7 +106,8 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
                 )
                 for shard in sharded.shards
             ]
-            results, flow = _Dispatch(job, options, tasks, reaper).run()
+            dispatch = _Dispatch(job, options, tasks, reaper)
+            results, flow = dispatch.run()
         names = [task.shard.name for task in tasks]
         present = [n for n in names if storage.exists(storage.join(where.store, n, PART))]
         write_parts(part_locations(where.store, present), where.output)
@@ -115,7 +119,8 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
     finally:
         if lock is not None:
             lock.release()
-    return _summary(job, options, where.output, sharded.rows, results, flow, started, spent)
+    total = _summary(job, options, where.output, sharded.rows, results, dispatch.stop, spent)
+    return dataclasses.replace(total, flow=flow, wall_s=time.monotonic() - started)
 
 
 def _check(
@@ -277,8 +282,6 @@ class _Dispatch:
         flow: FlowReport = ray.get(self.budget.flow_report.remote())
         if self.stop is not None and not isinstance(self.stop, AbortError):
             raise self.stop
-        if self.stop is not None:
-            self.results[-1] = ShardResult(-1, aborted=str(self.stop))
         return self.results, flow
 
     def _collect(self, ref: Any) -> None:
@@ -300,15 +303,15 @@ class _Dispatch:
             self.idle.append(self._worker() if died else worker)
             return
         self.idle.append(worker)
-        if result.error is not None:
-            error_type = ConfigError if result.exit_code == 2 else AbortError
-            self.stop = self.stop or error_type(result.error)
+        summary = result.summary
+        if summary is None:
+            self.stop = self.stop or result.failure
             return
         self.results[task.shard.index] = result
-        if result.aborted is not None and self.stop is None:
-            self.stop = AbortError(result.aborted)
+        # The first reason wins, as on one machine; the shards running go on to their end.
+        self.stop = self.stop or summary.error
         self._notify(
-            f"{task.shard.name} done: {result.rows_ok} ok, {result.rows_failed} failed "
+            f"{task.shard.name} done: {summary.rows_ok} ok, {summary.rows_failed} failed "
             f"({len(self.results)}/{len(self.tasks)} shards)"
         )
 
@@ -343,48 +346,30 @@ def _summary(
     output: str,
     input_rows: int,
     results: dict[int, ShardResult],
-    flow: FlowReport | None,
-    started: float,
+    stop: BatcherError | None,
     spent: Spend | None = None,
 ) -> RunSummary:
-    shards = [r for i, r in sorted(results.items()) if i >= 0]
-    aborted = results[-1].aborted if -1 in results else None
-    aborted = aborted or next((r.aborted for r in shards if r.aborted), None)
-    errors: dict[str, int] = {}
-    warnings: dict[str, int] = {}
-    for result in shards:
-        for name, count in result.errors.items():
-            errors[name] = errors.get(name, 0) + count
-        for name, count in result.warnings.items():
-            warnings[name] = warnings.get(name, 0) + count
+    """The shards' runs added up, as the job's one run: every row of the input (shards that
+    never ran are pending), the reason it stopped, ``stop`` (the first the driver saw), and
+    what the job spent over all its runs, ``spent`` (from its journal, when it is here)."""
+    parts = [r.summary for _, r in sorted(results.items()) if r.summary is not None]
+    total = sum(parts, RunSummary(Path(output)))
+    error = stop or total.error
+    cap = job.config.limits.max_cost_usd
+    if isinstance(error, BudgetReachedError) and cap is not None:
+        error = budget_reached(cap, total.cost_usd)  # the job's spending, not one shard's
     rows_total = input_rows * len(job.config.request.models)
-    ok = sum(r.rows_ok for r in shards)
-    failed = sum(r.rows_failed for r in shards)
     resume = options.resume_command or f"batcher run {job.source} --ray"
-    if spent is None:
-        spent = Spend(sum(r.job_cost_usd for r in shards), sum(r.job_unpriced_rows for r in shards))
-    return RunSummary(
+    if spent is None:  # the shards' own, unless the job's journal is here
+        spent = Spend(total.job_cost_usd or 0.0, total.job_unpriced_rows)
+    return dataclasses.replace(
+        total,
         output_path=Path(output),
         rows_total=rows_total,
-        rows_ok=ok,
-        rows_failed=failed,
-        rows_pending=rows_total - ok - failed,
-        rows_skipped=sum(r.rows_skipped for r in shards),
-        requests=sum(r.requests for r in shards),
-        retries=sum(r.retries for r in shards),
-        rate_limited=sum(r.rate_limited for r in shards),
-        prompt_tokens=sum(r.prompt_tokens for r in shards),
-        completion_tokens=sum(r.completion_tokens for r in shards),
-        cost_usd=sum(r.cost_usd for r in shards),
-        output_cost_usd=sum(r.output_cost_usd for r in shards),
-        wall_s=time.monotonic() - started,
-        errors=errors,
-        warnings=warnings,
-        aborted=aborted,
-        resume_command=resume if aborted is not None else None,
-        flow=flow,
-        unpriced_rows=sum(r.unpriced_rows for r in shards),
-        output_unpriced_rows=sum(r.output_unpriced_rows for r in shards),
+        rows_pending=rows_total - total.rows_ok - total.rows_failed,
+        error=error,
+        aborted=str(error) if error is not None else None,
+        resume_command=resume if error is not None else None,
         job_cost_usd=spent.cost_usd,
         job_unpriced_rows=spent.unpriced_rows,
     )

@@ -16,8 +16,9 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from batcher.flow.controller import FlowController
 from batcher.rows.plan import plan_job
 from batcher.rows.source import ROW_INDEX
 from batcher.runs.ray import storage
+from batcher.runs.ray.allowance import AllowanceSource, LeasedBudget
 from batcher.runs.ray.lease import LeasedPacer, LeaseSource, SharedFlow
 from batcher.runs.ray.shards import Shard, ShardedInput, read_shard
 from batcher.runs.shell import Run, RunOptions
 from batcher.runs.summary import RunSummary
+from batcher.send.budget import Budget, CostBudget
 from batcher.store.journal import journal_path
 
 SYNC_S = 2.0  # how often a shard's journal is copied to the checkpoint location
@@ -69,55 +72,18 @@ class ShardTask:
 
 @dataclass(frozen=True, slots=True)
 class ShardResult:
-    """What one shard's run did (or, from ``done.json``, did before)."""
+    """What one shard's run did: its summary (its error, if it stopped early, included), or
+    the error it failed with before it had one. From ``done.json``: what it did before."""
 
     index: int
-    rows_total: int = 0
-    rows_ok: int = 0
-    rows_failed: int = 0
-    rows_skipped: int = 0
-    requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    output_cost_usd: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)
-    warnings: dict[str, int] = field(default_factory=dict)
-    aborted: str | None = None
-    error: str | None = None  # the run failed (a BatcherError's message)
-    exit_code: int = 0
+    summary: RunSummary | None = None
+    failure: BatcherError | None = None  # the run raised (a config error, a busy journal)
     done_before: bool = False  # skipped: done by an earlier run
     unpriced_rows: int = 0
     output_unpriced_rows: int = 0
     # The shard's journal: what its rows cost over every run, rows asked again included.
     job_cost_usd: float = 0.0
     job_unpriced_rows: int = 0
-
-    @classmethod
-    def of(cls, index: int, summary: RunSummary) -> ShardResult:
-        return cls(
-            index=index,
-            rows_total=summary.rows_total,
-            rows_ok=summary.rows_ok,
-            rows_failed=summary.rows_failed,
-            rows_skipped=summary.rows_skipped,
-            requests=summary.requests,
-            retries=summary.retries,
-            rate_limited=summary.rate_limited,
-            prompt_tokens=summary.prompt_tokens,
-            completion_tokens=summary.completion_tokens,
-            cost_usd=summary.cost_usd,
-            output_cost_usd=summary.output_cost_usd,
-            unpriced_rows=summary.unpriced_rows,
-            output_unpriced_rows=summary.output_unpriced_rows,
-            job_cost_usd=summary.job_cost_usd or 0.0,
-            job_unpriced_rows=summary.job_unpriced_rows,
-            errors=dict(summary.errors),
-            warnings=dict(summary.warnings),
-            aborted=summary.aborted,
-        )
 
 
 def task_identity(config: JobConfig, sharded: ShardedInput, shard: Shard) -> str:
@@ -142,21 +108,25 @@ def done_result(task: ShardTask) -> ShardResult | None:
     done = orjson.loads(data)
     if done.get("identity") != task.identity:
         return None
-    result = ShardResult(**done["result"])
-    if result.rows_failed and not task.skip_failed:
+    # The counts a later run reports of it (an earlier version's done.json has them too).
+    result = done["result"]
+    total, ok = int(result["rows_total"]), int(result["rows_ok"])
+    failed = int(result["rows_failed"])
+    if failed and not task.skip_failed:
         return None
-    return ShardResult(
-        index=result.index,
-        rows_total=result.rows_total,
-        rows_ok=result.rows_ok,
-        rows_failed=result.rows_failed,
-        rows_skipped=result.rows_total,
-        output_cost_usd=result.output_cost_usd,
-        output_unpriced_rows=result.output_unpriced_rows,
-        job_cost_usd=result.job_cost_usd,
-        job_unpriced_rows=result.job_unpriced_rows,
-        done_before=True,
+    summary = RunSummary(
+        Path(PART),
+        rows_total=total,
+        rows_ok=ok,
+        rows_failed=failed,
+        rows_pending=total - ok - failed,
+        rows_skipped=total,
+        output_cost_usd=float(result["output_cost_usd"]),
+        output_unpriced_rows=int(result.get("output_unpriced_rows", 0)),
+        job_cost_usd=float(result.get("job_cost_usd", 0.0)),
+        job_unpriced_rows=int(result.get("job_unpriced_rows", 0)),
     )
+    return ShardResult(task.shard.index, summary, done_before=True)
 
 
 def scratch_root(store: str, scratch: str | None) -> Path:
@@ -166,16 +136,21 @@ def scratch_root(store: str, scratch: str | None) -> Path:
     return Path(scratch or tempfile.gettempdir()) / "batcher-ray" / digest
 
 
-def run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
-    """Run one shard to its end (blocking). ``source``: where slots come from (None: the
-    shard paces itself, as one machine would). A run failure comes back as data."""
+def run_shard(
+    task: ShardTask, source: LeaseSource | None, allowance: AllowanceSource | None = None
+) -> ShardResult:
+    """Run one shard to its end (blocking). ``source``: where slots come from, ``allowance``:
+    where dollars come from (None: the shard paces itself and keeps the cap to itself, as
+    one machine would). A run failure comes back as data."""
     try:
-        return _run_shard(task, source)
+        return _run_shard(task, source, allowance)
     except BatcherError as exc:
-        return ShardResult(task.shard.index, error=str(exc), exit_code=exc.exit_code)
+        return ShardResult(task.shard.index, failure=exc)
 
 
-def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
+def _run_shard(
+    task: ShardTask, source: LeaseSource | None, allowance: AllowanceSource | None
+) -> ShardResult:
     work = scratch_root(task.store, task.scratch) / task.shard.name
     if task.fresh:
         shutil.rmtree(work, ignore_errors=True)
@@ -196,6 +171,15 @@ def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
             return FlowController(limits)
         return SharedFlow(limits, LeasedPacer(source))
 
+    leased: list[LeasedBudget] = []
+
+    def budget_factory(local: Budget) -> CostBudget:
+        if allowance is None:
+            return local
+        # One holder per attempt: a retried shard's dead attempt keeps its lease counted.
+        leased.append(LeasedBudget(local, allowance, f"{task.shard.name}/{uuid.uuid4().hex}"))
+        return leased[-1]
+
     options = RunOptions(
         simulate=task.simulate,
         fresh=task.fresh,
@@ -206,6 +190,7 @@ def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
         prices_path=task.prices_path,
         notify=lambda _message: None,
         flow_factory=flow_factory,
+        budget_factory=budget_factory,
     )
     plan = plan_job(
         job, limit=options.limit, simulate=options.simulate, keep_done=options.keep_done
@@ -214,17 +199,30 @@ def _run_shard(task: ShardTask, source: LeaseSource | None) -> ShardResult:
     async def execute() -> RunSummary:
         return await Run(plan, options).execute(task.base_url)
 
-    with _JournalCopier(journal, stored_journal), ThreadPoolExecutor(1) as thread:
-        # In a thread of its own: the run's signal handling is for a main thread, and a
-        # worker's signals are the cluster's business.
-        summary = thread.submit(anyio.run, execute).result()
-    result = ShardResult.of(task.shard.index, summary)
+    try:
+        with _JournalCopier(journal, stored_journal), ThreadPoolExecutor(1) as thread:
+            # In a thread of its own: the run's signal handling is for a main thread, and a
+            # worker's signals are the cluster's business.
+            summary = thread.submit(anyio.run, execute).result()
+    finally:
+        for budget in leased:
+            budget.give_back()
     storage.upload(plan.output_path, storage.join(task.location, PART))
-    if result.aborted is None:
-        done = {"identity": task.identity, "result": asdict(result)}
+    if summary.error is None:
+        counts = {
+            "index": task.shard.index,  # an earlier version reads its result by these names
+            "rows_total": summary.rows_total,
+            "rows_ok": summary.rows_ok,
+            "rows_failed": summary.rows_failed,
+            "output_cost_usd": summary.output_cost_usd,
+            "output_unpriced_rows": summary.output_unpriced_rows,
+            "job_cost_usd": summary.job_cost_usd or 0.0,
+            "job_unpriced_rows": summary.job_unpriced_rows,
+        }
+        done = {"identity": task.identity, "result": counts}
         storage.write_bytes(storage.join(task.location, DONE), orjson.dumps(done))
         shutil.rmtree(work, ignore_errors=True)  # everything is at the checkpoint location
-    return result
+    return ShardResult(task.shard.index, summary)
 
 
 def shard_config(config: JobConfig, job_source: Path, first_file: str, work: Path) -> JobConfig:
