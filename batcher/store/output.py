@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from batcher.config import RequestConfig
 from batcher.errors import ConfigError, InputError, OutputError
 from batcher.store.columns import COLUMN_NAMES, OUTPUT_COLUMNS, SCHEMA, unpriced_expression
+from batcher.store.files import remove_stale, replacing
 from batcher.store.journal import Previous, connect, previous_by_key, read_outcomes, spent
 from batcher.store.keys import (
     MODEL_COLUMN,
@@ -107,25 +108,6 @@ def check_output_target(job_source: Path, target: Path) -> None:
         raise ConfigError(
             f"{job_source}: output.path: cannot write to {target.parent}: {exc.strerror}"
         ) from None
-
-
-def _remove_stale(target: Path) -> None:
-    """Delete temporaries left by runs killed mid-write; never a live process's."""
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = stale.name.removeprefix(f".{target.name}.").removesuffix(".tmp")
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OutputLayout:
@@ -256,50 +238,48 @@ def _write_output(
     key = rows.key_column
     target = rows.path
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    remove_stale(target)
     limit = rows.limit
     if not journal_file.exists():
         raise FileNotFoundError(2, f"the checkpoint {journal_file} is gone")
     connection = connect(journal_file, readonly=True)
-    writer: pq.ParquetWriter | None = None
     total = ok = failed = unpriced = 0
     cost = 0.0
     offset = 0
     kept = [pl.col(c) for c in rows.keep_columns]
     try:
-        for batch in rows.batches(rows.read_columns, limit=read_rows, batch_rows=batch_rows):
-            frame = _answered(rows, batch, connection, offset)
-            offset += batch.height
-            total += frame.height
-            counted = frame if limit is None else frame.filter(pl.col(_POSITION) < limit)
-            done = int(counted.get_column("ok").sum() or 0)
-            ok += done
-            failed += counted.height - done
-            cost += float(frame.get_column("cost_usd").sum() or 0.0)
-            unpriced += int(frame.select(_UNPRICED.sum()).item())
-            table = frame.select(pl.col(key), *kept, *layout.result_columns()).to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema))
-        if writer is None:
-            empty = _empty_output(layout)
-            writer = pq.ParquetWriter(temporary, empty.schema, compression="zstd")
-            writer.write_table(empty)
-        writer.close()
-        writer = None
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        with replacing(target, sync=True) as temporary:
+            writer: pq.ParquetWriter | None = None
+            try:
+                for batch in rows.batches(
+                    rows.read_columns, limit=read_rows, batch_rows=batch_rows
+                ):
+                    frame = _answered(rows, batch, connection, offset)
+                    offset += batch.height
+                    total += frame.height
+                    counted = frame if limit is None else frame.filter(pl.col(_POSITION) < limit)
+                    done = int(counted.get_column("ok").sum() or 0)
+                    ok += done
+                    failed += counted.height - done
+                    cost += float(frame.get_column("cost_usd").sum() or 0.0)
+                    unpriced += int(frame.select(_UNPRICED.sum()).item())
+                    table = frame.select(pl.col(key), *kept, *layout.result_columns()).to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
+                    writer.write_table(table.cast(writer.schema))
+                if writer is None:
+                    empty = _empty_output(layout)
+                    writer = pq.ParquetWriter(temporary, empty.schema, compression="zstd")
+                    writer.write_table(empty)
+                writer.close()
+                writer = None
+            finally:
+                if writer is not None:  # a fault mid-write: the first error is reported
+                    with contextlib.suppress(OSError):
+                        writer.close()
         job = spent(connection)
     finally:
         connection.close()
-        # After a fault (disk full, folder gone) cleaning up can fail the same way; the
-        # first error is the one to report, and a leftover temporary is removed next time.
-        with contextlib.suppress(OSError):
-            if writer is not None:
-                writer.close()
-            temporary.unlink(missing_ok=True)
     return Written(total, ok, failed, cost, unpriced_rows=unpriced, spent=job)
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from batcher.errors import OutputError
 from batcher.runs.ray import storage
 from batcher.runs.ray.shard import JOURNAL, PART
+from batcher.store.files import temporary_for
 from batcher.store.journal import Journal, connect, copy_superseded, journal_path
 
 
@@ -29,7 +30,7 @@ def write_parts(parts: Sequence[str], target: str) -> int:
     local = isinstance(fs, pafs.LocalFileSystem)
     if local:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        written = str(Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"))
+        written = str(temporary_for(Path(path)))
     else:
         written = path
     writer: pq.ParquetWriter | None = None

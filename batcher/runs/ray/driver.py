@@ -45,7 +45,7 @@ from batcher.runs.ray.shard import (
     write_shard_input,
 )
 from batcher.runs.ray.shards import ShardedInput, cut
-from batcher.runs.shell import Run, RunOptions
+from batcher.runs.shell import Run, RunOptions, checkpoint_identity
 from batcher.runs.summary import RunSummary
 from batcher.send.budget import budget_reached
 from batcher.store.journal import Journal, journal_path, reading, totals
@@ -140,16 +140,11 @@ def _check(
         check_output_target(job.source, job.output_path)
     if storage.is_remote(where.checkpoint) or storage.is_remote(where.output):
         return None
-    folder = job.source.parent
-    identity = {
-        "input": os.path.relpath(job.input_path, folder),
-        "output": os.path.relpath(job.output_path, folder),
-        "key_column": plan.source.key_column,
-    }
+    identity, legacy = checkpoint_identity(job, plan.source.key_column)
     # A checkpoint of another job is refused now, not after every shard has run; --fresh
     # replaces it now, as on one machine.
     path = journal_path(job.checkpoint_dir)
-    failure = Journal(path, identity, fresh=options.fresh).close()
+    failure = Journal(path, identity, fresh=options.fresh, legacy=legacy).close()
     if failure is not None:
         raise failure
     return identity

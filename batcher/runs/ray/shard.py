@@ -37,6 +37,7 @@ from batcher.runs.ray.shards import Shard, ShardedInput, read_shard
 from batcher.runs.shell import Run, RunOptions
 from batcher.runs.summary import RunSummary
 from batcher.send.budget import Budget, CostBudget
+from batcher.store.files import replacing
 from batcher.store.journal import journal_path
 
 SYNC_S = 2.0  # how often a shard's journal is copied to the checkpoint location
@@ -250,9 +251,8 @@ def shard_config(config: JobConfig, job_source: Path, first_file: str, work: Pat
 def write_shard_input(sharded: ShardedInput, shard: Shard, config: JobConfig, work: Path) -> None:
     """The shard's rows as its run's input, written whole."""
     frame = read_shard(sharded, shard, config.input.id_column)
-    temporary = work / f".{INPUT}.tmp"
-    frame.write_parquet(temporary)
-    temporary.replace(work / INPUT)
+    with replacing(work / INPUT) as temporary:
+        frame.write_parquet(temporary)
 
 
 def _outcomes(path: Path) -> int:

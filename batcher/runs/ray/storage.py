@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from batcher.errors import ConfigError
+from batcher.store.files import replacing
 
 
 def is_remote(location: str) -> bool:
@@ -74,11 +75,8 @@ def read_bytes(location: str) -> bytes | None:
 def write_bytes(location: str, data: bytes) -> None:
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        with replacing(Path(path)) as temporary:
+            temporary.write_bytes(data)
         return
     with fs.open_output_stream(path) as stream:
         stream.write(data)
@@ -88,11 +86,8 @@ def upload(local: Path, location: str) -> None:
     """Copy a local file to ``location`` whole."""
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(local, temporary)
-        os.replace(temporary, target)
+        with replacing(Path(path)) as temporary:
+            shutil.copyfile(local, temporary)
         return
     pafs.copy_files(
         str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
@@ -104,15 +99,13 @@ def download(location: str, local: Path) -> bool:
     fs, path = filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return False
-    local.parent.mkdir(parents=True, exist_ok=True)
-    temporary = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    pafs.copy_files(
-        path,
-        str(temporary),
-        source_filesystem=fs,
-        destination_filesystem=pafs.LocalFileSystem(),
-    )
-    os.replace(temporary, local)
+    with replacing(local) as temporary:
+        pafs.copy_files(
+            path,
+            str(temporary),
+            source_filesystem=fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
     return True
 
 
