@@ -11,7 +11,7 @@ from batcher.config import LimitsConfig
 from batcher.flow.controller import FlowController
 from batcher.flow.limiter import Cost
 from batcher.flow.rates import HEADER_SHARE
-from batcher.flow.server_limits import Budget, ServerLimits
+from batcher.flow.server_limits import ServerLimits, StatedLimit
 from tests.test_limiter import FakeTime
 
 
@@ -20,7 +20,7 @@ def controller(time: FakeTime, **limits: Any) -> FlowController:
 
 
 def stated(per_minute: float, remaining: float | None = None) -> ServerLimits:
-    return ServerLimits({"requests": Budget(per_minute, remaining, 1.0)}, "openai")
+    return ServerLimits({"requests": StatedLimit(per_minute, remaining, 1.0)}, "openai")
 
 
 async def answer(flow: FlowController, time: FakeTime, latency_s: float = 0.1, **kw: Any) -> None:

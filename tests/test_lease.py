@@ -1,4 +1,4 @@
-"""The shared budget's lease arithmetic, with a fake clock: no Ray, nothing waits."""
+"""The shared pace's lease arithmetic, with a fake clock: no Ray, nothing waits."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from batcher.runs.ray.lease import (
     HORIZON_S,
     SAVE_EVERY_S,
     Answer,
-    BudgetState,
     Grant,
-    LeaseBudget,
     LeasedPacer,
-    SharedBudget,
+    PaceState,
+    ReservingLimiter,
+    SharedPace,
 )
 from tests.conftest import write_job
 
@@ -46,7 +46,7 @@ def limits(**values: object) -> LimitsConfig:
 
 def test_grants_only_within_the_horizon_and_says_when_to_come_back() -> None:
     clock = FakeClock()
-    budget = SharedBudget(limits(requests_per_minute=600, adaptive=False), clock=clock)
+    budget = SharedPace(limits(requests_per_minute=600, adaptive=False), clock=clock)
     grant = budget.lease([Cost()] * 50)
     # 10 a second: slots at 0, 0.1 ... start within the half-second horizon, no later.
     assert len(grant.starts) >= int(10 * HORIZON_S)
@@ -59,7 +59,7 @@ def test_grants_only_within_the_horizon_and_says_when_to_come_back() -> None:
 def test_many_workers_never_exceed_the_rate_together() -> None:
     """Four workers asking in turn for a minute get the job's rate, not four times it."""
     clock = FakeClock()
-    budget = SharedBudget(limits(requests_per_minute=1200, adaptive=False), clock=clock)
+    budget = SharedPace(limits(requests_per_minute=1200, adaptive=False), clock=clock)
     starts: list[float] = []
     retry: dict[int, float] = dict.fromkeys(range(4), clock.now)
     while clock.now < 1_060.0:
@@ -76,7 +76,7 @@ def test_many_workers_never_exceed_the_rate_together() -> None:
 
 def test_a_retry_after_for_everyone_holds_every_worker() -> None:
     clock = FakeClock()
-    budget = SharedBudget(limits(requests_per_minute=600), clock=clock)
+    budget = SharedPace(limits(requests_per_minute=600), clock=clock)
     budget.lease([Cost()])
     # More than half of the recent answers are 429s: the server refuses nearly everything.
     answers = [Answer("rate_limited", Cost(), clock.now, 0, retry_after_s=5.0) for _ in range(12)]
@@ -90,7 +90,7 @@ def test_a_retry_after_for_everyone_holds_every_worker() -> None:
 
 def test_tokens_are_a_budget_too() -> None:
     clock = FakeClock()
-    pacer = LeaseBudget(clock=clock)
+    pacer = ReservingLimiter(clock=clock)
     pacer.set_rate("tokens", 1_000.0)  # per second
     grant = pacer.grant([Cost(input_tokens=400, output_tokens=100)] * 5, horizon_s=1.0)
     # 500 tokens each at 1,000/s: a slot every half second, three within a second.
@@ -102,13 +102,13 @@ def test_a_restarted_budget_does_not_burst() -> None:
     save are unknown, so the restored budget starts after anything that could have been."""
     clock = FakeClock()
     job = limits(requests_per_minute=1200, adaptive=False)
-    first = SharedBudget(job, clock=clock)
-    saved = BudgetState.of_json(first.state().as_json())
+    first = SharedPace(job, clock=clock)
+    saved = PaceState.of_json(first.state().as_json())
     granted: list[float] = []
     for _ in range(10):  # the old incarnation goes on granting after its last save
         granted += first.lease([Cost()] * 16).starts
         clock.now += 0.1
-    second = SharedBudget(job, clock=clock)
+    second = SharedPace(job, clock=clock)
     second.restore(saved)
     after = second.lease([Cost()] * 64)
     assert after.starts == () or after.starts[0] >= saved.saved_at + SAVE_EVERY_S
@@ -118,10 +118,10 @@ def test_a_restarted_budget_does_not_burst() -> None:
 def test_a_restart_keeps_a_pause() -> None:
     clock = FakeClock()
     job = limits(requests_per_minute=600)
-    first = SharedBudget(job, clock=clock)
+    first = SharedPace(job, clock=clock)
     first.pacer.pause_until(clock.now + 30)
-    second = SharedBudget(job, clock=clock)
-    second.restore(BudgetState.of_json(first.state().as_json()))
+    second = SharedPace(job, clock=clock)
+    second.restore(PaceState.of_json(first.state().as_json()))
     clock.now += 10
     assert second.lease([Cost()]).starts == ()
 
@@ -129,7 +129,7 @@ def test_a_restart_keeps_a_pause() -> None:
 class InProcess:
     """The shared budget called directly, as the actor would be."""
 
-    def __init__(self, budget: SharedBudget) -> None:
+    def __init__(self, budget: SharedPace) -> None:
         self.budget = budget
         self.calls = 0
         self.reported: list[Answer] = []
@@ -150,7 +150,7 @@ async def test_leased_pacers_share_one_rate() -> None:
     """Two workers, 40 concurrent requests each, at 600/min in all: requests start a tenth
     of a second apart whoever sends them, and few calls reach the shared side."""
     clock = FakeClock()
-    source = InProcess(SharedBudget(limits(requests_per_minute=600), clock=clock))
+    source = InProcess(SharedPace(limits(requests_per_minute=600), clock=clock))
     sent: list[float] = []
 
     async def send(pacer: LeasedPacer) -> None:
@@ -172,7 +172,7 @@ async def test_a_halted_pacer_lets_its_queue_go_and_asks_for_no_more_slots() -> 
     """The run stopped: requests queued for a lease or sleeping for their slot return at once
     (their places are then refused), and the shared budget is asked for nothing more."""
     clock = FakeClock()
-    source = InProcess(SharedBudget(limits(requests_per_minute=60), clock=clock))
+    source = InProcess(SharedPace(limits(requests_per_minute=60), clock=clock))
 
     async def forever(_seconds: float) -> None:
         await anyio.sleep_forever()  # only the halt ends a wait
@@ -224,7 +224,7 @@ def test_no_window_holds_more_than_the_rate(
     """Whatever the order, timing and size of the workers' lease calls, the slots granted
     in any stretch of time are at most what the rate allows in it, plus one."""
     clock = FakeClock()
-    budget = SharedBudget(limits(requests_per_minute=per_minute, adaptive=False), clock=clock)
+    budget = SharedPace(limits(requests_per_minute=per_minute, adaptive=False), clock=clock)
     starts: list[float] = []
     for advance, count, tokens in calls:
         clock.now += advance

@@ -23,7 +23,7 @@ _PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 
 
 @dataclass(frozen=True, slots=True)
-class Budget:
+class StatedLimit:
     """One advertised limit: per minute, what is left of it and when it is whole again."""
 
     per_minute: float
@@ -35,7 +35,7 @@ class Budget:
 class ServerLimits:
     """The limits one reply advertised, by budget name (``requests``, ``tokens``...)."""
 
-    budgets: dict[str, Budget]
+    budgets: dict[str, StatedLimit]
     style: str  # "openai" or "anthropic"
 
     def per_minute(self, budget: str) -> float | None:
@@ -55,7 +55,7 @@ def read_server_limits(headers: httpx.Headers, now: float | None = None) -> Serv
             fields[lowered.decode("latin-1")] = value.decode("latin-1")
     if not fields:
         return None
-    budgets: dict[str, Budget] = {}
+    budgets: dict[str, StatedLimit] = {}
     style = "openai"
     for budget in BUDGETS:
         dashed = budget.replace("_", "-")
@@ -79,11 +79,11 @@ def read_server_limits(headers: httpx.Headers, now: float | None = None) -> Serv
     return ServerLimits(budgets, style) if budgets else None
 
 
-def _budget(limit: str | None, remaining: str | None, reset_s: float | None) -> Budget | None:
+def _budget(limit: str | None, remaining: str | None, reset_s: float | None) -> StatedLimit | None:
     per_minute = _number(limit)
     if per_minute is None or per_minute <= 0:
         return None
-    return Budget(per_minute, _number(remaining), reset_s)
+    return StatedLimit(per_minute, _number(remaining), reset_s)
 
 
 def _number(text: str | None) -> float | None:

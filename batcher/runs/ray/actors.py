@@ -16,18 +16,18 @@ from batcher.flow.controller import FlowReport
 from batcher.flow.limiter import Cost
 from batcher.runs.ray import storage
 from batcher.runs.ray.allowance import CostLedger
-from batcher.runs.ray.lease import SAVE_EVERY_S, Answer, BudgetState, Grant, SharedBudget
+from batcher.runs.ray.lease import SAVE_EVERY_S, Answer, Grant, PaceState, SharedPace
 from batcher.runs.ray.shard import ShardResult, ShardTask, run_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class BudgetActor:
+class LimitsActor:
     """The job's one budget: its pace (``lease.py``) and its dollar cap (``allowance.py``).
     Every call answers at once. Its state is saved at ``state_location`` about once a second,
     and whenever dollars are leased or given back; restarted, it takes up from there."""
 
     def __init__(self, limits: LimitsConfig, state_location: str, run_id: str) -> None:
-        self.budget = SharedBudget(limits)
+        self.budget = SharedPace(limits)
         self.ledger = CostLedger(limits.max_cost_usd)
         self.state_location = state_location
         self.run_id = run_id
@@ -36,7 +36,7 @@ class BudgetActor:
         # Only a restart within the same run takes up the state: a new run learns afresh
         # (the cap, as on one machine, is for what this run spends).
         if data.get("run") == run_id:
-            self.budget.restore(BudgetState.of_json(data))
+            self.budget.restore(PaceState.of_json(data))
             if "dollars" in data:
                 self.ledger.restore(data["dollars"])
         self._saved_at = 0.0

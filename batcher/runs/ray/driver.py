@@ -32,7 +32,7 @@ from batcher.errors import AbortError, BatcherError, BudgetReachedError, ConfigE
 from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job, read_api_key
 from batcher.runs.ray import storage
-from batcher.runs.ray.actors import BudgetActor, ShardWorker
+from batcher.runs.ray.actors import LimitsActor, ShardWorker
 from batcher.runs.ray.assembly import merge_journals, part_locations, write_parts
 from batcher.runs.ray.reaper import Reaper
 from batcher.runs.ray.shard import (
@@ -243,7 +243,7 @@ class _Dispatch:
         if not self.pending:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
-        self.budget = BudgetActor.options(**self._options()).remote(  # type: ignore[attr-defined]
+        self.budget = LimitsActor.options(**self._options()).remote(  # type: ignore[attr-defined]
             self.job.config.limits, state, uuid.uuid4().hex
         )
         try:

@@ -1,7 +1,7 @@
-"""One budget for many processes: the shared side grants slices of it, the workers lease them.
+"""One pace for many processes: the shared side grants slices of it, the workers lease them.
 
-The shared side (``SharedBudget``, run by one Ray actor) is the flow controller of a one-machine
-run with its pacer swapped for ``LeaseBudget``: the same virtual clocks (``limiter.py``), the
+The shared side (``SharedPace``, run by one Ray actor) is the flow controller of a one-machine
+run with its pacer swapped for ``ReservingLimiter``: the same virtual clocks (``limiter.py``), the
 same discovery and Retry-After rules (``flow.py``), fed with the answers every worker reports.
 It never waits: asked for slots, it reserves those that start within ``HORIZON_S`` and answers
 at once, with "come back at t" for the rest. An actor whose calls waited would fill its slots
@@ -46,7 +46,7 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One reply a worker saw, reported to the shared budget."""
+    """One reply a worker saw, reported to the shared pace."""
 
     kind: str  # answered, rate_limited or failed
     cost: Cost
@@ -58,8 +58,8 @@ class Answer:
 
 
 @dataclass(slots=True)
-class BudgetState:
-    """What survives a restart of the shared budget: where its clocks stood and why."""
+class PaceState:
+    """What survives a restart of the shared pace: where its clocks stood and why."""
 
     saved_at: float
     next_free: dict[str, float] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class BudgetState:
         }
 
     @classmethod
-    def of_json(cls, data: dict[str, Any]) -> BudgetState:
+    def of_json(cls, data: dict[str, Any]) -> PaceState:
         return cls(
             saved_at=float(data["saved_at"]),
             next_free={str(k): float(v) for k, v in data["next_free"].items()},
@@ -86,7 +86,7 @@ class BudgetState:
         )
 
 
-class LeaseBudget(RateLimiter):
+class ReservingLimiter(RateLimiter):
     """``RateLimiter``'s clocks, reserved without waiting."""
 
     def grant(self, costs: Sequence[Cost], horizon_s: float = HORIZON_S) -> tuple[float, ...]:
@@ -127,12 +127,12 @@ class LeaseBudget(RateLimiter):
             self._next[budget] = max(next_free.get(budget, 0.0), not_before)
 
 
-class SharedBudget:
-    """The job's budget for all workers together: rates, the discovered limit, the pauses."""
+class SharedPace:
+    """The job's pace for all workers together: rates, the discovered limit, the pauses."""
 
     def __init__(self, limits: LimitsConfig, *, clock: Clock = time.time) -> None:
         self._clock = clock
-        self.pacer = LeaseBudget(clock=clock)
+        self.pacer = ReservingLimiter(clock=clock)
         self.flow = FlowController(limits, clock=clock, pacer=self.pacer)
         self._last_tick = clock()
         self.granted = 0
@@ -171,16 +171,16 @@ class SharedBudget:
         pace = f"{rate:,.0f}/min ({status.source})" if rate is not None else "unpaced"
         return f"{self.granted:,} requests sent, rate {pace}"
 
-    def state(self) -> BudgetState:
+    def state(self) -> PaceState:
         found = self.flow.discovery.rate_rps
-        return BudgetState(
+        return PaceState(
             saved_at=self._clock(),
             next_free=self.pacer.snapshot(),
             paused_until=self.pacer.paused_until,
             discovered_rps=found,
         )
 
-    def restore(self, state: BudgetState) -> None:
+    def restore(self, state: PaceState) -> None:
         """Take up where a previous incarnation stopped, without granting its slots again."""
         discovery = self.flow.discovery
         if state.discovered_rps is not None and self.flow.adaptive:
@@ -191,7 +191,7 @@ class SharedBudget:
 
 
 class LeaseSource(Protocol):
-    """Where a worker's slots come from (the shared budget's actor, or the budget itself)."""
+    """Where a worker's slots come from (the limits actor, or the shared pace itself)."""
 
     async def lease(self, costs: Sequence[Cost], answers: Sequence[Answer]) -> Grant: ...
 
@@ -209,7 +209,7 @@ class _Waiter:
 
 
 class LeasedPacer(RateLimiter):
-    """A shard's pacer: slots come from the shared budget, not from local clocks.
+    """A shard's pacer: slots come from the shared pace, not from local clocks.
 
     Rates, pauses and token corrections set by the shard's own flow controller are the
     shared side's business and are ignored here; answers reach it through ``SharedFlow``.
@@ -231,13 +231,13 @@ class LeasedPacer(RateLimiter):
         self.answers: list[Answer] = []  # reported with the next lease, or by ``flush``
 
     def set_rate(self, budget: str, per_s: float | None) -> None:
-        """The shared budget sets the rates."""
+        """The shared pace sets the rates."""
 
     def pause_until(self, until: float) -> None:
-        """The shared budget decides who pauses."""
+        """The shared pace decides who pauses."""
 
     def settle(self, estimated: Cost, actual: Cost) -> None:
-        """The shared budget settles token clocks from the reported usage."""
+        """The shared pace settles token clocks from the reported usage."""
 
     def flush(self) -> None:
         if self.answers:
@@ -293,11 +293,11 @@ class LeasedPacer(RateLimiter):
 
 
 class SharedFlow(FlowController):
-    """A shard's flow controller: paced by leases, its answers reported to the shared budget.
+    """A shard's flow controller: paced by leases, its answers reported to the shared pace.
 
     The shard's own controller keeps what is local (the requests in flight, its progress
     line) and runs non-adaptive: discovery and Retry-After pauses are decided once, on the
-    answers of every worker, by the shared budget.
+    answers of every worker, by the shared pace.
     """
 
     def __init__(self, limits: LimitsConfig, pacer: LeasedPacer) -> None:
