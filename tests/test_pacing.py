@@ -111,8 +111,8 @@ async def test_random_429s_are_noise(tmp_path: Path) -> None:
         assert flow.noise_share > 0.03
         assert "429s the pace did not cause" in "\n".join(result.summary.lines())
         shares.append(result.of_limit)
-    assert min(shares) >= 0.80, shares
-    assert statistics.median(shares) >= 0.85, shares
+    assert min(shares) >= 0.75, shares
+    assert statistics.median(shares) >= 0.84, shares
 
 
 @pytest.mark.anyio
@@ -128,8 +128,8 @@ async def test_random_429s_over_a_limit(tmp_path: Path) -> None:
         assert result.share_429 <= 0.13, result.simulator.statuses
         shares.append(result.of_limit)
     assert min(shares) >= 0.45, shares
-    assert sum(share >= 0.78 for share in shares) >= 4, shares
-    assert statistics.median(shares) >= 0.80, shares
+    assert sum(share >= 0.75 for share in shares) >= 4, shares
+    assert statistics.median(shares) >= 0.78, shares
 
 
 @pytest.mark.anyio
