@@ -19,6 +19,7 @@ import pytest
 from trio.testing import MockClock
 
 from batcher.cli import main
+from batcher.sim import SimSettings
 from bench.pacing import (
     CASES,
     CHANGE_AT_S,
@@ -29,7 +30,7 @@ from bench.pacing import (
     rate_over_time,
 )
 from tests.conftest import SimFactory, write_job
-from tests.virtual import CaseResult, run_case
+from tests.virtual import BASE_URL, CaseResult, run_case, run_job
 
 ROWS = 1200  # the benchmark's
 
@@ -202,11 +203,15 @@ def test_rate_held_over_loopback(tmp_path: Path, case: str) -> None:
     assert result["achieved_per_min"] >= least * result["limit_per_min"]
 
 
-def test_429s_do_not_use_up_attempts(tmp_path: Path, sim_factory: SimFactory) -> None:
+@pytest.mark.anyio
+async def test_429s_do_not_use_up_attempts(tmp_path: Path) -> None:
     # Every row is refused its first three attempts with 429; max_attempts is 2.
-    server = sim_factory(fail_share=1.0, fail_attempts_min=3, fail_attempts_max=3, faults=("429",))
-    job = write_job(tmp_path, server.url, retry={"max_attempts": 2}, limits={"concurrency": 8})
-    assert main(["run", str(job), "--quiet"]) == 0
+    job = write_job(tmp_path, BASE_URL, retry={"max_attempts": 2}, limits={"concurrency": 8})
+    server = SimSettings(fail_share=1.0, fail_attempts_min=3, fail_attempts_max=3, faults=("429",))
+    summary, simulator = await run_job(job, server, max_requests=200)
+    assert summary.exit_code == 0
+    assert summary.rows_ok == 20
+    assert simulator.statuses["429"] == 60
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert out["error"].null_count() == out.height
     assert out["attempts"].unique().to_list() == [4]

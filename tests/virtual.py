@@ -34,7 +34,7 @@ from batcher.runs.context import RunOptions
 from batcher.runs.shell import arun
 from batcher.runs.summary import RunSummary
 from batcher.sim import SimSettings
-from batcher.sim.faults import error_parts
+from batcher.sim.faults import error_parts, fault_for
 from batcher.sim.replies import user_text
 from batcher.sim.server import Simulator
 from bench.pacing import write_job, write_rows
@@ -52,8 +52,9 @@ class RequestStormError(Exception):
 
 
 class VirtualServer:
-    """The simulator's limits, random 429s, latency and replies, served in-process on the
-    event loop's clock: ``transport`` goes where the client's HTTP transport would."""
+    """The simulator's limits, random 429s, latency, injected 429s and replies, served
+    in-process on the event loop's clock: ``transport`` goes where the client's HTTP
+    transport would. Other faults (drops, stalls, broken bodies) are the loopback tests'."""
 
     def __init__(self, settings: SimSettings, *, max_requests: int) -> None:
         self.simulator = Simulator(settings, clock=anyio.current_time)
@@ -74,20 +75,20 @@ class VirtualServer:
             messages = body["messages"]
             prompt = user_text(messages)
             simulator.attempts[prompt] += 1
+            attempt = simulator.attempts[prompt]
             prompt_tokens = simulator.count_prompt(messages)
             refusal = simulator.refusal(body, prompt_tokens)
             if refusal is not None:
-                content, headers = error_parts(
-                    429,
-                    "rate_limit_error",
-                    refusal.message,
-                    refusal.retry_after_s,
-                    simulator.limits.advertised(),
-                )
-                return httpx.Response(429, content=content, headers=headers)
+                return self._refused(refusal.message, refusal.retry_after_s)
             latency_s = simulator.latency_s()
             if latency_s:
                 await anyio.sleep(latency_s)
+            fault = fault_for(simulator.settings, request.content, attempt)
+            if fault is not None:
+                if fault != "429":
+                    raise NotImplementedError(f"fault {fault!r}: served over loopback only")
+                simulator.statuses["429"] += 1
+                return self._refused("simulated rate limit", simulator.settings.retry_after_s)
             reply = simulator.build_reply(body, prompt, prompt_tokens)
             simulator.count_answer(prompt, reply)
             return httpx.Response(
@@ -95,6 +96,11 @@ class VirtualServer:
             )
         finally:
             simulator.in_flight -= 1
+
+    def _refused(self, message: str, retry_after_s: float | None) -> httpx.Response:
+        advertised = self.simulator.limits.advertised()
+        content, headers = error_parts(429, "rate_limit_error", message, retry_after_s, advertised)
+        return httpx.Response(429, content=content, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,17 @@ def virtual_options(server: VirtualServer, **options: Any) -> RunOptions:
     )
 
 
+async def run_job(
+    path: Path, settings: SimSettings, *, max_requests: int, **options: Any
+) -> tuple[RunSummary, Simulator]:
+    """``arun`` of the job at ``path`` (quiet, fresh unless told) on virtual time against a
+    simulator set up as ``settings``; the client's jitter is seeded with the simulator's seed."""
+    random.seed(settings.seed)  # the retry policy's jitter draws from the global generator
+    virtual = VirtualServer(settings, max_requests=max_requests)
+    run_options = virtual_options(virtual, **{"quiet": True, "fresh": True, **options})
+    return await arun(path, run_options), virtual.simulator
+
+
 def write_case(folder: Path, rows: int, limits: dict[str, Any]) -> Path:
     """The benchmark's rows and job in ``folder``; the job's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,11 +173,10 @@ async def run_case(
     ``server`` (its random draws, and the client's jitter, seeded with ``seed``), a job
     stating ``limits``."""
     path = write_case(folder, rows, limits)
-    random.seed(seed)  # the retry policy's jitter draws from the global generator
-    virtual = VirtualServer(SimSettings(**{**server, "seed": seed}), max_requests=5 * rows)
     started = anyio.current_time()
-    summary = await arun(path, virtual_options(virtual, fresh=True, **{"quiet": True, **options}))
-    simulator = virtual.simulator
+    summary, simulator = await run_job(
+        path, SimSettings(**{**server, "seed": seed}), max_requests=5 * rows, **options
+    )
     by_tokens = "tokens_per_minute" in server and "requests_per_minute" not in server
     achieved = simulator.achieved_tps() if by_tokens else simulator.achieved_rps()
     limit = (
