@@ -5,9 +5,13 @@ do whatever the mode (lock, identity, journal, stop, output, summary) is the she
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import anyio
+import httpx
 
 from batcher.config import LimitsConfig
 from batcher.flow.controller import FlowController, FlowReport
@@ -45,6 +49,13 @@ class RunOptions:
     flow_factory: Callable[[LimitsConfig], FlowController] = FlowController
     # Makes the run's dollar budget of its own (--ray: one whose cap is leased from the job's).
     budget_factory: Callable[[Budget], CostBudget] = own_budget
+    # What the live engine times its rows and status lines by, sends through, and runs its
+    # blocking reads of the input with. Tests on virtual time pass the event loop's clock, an
+    # ``httpx.MockTransport`` and an inline call: under a clock that jumps as soon as every
+    # task waits, a read in a worker thread would let time jump while it works.
+    clock: Callable[[], float] = time.monotonic
+    transport: httpx.AsyncBaseTransport | None = None  # None: the one endpoint.transport names
+    offload: Callable[[Callable[[], Any]], Awaitable[Any]] = anyio.to_thread.run_sync
 
 
 @dataclass(frozen=True, slots=True)

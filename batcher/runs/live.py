@@ -62,6 +62,7 @@ class LiveEngine:
             quiet=options.quiet,
             flow=self.flow,
             every_s=options.progress_every_s,
+            clock=options.clock,
         )
         try:
             await Dispatch(context, self.flow, self.grace_s).run(progress)
@@ -83,6 +84,9 @@ class Dispatch:
         self.skip_failed = context.options.skip_failed
         self.budget_factory = context.options.budget_factory
         self.base_url = context.base_url
+        self.clock = context.options.clock
+        self.transport = context.options.transport
+        self.offload = context.options.offload
         self.flow = flow
         self.grace_s = grace_s
 
@@ -90,8 +94,12 @@ class Dispatch:
         config, plan, flow = self.plan.job.config, self.plan, self.flow
         concurrency = config.limits.connections
         endpoint = config.endpoint.model_copy(update={"base_url": self.base_url})
-        async with ChatClient(endpoint, plan.api_key, concurrency) as client:
-            sender = Sender.for_job(config, plan.builder, client, flow, plan.images, self.tally)
+        now = self.clock
+        client = ChatClient(endpoint, plan.api_key, concurrency, transport=self.transport)
+        async with client:
+            sender = Sender.for_job(
+                config, plan.builder, client, flow, plan.images, self.tally, clock=now
+            )
             worker = RowWorker.for_job(
                 config,
                 plan.builder,
@@ -100,6 +108,7 @@ class Dispatch:
                 self.prices,
                 self.tally,
                 budget_factory=self.budget_factory,
+                clock=now,
             )
             worker.interrupted = self._record_interrupted
             self.stopping.attach(flow)
@@ -122,7 +131,7 @@ class Dispatch:
             async with send:
                 try:
                     while True:
-                        prepared = await anyio.to_thread.run_sync(self._next_batch, batches)
+                        prepared = await self.offload(lambda: self._next_batch(batches))
                         if prepared is None:
                             return
                         for _, item in prepared:
@@ -145,7 +154,8 @@ class Dispatch:
                     self.stopping.stop_dispatch(exc)
 
     def _next_batch(self, batches: Iterator[Any]) -> list[tuple[Any, Prepared]] | None:
-        """Read, look up and decide one batch (blocking: runs in a worker thread)."""
+        """Read, look up and decide one batch (blocking: runs in a worker thread, or as the
+        run's options say)."""
         batch = next(batches, None)
         if batch is None:
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
@@ -28,12 +29,14 @@ class Progress:
         quiet: bool,
         flow: FlowController | None = None,
         every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tally = tally
+        self._clock = clock
         self.flow = flow
         self.total = total
         self.done = 0
-        self._started = self._last_postfix = self._last_line = time.monotonic()
+        self._started = self._last_postfix = self._last_line = clock()
         self._last_requests = 0
         self._line_requests = 0
         self._rate = 0.0
@@ -51,7 +54,7 @@ class Progress:
     def advance(self, rows: int = 1) -> None:
         self.done += rows
         self._bar.update(rows)
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_postfix >= _POSTFIX_EVERY_S:
             self._refresh_postfix(now)
 
@@ -70,7 +73,7 @@ class Progress:
 
     def tick(self) -> None:
         """Called once a second: prints a status line when one is due."""
-        now = time.monotonic()
+        now = self._clock()
         if self._every_s is None or now - self._last_line < self._every_s:
             return
         print(self.status_line(now), file=sys.stderr, flush=True)
@@ -90,5 +93,5 @@ class Progress:
         )
 
     def close(self) -> None:
-        self._refresh_postfix(time.monotonic())
+        self._refresh_postfix(self._clock())
         self._bar.close()

@@ -67,6 +67,22 @@ async def inject(request: web.Request, fault: str, s: SimSettings) -> web.Stream
     raise asyncio.CancelledError
 
 
+def error_parts(
+    status: int,
+    kind: str,
+    message: str,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """An error reply's JSON body and headers (Retry-After in seconds and milliseconds)."""
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["retry-after-ms"] = str(round(retry_after_s * 1000, 3))
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    payload = {"error": {"message": message, "type": kind, "code": status}}
+    return orjson.dumps(payload), headers
+
+
 def error_response(
     status: int,
     kind: str,
@@ -74,11 +90,5 @@ def error_response(
     retry_after_s: float | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    headers = dict(headers or {})
-    if retry_after_s is not None:
-        headers["retry-after-ms"] = str(round(retry_after_s * 1000, 3))
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
-    payload = {"error": {"message": message, "type": kind, "code": status}}
-    return web.Response(
-        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
-    )
+    body, headers = error_parts(status, kind, message, retry_after_s, headers)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)

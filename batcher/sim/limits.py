@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -186,10 +187,12 @@ def advertise(style: str, meters: dict[str, Meter], now: float) -> dict[str, str
 
 
 class Limits:
-    """The limits one simulator enforces: a meter per budget, and the schedule that moves them."""
+    """The limits one simulator enforces: a meter per budget, and the schedule that moves them.
+    ``clock`` is the simulator's (tests on virtual time pass the run's)."""
 
-    def __init__(self, settings: SimSettings) -> None:
+    def __init__(self, settings: SimSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._clock = clock
         self.meters: dict[str, Meter] = {}
         self._first_request: float | None = None
         self._schedule = sorted(settings.schedule)
@@ -197,7 +200,7 @@ class Limits:
 
     def set(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
         """Enforce these limits from now on (None: that budget unlimited)."""
-        s, now = self.settings, time.monotonic()
+        s, now = self.settings, self._clock()
         for budget, per_minute in (
             ("requests", requests_per_minute),
             ("tokens", tokens_per_minute),
@@ -212,7 +215,7 @@ class Limits:
                 )
 
     def follow_schedule(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._first_request is None:
             self._first_request = now
         while self._schedule and now - self._first_request >= self._schedule[0][0]:
@@ -222,7 +225,7 @@ class Limits:
     def admit(self, tokens: int) -> float:
         """0 and charge a request of ``tokens`` if every budget has room; else the seconds
         until the fullest one would (and nothing is charged)."""
-        now = time.monotonic()
+        now = self._clock()
         charged: list[tuple[Meter, float]] = []
         for budget, cost in (("requests", 1), ("tokens", tokens)):
             found = self.meters.get(budget)
@@ -241,15 +244,20 @@ class Limits:
         s = self.settings
         if not s.send_retry_after:
             return None
-        return s.limit_retry_after_s if s.limit_retry_after_s is not None else wait_s
+        if s.limit_retry_after_s is not None:
+            return s.limit_retry_after_s
+        # Whole milliseconds, rounded up, as servers state it: a request retried after a wait
+        # of a hair (a window's edge reached up to a rounding error) would be refused again
+        # and told to wait nothing at all.
+        return math.ceil(wait_s * 1000) / 1000
 
     def give_back_tokens(self, unused: int) -> None:
         """A reply took fewer tokens than max_tokens reserved."""
         if "tokens" in self.meters:
-            self.meters["tokens"].give_back(unused, time.monotonic())
+            self.meters["tokens"].give_back(unused, self._clock())
 
     def advertised(self) -> dict[str, str] | None:
         style = self.settings.ratelimit_headers
         if style is None or not self.meters:
             return None
-        return advertise(style, self.meters, time.monotonic())
+        return advertise(style, self.meters, self._clock())

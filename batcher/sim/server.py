@@ -6,8 +6,9 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -60,11 +61,22 @@ class SimSettings:
     batch_max_lines: int | None = None
 
 
-class Simulator:
-    """The server's state: settings, rate buckets, and what it saw."""
+class Refusal(NamedTuple):
+    """A 429 met on arrival: its message and Retry-After (None: the header is left out)."""
 
-    def __init__(self, settings: SimSettings | None = None) -> None:
+    message: str
+    retry_after_s: float | None
+
+
+class Simulator:
+    """The server's state: settings, rate buckets, and what it saw. ``clock`` times its limits
+    and answers (tests on virtual time pass the run's clock and serve it without a socket)."""
+
+    def __init__(
+        self, settings: SimSettings | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings or SimSettings()
+        self.clock = clock
         self.batches = BatchService(self)
         self.reset()
 
@@ -86,7 +98,7 @@ class Simulator:
         self.images: list[dict[str, Any]] = []
         self.authorization: Counter[str] = Counter()
         self.bodies: list[dict[str, Any]] = []
-        self.limits = Limits(s)
+        self.limits = Limits(s, self.clock)
 
     def set_limits(
         self, requests_per_minute: float | None, tokens_per_minute: float | None
@@ -153,21 +165,13 @@ class Simulator:
             status, response = marked
             self.statuses[status] += 1
             return response
-        # Limits are checked on arrival, as real servers do: a 429 does not wait for the model.
-        self.limits.follow_schedule()
-        if s.random_429_share and self._random.random() < s.random_429_share:
-            self.statuses["429"] += 1
-            self.statuses["429 random"] += 1
-            return self._error(429, "rate_limit_error", "upstream busy", s.retry_after_s)
         prompt_tokens = self.count_prompt(messages)
-        max_tokens = int(body.get("max_tokens") or 1024)
-        wait_s = self.limits.admit(prompt_tokens + max_tokens)
-        if wait_s > 0:
-            self.statuses["429"] += 1
-            retry_after = self.limits.retry_after(wait_s)
-            return self._error(429, "rate_limit_error", "rate limit exceeded", retry_after)
-        if s.latency_s or s.latency_jitter_s:
-            await asyncio.sleep(s.latency_s + self._random.uniform(0, s.latency_jitter_s))
+        refusal = self.refusal(body, prompt_tokens)
+        if refusal is not None:
+            return self._error(429, "rate_limit_error", *refusal)
+        latency_s = self.latency_s()
+        if latency_s:
+            await asyncio.sleep(latency_s)
         fault = fault_for(s, raw, attempt)
         streaming_fault = fault in ("cut", "silence") and body.get("stream")
         if fault is not None and not streaming_fault:
@@ -176,8 +180,7 @@ class Simulator:
             if fault == "429":
                 return self._error(429, "rate_limit_error", "simulated rate limit", s.retry_after_s)
             return await inject(request, fault, s)
-        reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
-        self.limits.give_back_tokens(max(max_tokens - reply["usage"]["completion_tokens"], 0))
+        reply = self.build_reply(body, prompt, prompt_tokens)
         if body.get("stream"):
             response, broken = await stream_reply(
                 request,
@@ -189,14 +192,44 @@ class Simulator:
                 on_break=lambda: self.statuses.update([str(fault)]),
             )
             if not broken:
-                self._count_answer(prompt, reply)
+                self.count_answer(prompt, reply)
             return response
-        self._count_answer(prompt, reply)
+        self.count_answer(prompt, reply)
         return web.Response(
             body=orjson.dumps(reply),
             content_type="application/json",
             headers=self.limits.advertised(),
         )
+
+    def refusal(self, body: dict[str, Any], prompt_tokens: int) -> Refusal | None:
+        """The 429 a request meets on arrival, if any, counted: limits are checked on arrival,
+        as real servers do (a 429 does not wait for the model), after the random ones."""
+        s = self.settings
+        self.limits.follow_schedule()
+        if s.random_429_share and self._random.random() < s.random_429_share:
+            self.statuses["429"] += 1
+            self.statuses["429 random"] += 1
+            return Refusal("upstream busy", s.retry_after_s)
+        max_tokens = int(body.get("max_tokens") or 1024)
+        wait_s = self.limits.admit(prompt_tokens + max_tokens)
+        if wait_s > 0:
+            self.statuses["429"] += 1
+            return Refusal("rate limit exceeded", self.limits.retry_after(wait_s))
+        return None
+
+    def latency_s(self) -> float:
+        """How long the model takes over this request."""
+        s = self.settings
+        if not (s.latency_s or s.latency_jitter_s):
+            return 0.0
+        return s.latency_s + self._random.uniform(0, s.latency_jitter_s)
+
+    def build_reply(self, body: dict[str, Any], prompt: str, prompt_tokens: int) -> dict[str, Any]:
+        """The reply's JSON; the tokens that max_tokens reserved and it did not use go back."""
+        reply = build_reply(body, prompt, prompt_tokens, self.settings.cached_share)
+        max_tokens = int(body.get("max_tokens") or 1024)
+        self.limits.give_back_tokens(max(max_tokens - reply["usage"]["completion_tokens"], 0))
+        return reply
 
     def count_prompt(self, messages: list[dict[str, Any]]) -> int:
         """Prompt tokens, each image logged as it arrived (the first ``_MAX_IMAGE_LOG``)."""
@@ -204,12 +237,13 @@ class Simulator:
         del self.images[_MAX_IMAGE_LOG:]
         return tokens
 
-    def _count_answer(self, prompt: str, reply: dict[str, Any]) -> None:
+    def count_answer(self, prompt: str, reply: dict[str, Any]) -> None:
+        """One answer sent: counted by prompt, its time and tokens kept for achieved rates."""
         self.statuses["200"] += 1
         self.answered += 1
         self.answered_by_prompt[prompt] += 1
         self.usage_by_prompt[prompt] = reply["usage"]
-        self.answered_at.append(time.monotonic())
+        self.answered_at.append(self.clock())
         self.answered_tokens.append(reply["usage"]["total_tokens"])
 
     def _error(
