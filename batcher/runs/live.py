@@ -12,7 +12,6 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from batcher.errors import (
     AccountError,
     BatcherError,
-    BudgetReachedError,
     KeyRefusedError,
     RateLimitStallError,
 )
@@ -22,7 +21,7 @@ from batcher.rows.request import RowRequest
 from batcher.runs.context import RunContext
 from batcher.runs.progress import Progress
 from batcher.runs.stopping import Interrupt
-from batcher.send.budget import BudgetStop
+from batcher.send.budget import BudgetStop, budget_reached
 from batcher.send.client import ChatClient
 from batcher.send.sender import Sender
 from batcher.send.tally import Tally
@@ -165,13 +164,8 @@ class Dispatch:
                 except Halted:
                     continue  # stopped before it was sent: pending for the next run
                 except BudgetStop:
-                    cap = self.plan.job.config.limits.max_cost_usd
-                    stopping.stop_dispatch(
-                        BudgetReachedError(
-                            f"the budget limits.max_cost_usd={cap:g} would be crossed "
-                            f"(spent ${self.tally.cost_usd:.4f}); raise it and run again to resume"
-                        )
-                    )
+                    cap = self.plan.job.config.limits.max_cost_usd or 0.0  # BudgetStop: set
+                    stopping.stop_dispatch(budget_reached(cap, self.tally.cost_usd))
                     continue
                 except (KeyRefusedError, AccountError) as exc:
                     stopping.stop_work(exc)

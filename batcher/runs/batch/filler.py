@@ -14,7 +14,7 @@ from batcher.rows.request import RowRequest
 from batcher.runs.batch.book import BatchBook, BookRow
 from batcher.runs.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.progress import BatchProgress
-from batcher.send.budget import upper_cost
+from batcher.send.budget import budget_reached, upper_cost
 from batcher.send.prices import PriceTable
 from batcher.store.columns import Outcome
 
@@ -129,11 +129,7 @@ class Filler:
         cap = self.config.limits.max_cost_usd
         if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
             return False
-        self.budget_reached = BudgetReachedError(
-            f"the budget limits.max_cost_usd={cap:g} would be crossed "
-            f"(spent ${self.tally.cost_usd:.4f}, ${self._committed_usd:.4f} "
-            "held for batches at their upper bound); raise it and run again to resume"
-        )
+        self.budget_reached = budget_reached(cap, self.tally.cost_usd)
         return True
 
     def _settled_now(self, row: BookRow) -> bool:
