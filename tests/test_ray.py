@@ -306,7 +306,8 @@ def test_sigterm_interrupts_the_driver_as_on_one_machine(
     tmp_path: Path, sim_factory: Callable[..., SimulatorThread]
 ) -> None:
     """ray.init puts in handlers that end the driver on the spot; the run's own must hold:
-    exit 3 with one line, and the cluster shut down."""
+    the shards running wind down, the output is written, exit 3 with the one-machine stop
+    line and the command that resumes, and the cluster shut down."""
     sim = sim_factory(latency_s=0.02)
     job = write_job(
         tmp_path,
@@ -334,8 +335,15 @@ def test_sigterm_interrupts_the_driver_as_on_one_machine(
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 3
-    assert err.splitlines()[-1] == "error: interrupted; run the same command again to resume"
+    lines = err.splitlines()
+    assert lines[-2:] == [
+        "stopped: interrupted by SIGTERM",
+        f"resume with: batcher run {job} --ray --quiet",
+    ]
+    assert "Traceback" not in err
     assert all(start_time(pid) != started for pid, started in cluster.items())
+    answered = pl.read_parquet(tmp_path / "out" / "result.parquet")["response"].is_not_null()
+    assert answered.sum() == simulator.answered
 
 
 def test_a_rerun_keeps_the_spend_of_rows_asked_again(

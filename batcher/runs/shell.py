@@ -17,7 +17,7 @@ from typing import Any, Literal
 import anyio
 
 from batcher.config import Job
-from batcher.errors import AbortError, BatcherError, OutputError
+from batcher.errors import AbortError, BatcherError, BudgetReachedError, OutputError
 from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job
 from batcher.rows.request import REASONING_MODELS
@@ -26,6 +26,7 @@ from batcher.runs.context import GRACE_S, Engine, RunContext, RunOptions
 from batcher.runs.live import LiveEngine
 from batcher.runs.stopping import Stopping
 from batcher.runs.summary import RunSummary
+from batcher.send.budget import budget_reached
 from batcher.send.parse import parser_for
 from batcher.send.prices import PriceTable
 from batcher.send.tally import Tally
@@ -159,6 +160,12 @@ class Run:
             ) from None
 
     def _summary(self, written: Written, started: float, flow: FlowReport | None) -> RunSummary:
+        aborted = self.stopping.abort
+        cap = self.job.config.limits.max_cost_usd
+        if isinstance(aborted, BudgetReachedError) and cap is not None:
+            # What the run spent in the end, its requests in flight settled, in every mode
+            # (an engine's reason says what was spent when it stopped dispatching).
+            aborted = budget_reached(cap, self.tally.cost_usd)
         return RunSummary.of_run(
             self.tally,
             output_path=self.plan.output_path,
@@ -168,7 +175,7 @@ class Run:
             output_cost_usd=written.cost_usd,
             written=written,
             started=started,
-            aborted=self.stopping.abort,
+            aborted=aborted,
             resume_command=self.resume_command,
             flow=flow,
         )

@@ -64,20 +64,25 @@ class Stopping:
         self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + grace_s)
 
     async def watch_signals(self, interrupted: Callable[[str], Interrupt]) -> None:
-        """Until cancelled: the first SIGINT or SIGTERM winds the run down with the engine's
-        message and grace (``interrupted``), a second one abandons work in flight."""
+        """Until cancelled: each SIGINT or SIGTERM is an ``interrupt``."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for received in signals:
-                name = signal.Signals(received).name
-                if self.writing:
-                    if self.abort is None:
-                        self.abort = InterruptedRunError(f"interrupted by {name}")
-                    self.notify(f"{name}: the output is being written; it finishes first")
-                    continue
-                if self.stopping and isinstance(self.abort, InterruptedRunError):
-                    self.notify("second interrupt: abandoning requests in flight")
-                    self.work_scope.cancel()
-                    continue  # keep listening: a later interrupt must not raise mid-write
-                interrupt = interrupted(name)
-                self.wind_down(InterruptedRunError(interrupt.reason), interrupt.grace_s)
-                self.notify(interrupt.line)
+                self.interrupt(signal.Signals(received).name, interrupted)
+
+    def interrupt(self, name: str, interrupted: Callable[[str], Interrupt]) -> None:
+        """The first interrupt (signal ``name``) winds the run down with the engine's message
+        and grace (``interrupted``), a second one abandons work in flight; while the output is
+        being written, one only takes note. On the run's event loop (``--ray``'s driver
+        interrupts a shard's run through ``runs/ray/shard.py``)."""
+        if self.writing:
+            if self.abort is None:
+                self.abort = InterruptedRunError(f"interrupted by {name}")
+            self.notify(f"{name}: the output is being written; it finishes first")
+            return
+        if self.stopping and isinstance(self.abort, InterruptedRunError):
+            self.notify("second interrupt: abandoning requests in flight")
+            self.work_scope.cancel()
+            return  # a later interrupt must not raise mid-write either
+        interrupt = interrupted(name)
+        self.wind_down(InterruptedRunError(interrupt.reason), interrupt.grace_s)
+        self.notify(interrupt.line)

@@ -129,8 +129,7 @@ class Filler:
         cap = self.config.limits.max_cost_usd
         if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
             return False
-        held = f", ${self._committed_usd:.4f} held for batches at their upper bound"
-        self.budget_reached = budget_reached(cap, self.tally.cost_usd, held)
+        self.budget_reached = budget_reached(cap, self.tally.cost_usd)
         return True
 
     def _settled_now(self, row: BookRow) -> bool:

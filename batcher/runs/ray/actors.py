@@ -17,7 +17,7 @@ from batcher.flow.limiter import Cost
 from batcher.runs.ray import storage
 from batcher.runs.ray.allowance import CostLedger
 from batcher.runs.ray.lease import SAVE_EVERY_S, Answer, Grant, PaceState, SharedPace
-from batcher.runs.ray.shard import ShardResult, ShardTask, run_shard
+from batcher.runs.ray.shard import Interruption, ShardResult, ShardTask, run_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -107,13 +107,20 @@ class ActorAllowanceSource:
         ray.get(self.actor.give_back.remote(holder, spent_usd))
 
 
-@ray.remote(num_cpus=1, max_restarts=0)
+# Two calls at a time: ``interrupt`` reaches the worker while ``run`` is going on.
+@ray.remote(num_cpus=1, max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]
 class ShardWorker:
     """Runs shards one after another, each with batcher's own engine."""
 
     def __init__(self, budget: Any) -> None:
         self.source = ActorLeaseSource(budget)
         self.allowance = ActorAllowanceSource(budget)
+        self.interruption = Interruption()
 
     def run(self, task: ShardTask) -> ShardResult:
-        return run_shard(task, self.source, self.allowance)
+        return run_shard(task, self.source, self.allowance, self.interruption)
+
+    def interrupt(self, signal_name: str) -> None:
+        """The driver was interrupted: the shard running winds down as on one machine (what
+        is in flight finishes, its part and journal are kept), and none starts after it."""
+        self.interruption.interrupt(signal_name)

@@ -45,6 +45,7 @@ from batcher.runs.ray.shard import (
     write_shard_input,
 )
 from batcher.runs.ray.shards import ShardedInput, cut
+from batcher.runs.ray.signals import DriverSignals
 from batcher.runs.shell import Run, RunOptions, checkpoint_identity
 from batcher.runs.summary import RunSummary
 from batcher.send.budget import budget_reached
@@ -83,44 +84,62 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
     sharded = cut(where.input, config.ray.shard_rows)
     identity = _check(job, options, where, sharded)
     lock = None if storage.is_remote(where.checkpoint) else RunLock(Path(where.checkpoint))
+    signals = DriverSignals()
     try:
-        if options.fresh:
-            storage.remove_tree(where.store)
-        with _simulated(options.simulate) as simulator_url, _cluster(job) as reaper:
-            base_url = simulator_url or config.endpoint.base_url
-            tasks = [
-                ShardTask(
-                    config=config,
-                    job_source=str(job.source),
-                    base_url=base_url,
-                    sharded=sharded,
-                    shard=shard,
-                    store=where.store,
-                    identity=task_identity(config, sharded, shard),
-                    scratch=os.environ.get("BATCHER_SCRATCH_DIR"),
-                    simulate=options.simulate,
-                    fresh=options.fresh,
-                    skip_failed=options.skip_failed,
-                    keep_done=options.keep_done,
-                    prices_path=options.prices_path,
-                )
-                for shard in sharded.shards
-            ]
-            dispatch = _Dispatch(job, options, tasks, reaper)
-            results, flow = dispatch.run()
-        names = [task.shard.name for task in tasks]
-        present = [n for n in names if storage.exists(storage.join(where.store, n, PART))]
-        write_parts(part_locations(where.store, present), where.output)
-        spent: Spend | None = None  # the shards' own, unless the job's journal is here
-        if identity is not None:
-            merged = merge_journals(Path(where.checkpoint), identity, where.store, present)
-            with reading(merged) as connection:
-                spent = totals(connection).spent
+        with signals.watching():
+            total, flow = _run_locked(job, options, where, sharded, identity, signals)
     finally:
         if lock is not None:
             lock.release()
-    total = _summary(job, options, where.output, sharded.rows, results, dispatch.stop, spent)
     return dataclasses.replace(total, flow=flow, wall_s=time.monotonic() - started)
+
+
+def _run_locked(
+    job: Job,
+    options: RunOptions,
+    where: Locations,
+    sharded: ShardedInput,
+    identity: dict[str, str] | None,
+    signals: DriverSignals,
+) -> tuple[RunSummary, FlowReport | None]:
+    """The run once the job's lock is held: its shards on the cluster, then the output and
+    the job's journal from their parts and journals."""
+    config = job.config
+    if options.fresh:
+        storage.remove_tree(where.store)
+    with _simulated(options.simulate) as simulator_url, _cluster(job) as reaper:
+        base_url = simulator_url or config.endpoint.base_url
+        tasks = [
+            ShardTask(
+                config=config,
+                job_source=str(job.source),
+                base_url=base_url,
+                sharded=sharded,
+                shard=shard,
+                store=where.store,
+                identity=task_identity(config, sharded, shard),
+                scratch=os.environ.get("BATCHER_SCRATCH_DIR"),
+                simulate=options.simulate,
+                fresh=options.fresh,
+                skip_failed=options.skip_failed,
+                keep_done=options.keep_done,
+                prices_path=options.prices_path,
+            )
+            for shard in sharded.shards
+        ]
+        dispatch = _Dispatch(job, options, tasks, reaper, signals)
+        results, flow = dispatch.run()
+    signals.writing = True  # from now on a signal only takes note, as on one machine
+    names = [task.shard.name for task in tasks]
+    present = [n for n in names if storage.exists(storage.join(where.store, n, PART))]
+    write_parts(part_locations(where.store, present), where.output)
+    spent: Spend | None = None  # the shards' own, unless the job's journal is here
+    if identity is not None:
+        merged = merge_journals(Path(where.checkpoint), identity, where.store, present)
+        with reading(merged) as connection:
+            spent = totals(connection).spent
+    stop = dispatch.stop or signals.interrupt()
+    return _summary(job, options, where.output, sharded.rows, results, stop, spent), flow
 
 
 def _check(
@@ -215,9 +234,16 @@ class _Dispatch:
     """Shards to workers, in input order; a dead worker's shard goes to a new worker."""
 
     def __init__(
-        self, job: Job, options: RunOptions, tasks: list[ShardTask], reaper: Reaper | None
+        self,
+        job: Job,
+        options: RunOptions,
+        tasks: list[ShardTask],
+        reaper: Reaper | None,
+        signals: DriverSignals,
     ) -> None:
         self.job, self.options, self.tasks, self.reaper = job, options, tasks, reaper
+        self.signals = signals
+        self.interrupted = False
         self.results: dict[int, ShardResult] = {}
         # The usual AWS variables reach the workers, so object storage works there too.
         self.env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
@@ -260,6 +286,7 @@ class _Dispatch:
         self.cpus_each = min(1.0, cpus / count)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
         while self.pending or self.running:
+            self._interrupt()
             while self.idle and self.pending and self.stop is None:
                 task = self.pending.popleft()
                 worker = self.idle.pop()
@@ -278,6 +305,21 @@ class _Dispatch:
         if self.stop is not None and not isinstance(self.stop, AbortError):
             raise self.stop
         return self.results, flow
+
+    def _interrupt(self) -> None:
+        """A first signal: start no shard more, and wind down the ones running."""
+        interrupt = self.signals.interrupt()
+        if interrupt is None or self.interrupted:
+            return
+        self.interrupted = True
+        self.stop = self.stop or interrupt
+        for worker, _, _ in self.running.values():
+            worker.interrupt.remote(self.signals.received)
+        self.options.notify(
+            f"{self.signals.received}: stopping; no shard is started from now on; "
+            f"{len(self.running)} shard(s) running finish their requests in flight "
+            "(interrupt again to abandon them)"
+        )
 
     def _collect(self, ref: Any) -> None:
         """One shard's end: its result, or its worker's death (then a new worker resumes it)."""

@@ -17,13 +17,18 @@ import sqlite3
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import orjson
+from anyio.lowlevel import EventLoopToken
 
 from batcher.config import Job, JobConfig, LimitsConfig
 from batcher.errors import BatcherError
@@ -137,20 +142,65 @@ def scratch_root(store: str, scratch: str | None) -> Path:
     return Path(scratch or tempfile.gettempdir()) / "batcher-ray" / digest
 
 
+class Interruption:
+    """The driver's interrupt, for the shard runs of one worker: handed to the run going on
+    (on its own event loop: its signal watcher is for a main thread, and a worker's signals
+    are the cluster's), and to any run started after it, which then stops at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._signal: str | None = None
+        self._run: tuple[Run, EventLoopToken] | None = None
+
+    def interrupt(self, signal_name: str) -> None:
+        """Wind the run down as that signal would on one machine (from any thread)."""
+        with self._lock:
+            self._signal = signal_name
+            current = self._run
+        if current is None:
+            return
+        run, token = current
+        with suppress(RuntimeError):  # the run's event loop has ended: its output is written
+            anyio.from_thread.run_sync(
+                run.stopping.interrupt, signal_name, run.engine.interrupted, token=token
+            )
+
+    @contextmanager
+    def watching(self, run: Run) -> Iterator[None]:
+        """While ``run`` runs (entered on its event loop), an interrupt reaches it."""
+        with self._lock:
+            self._run = (run, anyio.lowlevel.current_token())
+            name = self._signal
+        if name is not None:
+            run.stopping.interrupt(name, run.engine.interrupted)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._run = None
+
+
 def run_shard(
-    task: ShardTask, source: LeaseSource | None, allowance: AllowanceSource | None = None
+    task: ShardTask,
+    source: LeaseSource | None,
+    allowance: AllowanceSource | None = None,
+    interruption: Interruption | None = None,
 ) -> ShardResult:
     """Run one shard to its end (blocking). ``source``: where slots come from, ``allowance``:
     where dollars come from (None: the shard paces itself and keeps the cap to itself, as
-    one machine would). A run failure comes back as data."""
+    one machine would), ``interruption``: how the driver interrupts it. A run failure comes
+    back as data."""
     try:
-        return _run_shard(task, source, allowance)
+        return _run_shard(task, source, allowance, interruption or Interruption())
     except BatcherError as exc:
         return ShardResult(task.shard.index, failure=exc)
 
 
 def _run_shard(
-    task: ShardTask, source: LeaseSource | None, allowance: AllowanceSource | None
+    task: ShardTask,
+    source: LeaseSource | None,
+    allowance: AllowanceSource | None,
+    interruption: Interruption,
 ) -> ShardResult:
     work = scratch_root(task.store, task.scratch) / task.shard.name
     if task.fresh:
@@ -198,7 +248,9 @@ def _run_shard(
     )
 
     async def execute() -> RunSummary:
-        return await Run(plan, options).execute(task.base_url)
+        run = Run(plan, options)
+        with interruption.watching(run):
+            return await run.execute(task.base_url)
 
     try:
         with _JournalCopier(journal, stored_journal), ThreadPoolExecutor(1) as thread:
