@@ -31,12 +31,12 @@ class BudgetStop(Exception):  # noqa: N818 - a signal between worker and runner,
     """Sending this request could cross limits.max_cost_usd; the row stays pending."""
 
 
-def budget_reached(max_cost_usd: float, spent_usd: float, held: str = "") -> BudgetReachedError:
+def budget_reached(max_cost_usd: float, spent_usd: float) -> BudgetReachedError:
     """The run's error when the cap stopped it, in every mode: ``spent_usd`` is what the run
-    spent, ``held`` says what else counts against the cap (batch mode's batches in flight)."""
+    spent."""
     return BudgetReachedError(
         f"the budget limits.max_cost_usd={max_cost_usd:g} would be crossed "
-        f"(spent ${spent_usd:.4f}{held}); raise it and run again to resume"
+        f"(spent ${spent_usd:.4f}); raise it and run again to resume"
     )
 
 
