@@ -23,6 +23,7 @@ from batcher.reports.status import job_status
 from batcher.rows.request import PROMPT_MARGIN
 from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
+from batcher.store.journal import journal_path
 from tests.conftest import MODEL, SimFactory, reviews, wait_for, write_job
 
 MODES = [
@@ -187,10 +188,10 @@ def mid_way(server: SimulatorThread, mode: str) -> bool:
 def test_a_second_start_is_refused_and_an_interrupt_keeps_every_answer(
     tmp_path: Path, sim_factory: SimFactory, mode: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """While a run goes on in a subprocess, a second start of the same job exits 2 and sends
-    nothing (to a server of its own); SIGTERM then stops the first with exit 3 and one line,
-    the output written, every answer the server gave in the checkpoint; a rerun finishes
-    without asking an answered row again."""
+    """While a run goes on in a subprocess, a second start of the same job (with --fresh)
+    exits 2, sends nothing (to a server of its own) and leaves the checkpoint alone; SIGTERM
+    then stops the first with exit 3 and one line, the output written, every answer the
+    server gave in the checkpoint; a rerun finishes without asking an answered row again."""
     data = reviews(200)
     expected = live_output(tmp_path / "live", data)
     server = slow_server(sim_factory, mode)
@@ -201,8 +202,12 @@ def test_a_second_start_is_refused_and_an_interrupt_keeps_every_answer(
         assert first.poll() is None, "the first run ended before the test could start another"
         other = sim_factory()
         capsys.readouterr()
-        second = command(job, mode, "--set", f"endpoint.base_url={other.url}")
-        assert main(second) == 2
+        # Even asked to replace the checkpoint, it leaves the first run's alone.
+        second = command(job, mode, "--fresh", "--set", f"endpoint.base_url={other.url}")
+        journal = journal_path(load_job(job).checkpoint_dir)
+        with journal.open("rb") as held:
+            assert main(second) == 2
+            assert os.path.samestat(os.fstat(held.fileno()), journal.stat())
         err = capsys.readouterr().err
         assert "another run of this job" in err
         assert other.simulator is not None

@@ -86,6 +86,8 @@ def run_on_ray(job: Job, options: RunOptions) -> RunSummary:
     lock = None if storage.is_remote(where.checkpoint) else RunLock(Path(where.checkpoint))
     signals = DriverSignals()
     try:
+        if identity is not None:
+            _check_journal(job, identity, options.fresh)
         with signals.watching():
             total, flow = _run_locked(job, options, where, sharded, identity, signals)
     finally:
@@ -145,8 +147,9 @@ def _run_locked(
 def _check(
     job: Job, options: RunOptions, where: Locations, sharded: ShardedInput
 ) -> dict[str, str] | None:
-    """Everything a one-machine run checks before sending (an input in object storage: on
-    its first shard); the identity of the job's own journal (None: not on local disk)."""
+    """Everything a one-machine run checks before it takes the lock (an input in object
+    storage: on its first shard); the identity of the job's own journal (None: not on local
+    disk)."""
     if storage.is_remote(where.input):
         with tempfile.TemporaryDirectory() as scratch:
             work = Path(scratch)
@@ -159,14 +162,20 @@ def _check(
         check_output_target(job.source, job.output_path)
     if storage.is_remote(where.checkpoint) or storage.is_remote(where.output):
         return None
-    identity, legacy = checkpoint_identity(job, plan.source.key_column)
-    # A checkpoint of another job is refused now, not after every shard has run; --fresh
-    # replaces it now, as on one machine.
-    path = journal_path(job.checkpoint_dir)
-    failure = Journal(path, identity, fresh=options.fresh, legacy=legacy).close()
+    identity, _ = checkpoint_identity(job, plan.source.key_column)
+    return identity
+
+
+def _check_journal(job: Job, identity: dict[str, str], fresh: bool) -> None:
+    """A checkpoint of another job is refused now, not after every shard has run; --fresh
+    replaces it now, as on one machine: with the lock held, so a second start leaves the
+    checkpoint of the run going on alone. Older checkpoints' absolute spelling is this job's."""
+    _, legacy = checkpoint_identity(job, identity["key_column"])
+    failure = Journal(
+        journal_path(job.checkpoint_dir), identity, fresh=fresh, legacy=legacy
+    ).close()
     if failure is not None:
         raise failure
-    return identity
 
 
 def _check_run(job: Job, options: RunOptions) -> Plan:
