@@ -24,13 +24,34 @@ one row and is caught by the retry policy, never by the user.
 
 from __future__ import annotations
 
+import re
+
 MESSAGE_CHARS = 300
+# What a terminal would act on rather than show: escape sequences (CSI, as ESC [ or C1 0x9b;
+# OSC, DCS, SOS, PM and APC up to their BEL or ST, such as OSC 52's clipboard write; the
+# other ESC ones), then any control character left (C0 but tab, DEL, C1) and the line and
+# bidirectional-override characters that can hide or reorder what follows.
+_ESCAPE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[ -/]*[0-~]"
+)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
     """``text`` on one line, cut to ``limit`` characters (an error column, a terminal line)."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: each escape sequence and control character of a
+    server's words (a message, a model name) shown as ``?``, so none clears the screen,
+    writes the clipboard or, with a carriage return, prints a forged line over ours."""
+    if text.isprintable():  # nearly every line: no regex
+        return text
+    return _CONTROL.sub("?", _ESCAPE.sub("?", text))
 
 
 def exit_code(error: BaseException | None, rows_failed: int = 0) -> int:

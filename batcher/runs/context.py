@@ -14,6 +14,7 @@ import anyio
 import httpx
 
 from batcher.config import LimitsConfig
+from batcher.errors import printable
 from batcher.flow.controller import FlowController, FlowReport
 from batcher.rows.plan import Plan
 from batcher.runs.stopping import Interrupt, Stopping
@@ -27,7 +28,7 @@ GRACE_S = 10.0
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)

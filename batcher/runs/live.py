@@ -109,6 +109,7 @@ class Dispatch:
                 self.tally,
                 budget_factory=self.budget_factory,
                 clock=now,
+                secret=plan.api_key,
             )
             worker.interrupted = self._record_interrupted
             self.stopping.attach(flow)

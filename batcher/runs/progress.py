@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from batcher.errors import printable
 from batcher.send.tally import Tally
 
 if TYPE_CHECKING:
@@ -65,9 +66,11 @@ class Progress:
         self._last_postfix, self._last_requests = now, t.requests
         flow = f" {self.flow.status().describe()}" if self.flow is not None else ""
         self._bar.set_postfix_str(
-            f"ok={t.ok} failed={t.failed} retries={t.retries} 429s={t.rate_limited} "
-            f"req/s={self._rate:.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
-            f"{t.spend.describe()}{flow}",
+            printable(
+                f"ok={t.ok} failed={t.failed} retries={t.retries} 429s={t.rate_limited} "
+                f"req/s={self._rate:.1f} tok={t.prompt_tokens}/{t.completion_tokens} "
+                f"{t.spend.describe()}{flow}"
+            ),
             refresh=False,
         )
 
@@ -76,7 +79,7 @@ class Progress:
         now = self._clock()
         if self._every_s is None or now - self._last_line < self._every_s:
             return
-        print(self.status_line(now), file=sys.stderr, flush=True)
+        print(printable(self.status_line(now)), file=sys.stderr, flush=True)
 
     def status_line(self, now: float) -> str:
         t = self.tally

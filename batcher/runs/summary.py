@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batcher.errors import BatcherError, exit_code
+from batcher.errors import BatcherError, exit_code, printable
 from batcher.flow.controller import FlowReport
 from batcher.send.tally import Tally
 from batcher.store.output import Written
@@ -189,7 +189,9 @@ class RunSummary:
             lines.append(f"stopped: {self.aborted}")
         if self.resume_command:
             lines.append(f"resume with: {self.resume_command}")
-        return lines
+        # Error kinds, warnings and the stop quote servers (a model name, a message): made
+        # safe for the terminal they are printed on.
+        return [printable(line) for line in lines]
 
     def _flow_lines(self, flow: FlowReport) -> list[str]:
         seen = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from batcher.config import EndpointConfig
 from batcher.errors import AccountError, KeyRefusedError, shorten
 from batcher.flow.server_limits import ServerLimits, read_server_limits
 from batcher.send.attempt import AttemptError
+from batcher.send.redaction import redact
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 # Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop
@@ -25,7 +25,6 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 # "billing service unavailable" is transient).
 _ACCOUNT_CODES = frozenset({"insufficient_quota", "credit_balance_too_low", "payment_required"})
 _ACCOUNT_PREFIX = "billing"
-REDACTED = "***"
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -46,17 +45,6 @@ class Reply:
     @property
     def first(self) -> dict[str, Any]:
         return self.choices[0]
-
-
-def redact(text: str, secret: str | None) -> str:
-    """``text`` with the API key, in any letter case, replaced by ``***``.
-
-    Run it on a server's or a transport's whole text before shortening it, so a cut can never
-    leave a piece of the key behind.
-    """
-    if not secret or secret.lower() not in text.lower():
-        return text
-    return re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
 
 
 def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:

@@ -1,7 +1,8 @@
 """A row's Outcome from its replies or its last error: the output columns, the cost, the tally.
 
-Shared by the live workers and the Batch API collector, so a row means the same whichever way
-it was sent; only the price table differs (list or batch prices).
+Shared by the live workers and the Batch API collector (and so by ``--ray``'s shards, which run
+the live engine), so a row means the same whichever way it was sent; only the price table
+differs (list or batch prices). Every Outcome leaves here with the API key out of its texts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from batcher.rows.request import RowRequest
 from batcher.send.attempt import AttemptError
 from batcher.send.client import Reply
 from batcher.send.prices import Price, PriceTable
+from batcher.send.redaction import redactor_for
 from batcher.send.tally import Tally
 from batcher.store.columns import INTERRUPTED, Outcome, Usage
 
@@ -22,17 +24,21 @@ from batcher.store.columns import INTERRUPTED, Outcome, Usage
 class OutcomeBuilder:
     """Turns replies into Outcomes for one run, counting them in its tally."""
 
-    def __init__(self, config: JobConfig, prices: PriceTable, tally: Tally) -> None:
+    def __init__(
+        self, config: JobConfig, prices: PriceTable, tally: Tally, *, secret: str | None = None
+    ) -> None:
+        """``secret``: the API key, blanked out of every Outcome (a server may echo it)."""
         self.config = config
         self.prices = prices
         self.tally = tally
+        self.redactor = redactor_for(secret)
         self._unpriced: set[str] = set()
 
     def price_for(self, model: str | None, asked: str) -> Price | None:
         # The model the server answered with, else the one asked: each row at its own price.
         price = self.prices.get(model) or self.prices.get(asked)
         if price is None:
-            name = model or asked
+            name = self.redactor.text(model or asked)
             if name not in self._unpriced:
                 self._unpriced.add(name)
                 self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
@@ -140,10 +146,11 @@ class OutcomeBuilder:
         )
 
     def _counted(self, outcome: Outcome) -> Outcome:
-        """``outcome``, its unknown cost counted in the tally (a sum of costs leaves it out)."""
+        """``outcome``, its unknown cost counted in the tally (a sum of costs leaves it out),
+        with the key out of its texts: every Outcome leaves the builder through here."""
         if outcome.unpriced:
             self.tally.unpriced_rows += 1
-        return outcome
+        return self.redactor.outcome(outcome)
 
     def _failing_finish(self, choices: list[dict[str, Any]]) -> str | None:
         """The first finish reason among ``choices`` that output.fail_on_finish names."""

@@ -105,9 +105,11 @@ class RowWorker:
         sleep: Sleep = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
         budget_factory: Callable[[Budget], CostBudget] = own_budget,
+        secret: str | None = None,
     ) -> RowWorker:
         """The parts of a row's life for one job's run; ``budget_factory`` makes the run's
-        dollar budget of its own one (``RunOptions.budget_factory``)."""
+        dollar budget of its own one (``RunOptions.budget_factory``); ``secret``, the API
+        key, is kept out of every Outcome."""
         budget = Budget(
             config.limits.max_cost_usd,
             prices,
@@ -120,7 +122,7 @@ class RowWorker:
             sender,
             budget_factory(budget),
             parser,
-            OutcomeBuilder(config, prices, tally),
+            OutcomeBuilder(config, prices, tally, secret=secret),
             config.retry,
             requests_per_row=builder.requests_per_row,
             sleep=sleep,

@@ -81,7 +81,7 @@ class BatchEngine:
         self.plan = context.plan
         self.tally = context.tally
         prices = context.prices.for_batch()
-        builder = OutcomeBuilder(self.config, prices, self.tally)
+        builder = OutcomeBuilder(self.config, prices, self.tally, secret=self.plan.api_key)
         self.collector = Collector(self.config, builder, context.parser, self.plan.api_key)
         self.book = await anyio.to_thread.run_sync(self._open_book, context.journal.path)
         self.progress = BatchProgress(self.tally, self.plan.total_rows, quiet=self.options.quiet)

@@ -20,7 +20,7 @@ import httpx
 import orjson
 
 from batcher.config import JobConfig
-from batcher.errors import AccountError, BatcherError, KeyRefusedError
+from batcher.errors import AccountError, BatcherError, KeyRefusedError, shorten
 from batcher.rows.request import RowRequest
 from batcher.runs.batch.api import BatchApi
 from batcher.runs.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
@@ -28,6 +28,7 @@ from batcher.send.attempt import AttemptError
 from batcher.send.client import Reply, classify_status, parse_reply
 from batcher.send.outcome import OutcomeBuilder
 from batcher.send.parse import OutputParser
+from batcher.send.redaction import redact
 from batcher.store.columns import Outcome
 
 COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
@@ -148,7 +149,9 @@ class Collector:
             else:
                 code, message = _MISSING.get(batch_status, _MISSING["completed"])
                 if result is not None:
-                    code, message = result.code or code, result.message or message
+                    # The server's words, kept in the book and the journal: the key out first.
+                    code = redact(result.code or code, self.secret)
+                    message = shorten(redact(result.message or message, self.secret))
                 if code == "batch_cancelled" and cancelled_by_us:
                     self._uncounted(collected, row, f"{code}: {message}")
                     continue
