@@ -1,4 +1,9 @@
-"""Shared fixtures: the simulator on a loopback port, and job files written per test."""
+"""Shared fixtures: the simulator on a loopback port, and job files written per test.
+
+Every test runs with a distinctive API key in ``BATCHER_API_KEY`` (sent even to loopback
+servers); whatever a test wrote under its ``tmp_path``, and Ray's session folder after the
+``--ray`` tests, must hold it in no form (``tests/leaks.py``).
+"""
 
 from __future__ import annotations
 
@@ -18,17 +23,33 @@ import yaml
 
 from batcher.cli import main
 from batcher.sim import SimSettings, SimulatorThread
+from tests.leaks import leaks
 
 MODEL = "claude-3-5-haiku-20241022"
 SimFactory = Callable[..., SimulatorThread]  # sim_factory(**SimSettings fields)
+# "+", "/" and "=" make its percent-encoded form differ from it.
+TEST_KEY = "sk-batcher+test/KEY=7f3c9a1e5b2d8046"
+TEST_AWS_SECRET = "aws+test/SECRET=9d41c07e2b8a5f36"  # for the tests on a local S3 server
+
+
+@pytest.fixture(autouse=True)
+def _no_key_written(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test runs with ``TEST_KEY``; none leaves it in a file under its ``tmp_path``."""
+    monkeypatch.setenv("BATCHER_API_KEY", TEST_KEY)
+    yield
+    folder = request.node.funcargs.get("tmp_path")
+    if folder is not None:
+        found = leaks([folder], [TEST_KEY, TEST_AWS_SECRET])
+        assert not found, f"a secret was written: {found}"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray for the session's `ray` tests (imported here only when one asks)."""
+def ray_cluster() -> Iterator[Path]:
+    """One local Ray for the session's `ray` tests (imported here only when one asks);
+    yields its session folder, which once the cluster is down holds no secret."""
     import ray
 
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=4,
         object_store_memory=100 * 1024 * 1024,
@@ -36,8 +57,11 @@ def ray_cluster() -> Iterator[None]:
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
-    yield
+    session = Path(context.address_info["session_dir"])
+    yield session
     ray.shutdown()
+    found = leaks([session], [TEST_KEY, TEST_AWS_SECRET])
+    assert not found, f"a secret is in Ray's session folder: {found}"
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from batcher.runs.shell import RunOptions, run
 from batcher.runs.summary import RunSummary
 from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
-from tests.conftest import MODEL, reviews, write_job
+from tests.conftest import MODEL, TEST_AWS_SECRET, reviews, write_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 TIMING = ["latency_s"]
@@ -263,7 +263,7 @@ def test_input_and_output_on_s3(
     for name, value in {
         "AWS_ENDPOINT_URL": s3_server,
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": TEST_AWS_SECRET,
         "AWS_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)

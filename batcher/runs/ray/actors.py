@@ -17,6 +17,7 @@ from batcher.flow.limiter import Cost
 from batcher.runs.ray import storage
 from batcher.runs.ray.allowance import CostLedger
 from batcher.runs.ray.lease import SAVE_EVERY_S, Answer, Grant, PaceState, SharedPace
+from batcher.runs.ray.secrets import WorkerSecrets
 from batcher.runs.ray.shard import Interruption, ShardResult, ShardTask, run_shard
 
 
@@ -24,9 +25,13 @@ from batcher.runs.ray.shard import Interruption, ShardResult, ShardTask, run_sha
 class LimitsActor:
     """The job's one budget: its pace (``lease.py``) and its dollar cap (``allowance.py``).
     Every call answers at once. Its state is saved at ``state_location`` about once a second,
-    and whenever dollars are leased or given back; restarted, it takes up from there."""
+    and whenever dollars are leased or given back; restarted, it takes up from there.
+    ``secrets``: the credentials of the object store its state may be in."""
 
-    def __init__(self, limits: LimitsConfig, state_location: str, run_id: str) -> None:
+    def __init__(
+        self, limits: LimitsConfig, state_location: str, run_id: str, secrets: WorkerSecrets
+    ) -> None:
+        secrets.install()
         self.budget = SharedPace(limits)
         self.ledger = CostLedger(limits.max_cost_usd)
         self.state_location = state_location
@@ -110,9 +115,11 @@ class ActorAllowanceSource:
 # Two calls at a time: ``interrupt`` reaches the worker while ``run`` is going on.
 @ray.remote(num_cpus=1, max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]
 class ShardWorker:
-    """Runs shards one after another, each with batcher's own engine."""
+    """Runs shards one after another, each with batcher's own engine; ``secrets``: the API
+    key and cloud credentials, in the worker's environment before any shard runs."""
 
-    def __init__(self, budget: Any) -> None:
+    def __init__(self, budget: Any, secrets: WorkerSecrets) -> None:
+        secrets.install()
         self.source = ActorLeaseSource(budget)
         self.allowance = ActorAllowanceSource(budget)
         self.interruption = Interruption()

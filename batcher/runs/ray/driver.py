@@ -30,11 +30,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from batcher.config import Job
 from batcher.errors import AbortError, BatcherError, BudgetReachedError, ConfigError
 from batcher.flow.controller import FlowReport
-from batcher.rows.plan import Plan, plan_job, read_api_key
+from batcher.rows.plan import Plan, plan_job
 from batcher.runs.ray import storage
 from batcher.runs.ray.actors import LimitsActor, ShardWorker
 from batcher.runs.ray.assembly import merge_journals, part_locations, write_parts
 from batcher.runs.ray.reaper import Reaper
+from batcher.runs.ray.secrets import WorkerSecrets
 from batcher.runs.ray.shard import (
     PART,
     ShardResult,
@@ -254,11 +255,9 @@ class _Dispatch:
         self.signals = signals
         self.interrupted = False
         self.results: dict[int, ShardResult] = {}
-        # The usual AWS variables reach the workers, so object storage works there too.
-        self.env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        key = read_api_key(job, required=False)
-        if key is not None and not options.simulate:
-            self.env[job.config.endpoint.api_key_env] = key
+        # The key and the AWS variables reach the actors as an argument, never through
+        # runtime_env, which Ray logs (``secrets.py``).
+        self.secrets = WorkerSecrets.of_driver(job, simulate=options.simulate)
         self.pending: deque[ShardTask] = deque()
         self.running: dict[Any, tuple[Any, ShardTask, int]] = {}
         self.attempts: dict[int, int] = {}
@@ -278,8 +277,8 @@ class _Dispatch:
         if not self.pending:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
-        self.budget = LimitsActor.options(**self._options()).remote(  # type: ignore[attr-defined]
-            self.job.config.limits, state, uuid.uuid4().hex
+        self.budget = LimitsActor.remote(  # type: ignore[attr-defined]
+            self.job.config.limits, state, uuid.uuid4().hex, self.secrets
         )
         try:
             return self._dispatch()
@@ -374,12 +373,9 @@ class _Dispatch:
             f"{len(self.running)} running; {budget}"
         )
 
-    def _options(self) -> dict[str, Any]:
-        return {"runtime_env": {"env_vars": self.env}} if self.env else {}
-
     def _worker(self) -> Any:
-        options = {"num_cpus": self.cpus_each, **self._options()}
-        return ShardWorker.options(**options).remote(self.budget)  # type: ignore[attr-defined]
+        worker = ShardWorker.options(num_cpus=self.cpus_each)  # type: ignore[attr-defined]
+        return worker.remote(self.budget, self.secrets)
 
     def _notify(self, message: str) -> None:
         if not self.options.quiet:
