@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pytest
@@ -33,7 +33,9 @@ TEST_AWS_SECRET = "aws+test/SECRET=9d41c07e2b8a5f36"  # for the tests on a local
 
 
 @pytest.fixture(autouse=True)
-def _no_key_written(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _no_key_written(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     """Each test runs with ``TEST_KEY``; none leaves it in a file under its ``tmp_path``."""
     monkeypatch.setenv("BATCHER_API_KEY", TEST_KEY)
     yield
@@ -57,7 +59,7 @@ def ray_cluster() -> Iterator[Path]:
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
-    session = Path(context.address_info["session_dir"])
+    session = Path(cast("Any", context).address_info["session_dir"])  # a RayContext
     yield session
     ray.shutdown()
     found = leaks([session], [TEST_KEY, TEST_AWS_SECRET])

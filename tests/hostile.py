@@ -35,7 +35,7 @@ def echoes(key: str) -> str:
 
 
 def completion(key: str, model: str) -> dict[str, Any]:
-    call = {"id": f"call-{key}", "type": "function"}
+    call: dict[str, Any] = {"id": f"call-{key}", "type": "function"}
     call["function"] = {"name": "f", "arguments": orjson.dumps({"k": echoes(key)}).decode()}
     message = {
         "role": "assistant",

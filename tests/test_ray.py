@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from batcher.runs.summary import RunSummary
 from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
 from tests.conftest import MODEL, TEST_AWS_SECRET, reviews, write_job
+from tests.hostile import HostileServer
+from tests.leaks import leaks
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 TIMING = ["latency_s"]
@@ -482,3 +485,25 @@ def test_the_cap_holds_across_a_restart_of_the_budget_actor(
     spent = float(output["cost_usd"].sum())
     assert spent == pytest.approx(summary.cost_usd)
     assert spent <= cap + in_flight_usd(job, output, concurrency)
+
+
+def test_secrets_reach_the_workers_through_no_ray_log(
+    tmp_path: Path, ray_cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key and the AWS credentials reach the actors (whose processes were started before
+    they were set) without passing through anything Ray logs: after the run, Ray's session
+    folder (its logs included) and every file of the job hold them in no form, while the
+    server did see the key and echoed it into every reply."""
+    key = f"sk-ray+{uuid.uuid4().hex}/SECRET="
+    aws_secret = f"aws+{uuid.uuid4().hex}/SECRET="
+    monkeypatch.setenv("BATCHER_API_KEY", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + uuid.uuid4().hex[:16].upper())
+    with HostileServer() as server:
+        job = write_job(tmp_path, server.url, data=reviews(30), ray={"shard_rows": 10})
+        summary = run_on_ray(job)
+    assert summary.rows_ok == 30
+    assert server.keys == {f"Bearer {key}": 30}
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["response"].str.contains("***", literal=True).all()  # the echo came back
+    assert leaks([ray_cluster, tmp_path], [key, aws_secret]) == []
