@@ -248,7 +248,7 @@ class Journal:
     def _write(self) -> None:
         try:
             failure = self._write_loop()
-        except Exception as exc:  # noqa: BLE001 - a thread that dies unseen loses every row after
+        except Exception as exc:  # a thread that died unseen lost every row after it
             failure = _cannot_write(self.path, exc)
         if failure is not None:
             self.failure = failure
