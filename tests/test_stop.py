@@ -94,3 +94,57 @@ def test_a_row_stopped_midway_is_sent_again_even_with_skip_failed(
     assert server.simulator.requests == 6 + 1
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert out.filter(pl.col("error").is_not_null())["id"].to_list() == ["k00002"]
+
+
+def marked_from(data: pl.DataFrame, first: int, marker: str) -> pl.DataFrame:
+    """``data`` with ``marker`` on every row from ``first`` on: the simulator refuses those at
+    once, while the rows before take their time."""
+    texts = [f"{marker} {t}" if i >= first else t for i, t in enumerate(data["text"])]
+    return data.with_columns(pl.Series("text", texts))
+
+
+@pytest.mark.parametrize(
+    ("marker", "said"),
+    [("[[sim:401]]", "refused the API key"), ("[[sim:402]]", "cannot pay")],
+    ids=["key-refused", "account"],
+)
+def test_a_refused_key_keeps_every_answer_in_flight(
+    tmp_path: Path,
+    sim_factory: SimFactory,
+    capsys: pytest.CaptureFixture[str],
+    marker: str,
+    said: str,
+) -> None:
+    # The key is revoked after 24 requests: the 25th is refused at once while the requests
+    # before it, 0.2-0.6 s each at concurrency 8, are still being answered (and charged for).
+    server = sim_factory(latency_s=0.2, latency_jitter_s=0.4, seed=5)
+    data = marked_from(reviews(200), 24, marker)
+    job = write_job(tmp_path, server.url, data=data, limits={"concurrency": 8})
+    assert main(["run", str(job), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and said in stopped[0], err
+    wait_for(lambda: server.simulator.in_flight == 0)  # the server finished what it took
+    rows, ok = journal_rows(tmp_path / "out/result.parquet")
+    # Every answer the server sent is kept, committed and in the output: the 24 requests
+    # before the revocation, several of them still in flight when it came.
+    answered = server.simulator.answered
+    assert ok == answered == 24, f"answered {answered}, kept {ok} ({rows} rows in the journal)"
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.filter(pl.col("error").is_null()).height == 24
+    assert server.simulator.requests <= 24 + 8  # nothing sent after the refusal came
+
+
+def test_the_budget_keeps_every_answer_in_flight(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """As for a refused key: dispatch stops, the requests in flight are answered and kept."""
+    server = sim_factory(latency_s=0.2, latency_jitter_s=0.4, seed=5)
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(200),
+        limits={"concurrency": 8, "max_cost_usd": 0.002},
+    )
+    assert main(["run", str(job), "--quiet"]) == 3
+    wait_for(lambda: server.simulator.in_flight == 0)
+    _, ok = journal_rows(tmp_path / "out/result.parquet")
+    assert 0 < ok == server.simulator.answered < 200
