@@ -40,7 +40,7 @@ def _integer(value: Any) -> Any:
     if not isinstance(value, int):
         raise _Misfit(f"is {_kind(value)}, not an integer")
     if not _INT64_MIN <= value <= _INT64_MAX:
-        raise _Misfit(f"is an integer of {value.bit_length()} bits, past 64-bit")
+        raise _Misfit(f"is a {value.bit_length()}-bit integer, wider than 64 bits")
     return value
 
 
