@@ -123,7 +123,8 @@ def test_a_refused_key_keeps_every_answer_in_flight(
     assert main(["run", str(job), "--quiet"]) == 3
     err = capsys.readouterr().err
     stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
-    assert len(stopped) == 1 and said in stopped[0], err
+    assert len(stopped) == 1, err
+    assert said in stopped[0], err
     wait_for(lambda: server.simulator.in_flight == 0)  # the server finished what it took
     rows, ok = journal_rows(tmp_path / "out/result.parquet")
     # Every answer the server sent is kept, committed and in the output: the 24 requests

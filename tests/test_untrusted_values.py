@@ -49,7 +49,8 @@ def test_uint64_ids_past_2_63_survive_a_kill_and_resume(
     tmp_path: Path, sim_factory: SimFactory
 ) -> None:
     ids = big_ids(ROWS)
-    assert ids.max() == 2**64 - 1 and (ids >= 2**63).sum() > ROWS // 3
+    assert ids.max() == 2**64 - 1
+    assert (ids >= 2**63).sum() > ROWS // 3
     data = reviews(ROWS).with_columns(ids)
     server = sim_factory(latency_s=0.01, latency_jitter_s=0.02, seed=7)
     job = write_job(
@@ -154,7 +155,7 @@ def test_replies_the_journal_cannot_store_fail_their_rows_only(
         if "<<tokens>>" in text:  # the reply's parser may take or refuse the count
             assert error is None or error.startswith("bad_reply: "), error
         else:
-            assert error is not None and error.startswith("bad_reply: "), (text, error)
+            assert (error or "").startswith("bad_reply: "), (text, error)
     assert out.filter(pl.col("error").is_null()).height >= 180
     requests = server.simulator.requests
     assert main(["run", str(job), "--quiet", "--skip-failed"]) == 1
