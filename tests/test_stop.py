@@ -9,12 +9,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import polars as pl
 import pytest
 
 from batcher.cli import main
+from batcher.errors import CheckpointError, KeyRefusedError
+from batcher.runs.stopping import Interrupt, Stopping
 from batcher.sim import SimulatorThread
+from batcher.store.columns import Outcome
+from batcher.store.journal import Journal
 from tests.conftest import SimFactory, reviews, start, wait_for, write_job
 
 ROWS = 3000
@@ -149,3 +154,42 @@ def test_the_budget_keeps_every_answer_in_flight(tmp_path: Path, sim_factory: Si
     wait_for(lambda: server.simulator.in_flight == 0)
     _, ok = journal_rows(tmp_path / "out/result.parquet")
     assert 0 < ok == server.simulator.answered < 200
+
+
+@pytest.mark.anyio
+async def test_a_failed_journal_stops_the_work_at_once(tmp_path: Path) -> None:
+    """Not at the next outcome recorded: when replies are slow, that may be seconds away."""
+    stopping = Stopping(lambda _line: None)
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, {"input": "data.csv", "output": "out.parquet", "key_column": "id"})
+    stopping.watch(journal)
+    other = sqlite3.connect(path)
+    with other:
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON outcomes "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    other.close()
+    journal.record(Outcome.failed("a", b"f", "http_400", "refused", input_digest=None))
+    with anyio.fail_after(30), stopping.work_scope:
+        await anyio.sleep_forever()  # until the writer's failure cancels the work
+    assert isinstance(stopping.abort, CheckpointError)
+    assert "refused by a trigger" in str(stopping.abort)
+    assert await anyio.to_thread.run_sync(journal.close) is stopping.abort
+
+
+@pytest.mark.anyio
+async def test_a_second_interrupt_abandons_work_whatever_stopped_the_run_first() -> None:
+    lines: list[str] = []
+    stopping = Stopping(lines.append)
+    stopping.wind_down(KeyRefusedError("the server refused the API key", status=401), 10.0)
+
+    def interrupted(name: str) -> Interrupt:
+        return Interrupt(f"interrupted by {name}", f"{name}: stopping", 10.0)
+
+    stopping.interrupt("SIGINT", interrupted)
+    assert not stopping.work_scope.cancel_called  # the first one winds down
+    stopping.interrupt("SIGINT", interrupted)
+    assert stopping.work_scope.cancel_called
+    assert lines == ["SIGINT: stopping", "second interrupt: abandoning requests in flight"]
+    assert isinstance(stopping.abort, KeyRefusedError)  # the first reason is the one reported
