@@ -100,14 +100,21 @@ def _kind(value: Any) -> str:
     )
 
 
+_EXPECTED: dict[str, type] = {"INTEGER": int, "REAL": float, "TEXT": str, "BLOB": bytes}
+
+
 def _checker(column: Column) -> Callable[[Any], Any]:
     if column.json:
         return _json
     return {"INTEGER": _integer, "REAL": _real, "TEXT": _text, "BLOB": _blob}[column.sql]
 
 
-# (position in the row, its check), for every column after the key.
-_CHECKS = tuple((index, _checker(c)) for index, c in enumerate(COLUMNS, start=1))
+# (position in the row, the Python type its values nearly always have, its check), for every
+# column after the key.
+_CHECKS = tuple(
+    (index, _EXPECTED[c.sql] if not c.json else dict, _checker(c))
+    for index, c in enumerate(COLUMNS, start=1)
+)
 _VALUES = operator.attrgetter("key", *COLUMN_NAMES)
 
 
@@ -118,14 +125,28 @@ def fitted(outcome: Outcome) -> tuple[Outcome, tuple[Any, ...]]:
     row = list(_VALUES(outcome))
     row[0] = _key(row[0])
     misfits: dict[str, str] = {}
-    for index, check in _CHECKS:
+    for index, expected, check in _CHECKS:
         value = row[index]
-        if value is not None:
-            try:
-                row[index] = check(value)
-            except _Misfit as misfit:
-                misfits[COLUMN_NAMES[index - 1]] = str(misfit)
-                row[index] = None
+        if value is None:
+            continue
+        # The common values pass without a call: 2.5 us a row, against 5 us with one each.
+        kind = type(value)
+        if kind is str:
+            if expected is str and value.isascii() and len(value) <= MAX_VALUE_BYTES:
+                continue
+        elif kind is int or kind is bool:
+            if expected is int and _INT64_MIN <= value <= _INT64_MAX:
+                continue
+        elif kind is float:
+            if expected is float and math.isfinite(value):
+                continue
+        elif kind is bytes and expected is bytes and len(value) <= MAX_VALUE_BYTES:
+            continue
+        try:
+            row[index] = check(value)
+        except _Misfit as misfit:
+            misfits[COLUMN_NAMES[index - 1]] = str(misfit)
+            row[index] = None
     if not misfits:
         return outcome, tuple(row)
     stored = _unfit(outcome, misfits)
