@@ -5,12 +5,18 @@ newer one for its key leaves its spend behind."""
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import fields
+import threading
+from dataclasses import fields, replace
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pytest
 
-from batcher.store.columns import COLUMN_NAMES, Outcome, Usage
+import batcher.store.journal as journal_module
+from batcher.errors import CheckpointError
+from batcher.store.columns import COLUMN_NAMES, INTERRUPTED, Outcome, Usage
 from batcher.store.journal import (
     Journal,
     Superseded,
@@ -21,6 +27,7 @@ from batcher.store.journal import (
     totals,
 )
 from batcher.store.spend import Spend
+from batcher.store.values import BAD_REPLY
 
 IDENTITY = {"input": "data.csv", "output": "out.parquet", "key_column": "id"}
 
@@ -202,3 +209,115 @@ def test_older_journal_keeps_spend_from_its_first_replace(tmp_path: Path) -> Non
     held = held_totals(path)
     assert held.superseded.cost_usd == 0.5
     assert held.spent == Spend(2.5, 0)
+
+
+def answered(key: Any, **values: Any) -> Outcome:
+    """A paid answer of ``key`` (10 tokens in, 2 out, $0.5), with ``values`` in its columns."""
+    return replace(attempt(key, 0.5), **values)
+
+
+MISFITS = {
+    "object content": ("response", {"text": "hi"}, "is an object, not text"),
+    "object id": ("response_id", {"id": 1}, "is an object, not text"),
+    "list finish_reason": ("finish_reason", ["stop"], "is a list, not text"),
+    "lone surrogate": ("response", "caf\ud800", "is not valid Unicode (a lone surrogate)"),
+    "tokens past 64 bits": ("prompt_tokens", 10**20, "is a 67-bit integer, wider than 64 bits"),
+    "float tokens": ("completion_tokens", 1e20, "is a float, not an integer"),
+    "infinite latency": ("latency_s", float("inf"), "is not a finite number"),
+    "NaN cost": ("cost_usd", float("nan"), "is not a finite number"),
+    "extra past 64 bits": ("extra", {"n": 2**70}, "cannot be written as JSON"),
+    "text key in extra": ("extra", {1: "x"}, "cannot be written as JSON"),
+}
+
+
+@pytest.mark.parametrize(("column", "value", "why"), MISFITS.values(), ids=MISFITS.keys())
+def test_a_value_that_does_not_fit_fails_its_row_and_nothing_else(
+    tmp_path: Path, column: str, value: Any, why: str
+) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, IDENTITY)
+    journal.record(attempt("before", 1.0))
+    stored = journal.record(answered("bad", **{column: value}))
+    journal.record(attempt("after", 1.0))
+    assert journal.close() is None  # the writer lived, and committed every row
+    assert (stored.ok, stored.error_kind) == (False, BAD_REPLY)
+    assert (stored.error or "").startswith(f"bad_reply: {column} {why}")
+    frame = read_back(path, ["before", "bad", "after"]).sort("key")
+    assert frame.get_column("key").to_list() == ["after", "bad", "before"]
+    assert frame.get_column("ok").to_list() == [1, 0, 1]
+    (bad,) = frame.filter(pl.col("key") == "bad").iter_rows(named=True)
+    assert bad[column] is None
+    assert bad["error_kind"] == BAD_REPLY
+    # What fits is kept: the row's spend still counts.
+    kept = {"prompt_tokens": 10, "completion_tokens": 2, "cost_usd": 0.5, "model": "a-model"}
+    assert {k: bad[k] for k in kept if k != column} == {
+        k: v for k, v in kept.items() if k != column
+    }
+    assert held_totals(path).failed_by_kind == {BAD_REPLY: 1}
+
+
+def test_an_interrupted_row_with_a_misfit_stays_interrupted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite", IDENTITY)
+    interrupted = Outcome.failed(
+        "a",
+        b"f",
+        INTERRUPTED,
+        "stopped",
+        input_digest=None,
+        response={"x": 1},  # type: ignore[arg-type]
+    )
+    stored = journal.record(interrupted)
+    assert journal.close() is None
+    assert stored.error_kind == INTERRUPTED  # so the next run sends it again
+    assert stored.response is None
+
+
+def test_a_key_that_does_not_fit_stops_the_run(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite", IDENTITY)
+    with pytest.raises(CheckpointError, match="row key that is a 65-bit integer"):
+        journal.record(attempt(2**64, 1.0))  # type: ignore[arg-type]
+    journal.record(attempt("a", 1.0))
+    assert journal.close() is None
+
+
+def test_a_writer_failure_is_reported_at_once_with_its_cause(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, IDENTITY)
+    failures: list[CheckpointError] = []
+    reported = threading.Event()
+
+    def on_failure(failure: CheckpointError) -> None:
+        failures.append(failure)
+        reported.set()
+
+    journal.on_failure = on_failure
+    journal.record(attempt("a", 1.0))
+    other = sqlite3.connect(path)
+    with other:  # any fault but a full disk: here the database itself refuses the rows
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON outcomes "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    other.close()
+    journal.record(attempt("b", 1.0))
+    assert reported.wait(timeout=30)  # from the writer's thread, before any other record
+    (failure,) = failures
+    assert "cannot write the checkpoint (refused by a trigger)" in str(failure)
+    assert "free space" not in str(failure)
+    with pytest.raises(CheckpointError, match="refused by a trigger"):
+        journal.record(attempt("c", 1.0))
+    assert journal.close() is failure
+
+
+def test_a_value_past_every_check_still_stops_the_writer_visibly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that meets what no check foresaw (here: checks switched off) reports it."""
+    unchecked = attrgetter("key", *COLUMN_NAMES)
+    monkeypatch.setattr(journal_module, "fitted", lambda outcome: (outcome, unchecked(outcome)))
+    journal = Journal(tmp_path / "journal.sqlite", IDENTITY)
+    journal.record(answered("a", prompt_tokens=10**20))
+    failure = journal.close()
+    assert failure is not None
+    assert "OverflowError" in str(failure)
+    assert "free space" not in str(failure)

@@ -9,12 +9,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import polars as pl
 import pytest
 
 from batcher.cli import main
+from batcher.errors import CheckpointError, KeyRefusedError
+from batcher.runs.stopping import Interrupt, Stopping
 from batcher.sim import SimulatorThread
+from batcher.store.columns import Outcome
+from batcher.store.journal import Journal
 from tests.conftest import SimFactory, reviews, start, wait_for, write_job
 
 ROWS = 3000
@@ -94,3 +99,98 @@ def test_a_row_stopped_midway_is_sent_again_even_with_skip_failed(
     assert server.simulator.requests == 6 + 1
     out = pl.read_parquet(tmp_path / "out/result.parquet")
     assert out.filter(pl.col("error").is_not_null())["id"].to_list() == ["k00002"]
+
+
+def marked_from(data: pl.DataFrame, first: int, marker: str) -> pl.DataFrame:
+    """``data`` with ``marker`` on every row from ``first`` on: the simulator refuses those at
+    once, while the rows before take their time."""
+    texts = [f"{marker} {t}" if i >= first else t for i, t in enumerate(data["text"])]
+    return data.with_columns(pl.Series("text", texts))
+
+
+@pytest.mark.parametrize(
+    ("marker", "said"),
+    [("[[sim:401]]", "refused the API key"), ("[[sim:402]]", "cannot pay")],
+    ids=["key-refused", "account"],
+)
+def test_a_refused_key_keeps_every_answer_in_flight(
+    tmp_path: Path,
+    sim_factory: SimFactory,
+    capsys: pytest.CaptureFixture[str],
+    marker: str,
+    said: str,
+) -> None:
+    # The key is revoked after 24 requests: the 25th is refused at once while the requests
+    # before it, 0.2-0.6 s each at concurrency 8, are still being answered (and charged for).
+    server = sim_factory(latency_s=0.2, latency_jitter_s=0.4, seed=5)
+    data = marked_from(reviews(200), 24, marker)
+    job = write_job(tmp_path, server.url, data=data, limits={"concurrency": 8})
+    assert main(["run", str(job), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, err
+    assert said in stopped[0], err
+    wait_for(lambda: server.simulator.in_flight == 0)  # the server finished what it took
+    rows, ok = journal_rows(tmp_path / "out/result.parquet")
+    # Every answer the server sent is kept, committed and in the output: the requests before
+    # the revocation (24, but for one sent after it came), several in flight when it came.
+    answered = server.simulator.answered
+    assert ok == answered, f"answered {answered}, kept {ok} ({rows} rows in the journal)"
+    assert 16 < answered <= 24
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.filter(pl.col("error").is_null()).height == answered
+    assert server.simulator.requests <= 24 + 8  # nothing sent after the refusal came
+
+
+def test_the_budget_keeps_every_answer_in_flight(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """As for a refused key: dispatch stops, the requests in flight are answered and kept."""
+    server = sim_factory(latency_s=0.2, latency_jitter_s=0.4, seed=5)
+    job = write_job(
+        tmp_path,
+        server.url,
+        data=reviews(200),
+        limits={"concurrency": 8, "max_cost_usd": 0.002},
+    )
+    assert main(["run", str(job), "--quiet"]) == 3
+    wait_for(lambda: server.simulator.in_flight == 0)
+    _, ok = journal_rows(tmp_path / "out/result.parquet")
+    assert 0 < ok == server.simulator.answered < 200
+
+
+@pytest.mark.anyio
+async def test_a_failed_journal_stops_the_work_at_once(tmp_path: Path) -> None:
+    """Not at the next outcome recorded: when replies are slow, that may be seconds away."""
+    stopping = Stopping(lambda _line: None)
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, {"input": "data.csv", "output": "out.parquet", "key_column": "id"})
+    stopping.watch(journal)
+    other = sqlite3.connect(path)
+    with other:
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON outcomes "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    other.close()
+    journal.record(Outcome.failed("a", b"f", "http_400", "refused", input_digest=None))
+    with anyio.fail_after(30), stopping.work_scope:
+        await anyio.sleep_forever()  # until the writer's failure cancels the work
+    assert isinstance(stopping.abort, CheckpointError)
+    assert "refused by a trigger" in str(stopping.abort)
+    assert await anyio.to_thread.run_sync(journal.close) is stopping.abort
+
+
+@pytest.mark.anyio
+async def test_a_second_interrupt_abandons_work_whatever_stopped_the_run_first() -> None:
+    lines: list[str] = []
+    stopping = Stopping(lines.append)
+    stopping.wind_down(KeyRefusedError("the server refused the API key", status=401), 10.0)
+
+    def interrupted(name: str) -> Interrupt:
+        return Interrupt(f"interrupted by {name}", f"{name}: stopping", 10.0)
+
+    stopping.interrupt("SIGINT", interrupted)
+    assert not stopping.work_scope.cancel_called  # the first one winds down
+    stopping.interrupt("SIGINT", interrupted)
+    assert stopping.work_scope.cancel_called
+    assert lines == ["SIGINT: stopping", "second interrupt: abandoning requests in flight"]
+    assert isinstance(stopping.abort, KeyRefusedError)  # the first reason is the one reported

@@ -66,7 +66,9 @@ def preview(job: Job, *, rows: int = DEFAULT_ROWS) -> list[PreviewRow]:
     PriceTable.for_job(plan.job)  # and a run's: a budget needs its models' prices
     shown: list[PreviewRow] = []
     for batch in plan.batches():
-        keys = normalise_keys(batch.get_column(plan.source.key_column))
+        column = batch.get_column(plan.source.key_column)
+        # Shown as the input has them (a UInt64 key is stored as a signed one).
+        keys = column.to_list() if column.dtype.is_integer() else normalise_keys(column)
         row_keys = [key for key in keys for _ in plan.models]
         for key, (_, item, _) in zip(row_keys, plan.prepare(batch), strict=True):
             if isinstance(item, RowFailure):

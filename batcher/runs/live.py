@@ -179,13 +179,16 @@ class Dispatch:
                     stopping.stop_dispatch(budget_reached(cap, self.tally.cost_usd))
                     continue
                 except (KeyRefusedError, AccountError) as exc:
-                    stopping.stop_work(exc)
-                    return
+                    # As for a signal: the answers the server is giving are paid for, kept.
+                    stopping.wind_down(exc, self.grace_s)
+                    continue
                 try:
-                    self.journal.record(outcome)
+                    stored = self.journal.record(outcome)
                 except BatcherError as exc:
                     stopping.stop_work(exc)
                     return
+                if stored is not outcome:  # a value did not fit the journal: the row failed
+                    self.tally.recount(outcome, stored)
                 progress.advance()
 
     def _record_interrupted(self, outcome: Outcome) -> None:

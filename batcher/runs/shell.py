@@ -92,6 +92,7 @@ class Run:
         lock = RunLock(self.job.checkpoint_dir)
         try:
             journal = await anyio.to_thread.run_sync(self._open_journal)
+            self.stopping.watch(journal)
             context = RunContext(
                 plan=self.plan,
                 options=self.options,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from batcher.store.columns import Outcome
 from batcher.store.spend import Spend
 
 
@@ -29,3 +30,14 @@ class Tally:
     @property
     def spend(self) -> Spend:
         return Spend(self.cost_usd, self.unpriced_rows)
+
+    def recount(self, counted: Outcome, stored: Outcome) -> None:
+        """A row counted as ``counted`` that the journal stored as ``stored`` (a value did not
+        fit its column: the row failed)."""
+        if counted.ok:
+            self.ok -= 1
+            self.failed += 1
+        else:
+            self.errors.subtract([f"final:{counted.error_kind}"])
+            self.errors += Counter()  # drops the kind it left at 0
+        self.errors[f"final:{stored.error_kind}"] += 1

@@ -8,14 +8,12 @@ journal, in the rebuild's read-back and in the output file.
 
 from __future__ import annotations
 
-import operator
 import types
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
-import orjson
 import polars as pl
 
 from batcher.errors import shorten
@@ -210,20 +208,3 @@ COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 OUTPUT_COLUMNS = tuple(c.name for c in COLUMNS if c.output)
 # The journal's columns as polars reads them back.
 SCHEMA: dict[str, pl.DataType] = {c.name: c.dtype for c in COLUMNS}
-_JSON = tuple(index for index, c in enumerate(COLUMNS, start=1) if c.json)
-_VALUES = operator.attrgetter("key", *COLUMN_NAMES)
-
-
-def as_row(outcome: Outcome) -> tuple[Any, ...]:
-    """``(key, *COLUMN_NAMES)`` of one outcome: the order comes from the names, never by hand."""
-    values = _VALUES(outcome)
-    for index in _JSON:
-        if values[index] is not None:
-            break
-    else:
-        return values  # nothing to encode (most rows): the tuple as attrgetter built it
-    encoded = list(values)
-    for index in _JSON:
-        value = encoded[index]
-        encoded[index] = orjson.dumps(value).decode() if value else None
-    return tuple(encoded)

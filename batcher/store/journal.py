@@ -13,7 +13,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from batcher.errors import (
     CheckpointError,
     ConfigError,
     JournalMismatchError,
+    shorten,
 )
 from batcher.store.columns import (
     COLUMN_NAMES,
@@ -35,9 +36,9 @@ from batcher.store.columns import (
     SCHEMA,
     UNPRICED_SQL,
     Outcome,
-    as_row,
 )
 from batcher.store.spend import Spend
+from batcher.store.values import as_row, fitted
 
 COMMIT_INTERVAL_S = 0.5
 COMMIT_ROWS = 256
@@ -225,24 +226,39 @@ class Journal:
         self._inode = os.stat(path).st_ino
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.failure: CheckpointError | None = None
-        self._thread = threading.Thread(
-            target=self._write_loop, name="batcher-journal", daemon=True
-        )
+        # Called from the writer thread when it fails, so the run stops sending at once
+        # rather than at the next ``record`` (``Stopping.watch``).
+        self.on_failure: Callable[[CheckpointError], None] = lambda _failure: None
+        self._thread = threading.Thread(target=self._write, name="batcher-journal", daemon=True)
         self._thread.start()
 
     # -- writing ---------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome) -> None:
-        """Queue one row's outcome; it is committed within COMMIT_INTERVAL_S."""
+    def record(self, outcome: Outcome) -> Outcome:
+        """Queue one row's outcome; it is committed within COMMIT_INTERVAL_S. Returns it as
+        stored: itself, or a failed one when a value does not fit (``values.fitted``).
+
+        Raises the writer's failure once it failed: nothing more can be kept."""
         if self.failure is not None:
             raise self.failure
-        self._queue.put(as_row(outcome))
+        stored, row = fitted(outcome)
+        self._queue.put(row)
+        return stored
 
-    def _write_loop(self) -> None:
+    def _write(self) -> None:
+        try:
+            failure = self._write_loop()
+        except Exception as exc:  # a thread that died unseen lost every row after it
+            failure = _cannot_write(self.path, exc)
+        if failure is not None:
+            self.failure = failure
+            self.on_failure(failure)
+
+    def _write_loop(self) -> CheckpointError | None:
         while True:
             item = self._queue.get()
             if item is _STOP:
-                return
+                return None
             batch: list[Any] = [item]
             deadline = time.monotonic() + COMMIT_INTERVAL_S
             stop = False
@@ -258,20 +274,12 @@ class Journal:
                     stop = True
                     break
                 batch.append(item)
-            try:
-                with self._writer:
-                    self._writer.executemany(_INSERT, batch)
-            except sqlite3.Error as exc:
-                self.failure = CheckpointError(
-                    f"{self.path}: cannot write the checkpoint ({exc}); the rows committed "
-                    "before are kept; free space and run again to continue"
-                )
-                return
+            with self._writer:
+                self._writer.executemany(_INSERT, batch)
             if _moved(self.path, self._inode):
-                self.failure = _restore(self._writer, self.path)
-                return
+                return _restore(self._writer, self.path)
             if stop:
-                return
+                return None
 
     def close(self) -> CheckpointError | None:
         """Commit what is queued and stop the writer (blocking: call from a thread).
@@ -322,6 +330,17 @@ def _check_identity(
     if any(stored.get(name) != value for name, value in identity.items()):
         with writer:
             writer.executemany("REPLACE INTO meta VALUES (?, ?)", identity.items())
+
+
+def _cannot_write(path: Path, exc: Exception) -> CheckpointError:
+    """The writer's failure, in one line naming its cause: free space only when it is that."""
+    full = isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
+    cause = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {exc}"
+    then = "free space and run again" if full else "run again once that is fixed"
+    return CheckpointError(
+        f"{path}: cannot write the checkpoint ({shorten(cause, 200)}); the rows committed "
+        f"before are kept; {then} to continue"
+    )
 
 
 def _moved(path: Path, inode: int) -> bool:
