@@ -8,6 +8,7 @@ for ``-tokens``. Anthropic: ``anthropic-ratelimit-{requests,tokens,input-tokens,
 
 from __future__ import annotations
 
+import email.utils
 import re
 import time
 from dataclasses import dataclass
@@ -118,5 +119,27 @@ def _seconds_until(text: str | None, now: float | None) -> float | None:
     except ValueError:
         return parse_duration(text)
     if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
