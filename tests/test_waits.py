@@ -27,7 +27,7 @@ from batcher.flow.controller import FlowController
 from batcher.runs.context import RunOptions
 from batcher.runs.shell import arun
 from batcher.runs.summary import RunSummary
-from tests.conftest import write_job
+from tests.conftest import SimFactory, start, write_job
 from tests.fakes import completion
 from tests.virtual import BASE_URL, RequestStormError, inline
 
@@ -238,3 +238,27 @@ async def test_huge_limits_overflow_nothing(tmp_path: Path) -> None:
     assert summary.rows_ok == ROWS
     assert summary.warnings == {}
     assert took_s < 10
+
+
+def test_over_loopback_a_long_retry_after_stops_the_command_at_once(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    # The simulator refuses every row's first attempt: Retry-After 1e9, retry-after-ms 1e12.
+    server = sim_factory(fail_share=1.0, fail_attempts_max=1, faults=("429",), retry_after_s=1e9)
+    job = write_job(tmp_path, server.url, limits={"concurrency": 4})
+    run = start(job)
+    try:
+        _, err = run.communicate(timeout=60)  # on a wait for ever: TimeoutExpired
+    finally:
+        run.kill()  # a run still waiting is ended (this test's own process, by its id)
+    assert run.returncode == 3, err
+    assert (
+        b"stopped: the server asked to wait 3,600 s or more (Retry-After), longer than "
+        b"limits.stall_timeout_s=900 s" in err
+    )
+    assert b"Traceback" not in err
+    server.simulator.settings.fail_share = 0.0
+    again = start(job)
+    _, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    assert pl.read_parquet(tmp_path / "out/result.parquet").height == ROWS
