@@ -139,7 +139,8 @@ class BudgetReachedError(AbortError):
 
 
 class RateLimitStallError(AbortError):
-    """The server answered nothing but 429 for ``limits.stall_timeout_s``."""
+    """The server answered nothing but 429 for ``limits.stall_timeout_s``, or asked to wait
+    longer than that."""
 
 
 class CheckpointError(AbortError):

@@ -169,3 +169,34 @@ async def test_a_request_cancelled_while_it_waits_for_its_pace_gives_its_place_b
             pytest.fail("sent before its pace")
     assert flow.status().in_flight == 0
     assert flow.bound() is None  # the one place in flight is free again, not "concurrency"
+
+
+@pytest.mark.anyio
+async def test_a_wait_asked_longer_than_the_stall_timeout_is_a_stall_at_once() -> None:
+    time = FakeTime()
+    flow = controller(time, stall_timeout_s=900)
+    async with flow.slot(Cost(1, 1)) as slot:
+        slot.rate_limited(899.0)
+    assert not flow.stalled()  # shorter than the stall timeout: waited
+    async with flow.slot(Cost(1, 1)) as slot:
+        slot.failed(None, retry_after_s=1000.0)  # a 503's Retry-After, say
+    assert flow.stall() == (
+        "the server asked to wait 1,000 s (Retry-After), longer than limits.stall_timeout_s=900 s"
+    )
+    await answer(flow, time)  # an answer does not undo it: the retry would still wait that long
+    assert flow.stalled()
+
+
+@pytest.mark.anyio
+async def test_a_stated_rate_slower_than_the_stall_timeout_is_a_stall() -> None:
+    time = FakeTime()
+    flow = controller(time, stall_timeout_s=60)
+    tokens = ServerLimits({"tokens": StatedLimit(per_minute=30)}, "openai")
+    await answer(flow, time, limits=tokens)  # 20 tokens a request: 40 s each
+    flow.tick()
+    assert not flow.stalled()
+    await answer(flow, time, limits=ServerLimits({"tokens": StatedLimit(10)}, "openai"))
+    flow.tick()  # 2 minutes a request
+    stall = flow.stall()
+    assert stall is not None
+    assert "between requests, at the rate its headers state" in stall

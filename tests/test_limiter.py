@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batcher.flow.limiter import Cost, RateLimiter
-from batcher.send.client import parse_retry_after
+from batcher.flow.server_limits import parse_retry_after
 from tests.fakes import FakeTime
 
 __all__ = ["FakeTime"]  # test_flow.py takes the fake clock from here

@@ -11,7 +11,9 @@ answers are 429s, or the headers say no requests remain; when congestion is only
 no trial is already answering it, unless that trial's cut is plainly too shallow), a second at
 most. In flight: a fixed number, or ``auto`` (``concurrency.py``). ``tick`` runs once a second:
 growth, sizing, and what bounds the run.
-A server that answers nothing but 429 for ``stall_timeout_s`` is reported ``stalled``.
+A server that answers nothing but 429 for ``stall_timeout_s``, or asks for a longer wait (a
+Retry-After, a pause until its limit resets, a stated rate slower than one request in that
+time), is reported ``stalled``: no wait the server asks for outlasts the stall timeout.
 Once the run stops, ``halt`` grants no place again: waiters for one are woken and refused, and
 so is a request whose place comes after the stop (``Halted``).
 """
@@ -116,9 +118,11 @@ class Slot:
     def rate_limited(self, retry_after_s: float | None, limits: ServerLimits | None = None) -> None:
         self.flow._rate_limited(self, retry_after_s, limits)
 
-    def failed(self, limits: ServerLimits | None = None) -> None:
+    def failed(
+        self, limits: ServerLimits | None = None, retry_after_s: float | None = None
+    ) -> None:
         """Any other answer: the server is alive, though this request failed."""
-        self.flow._failed(limits)
+        self.flow._failed(limits, retry_after_s)
 
 
 class Place:
@@ -244,12 +248,15 @@ class FlowController:
         ):
             self.rates.apply()
         if retry_after_s:
+            self.pauses.asked(retry_after_s, "Retry-After")
             pause = self.pauses.everyone_waits(now, retry_after_s)
             if pause:
                 self.pacer.pause_until(now + pause)
 
-    def _failed(self, limits: ServerLimits | None) -> None:
+    def _failed(self, limits: ServerLimits | None, retry_after_s: float | None = None) -> None:
         self.pauses.progressed(self._clock())
+        if retry_after_s:
+            self.pauses.asked(retry_after_s, "Retry-After")  # the retry waits at least this
         if limits is not None:
             self._read_headers(limits)
 
@@ -264,6 +271,7 @@ class FlowController:
             wait = 60 / requests.per_minute
             if requests.reset_s is not None:
                 wait = min(wait, requests.reset_s)
+            self.pauses.asked(wait, "until its request limit resets")
             self.pacer.pause_until(self._clock() + wait)
 
     # -- the run's side ---------------------------------------------------------------------
@@ -305,6 +313,9 @@ class FlowController:
             if found is not None and ceiling is not None and found >= ceiling:
                 self.discovery.release()
             self.rates.apply()
+            interval = self.rates.headers_interval_s()
+            if interval is not None:
+                self.pauses.asked(interval, "between requests, at the rate its headers state")
         limit = self.sizer.size(self.rates.equivalent_rps(), saturated=saturated)
         if limit != self._gate.total_tokens:
             self._gate.total_tokens = limit
@@ -313,8 +324,12 @@ class FlowController:
             self.bound_seconds[bound] = self.bound_seconds.get(bound, 0.0) + elapsed
 
     def stalled(self) -> bool:
-        """Nothing but 429s for ``stall_timeout_s``."""
-        return self.pauses.stalled(self._clock())
+        """Nothing but 429s for ``stall_timeout_s``, or a wait asked longer than that."""
+        return self.stall() is not None
+
+    def stall(self) -> str | None:
+        """Why the run has stalled (the run's final line), or None while it has not."""
+        return self.pauses.stall(self._clock())
 
     def bound(self) -> str | None:
         """What holds requests back now: rate, server, concurrency or memory."""

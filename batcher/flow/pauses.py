@@ -1,10 +1,12 @@
-"""When a 429 holds every request, and when a server that only refuses has stalled the run."""
+"""When a 429 holds every request, and when the server has stalled the run: it refused
+everything for ``stall_timeout_s``, or asked for a wait longer than that."""
 
 from __future__ import annotations
 
 from collections import deque
 
 from batcher.flow.discovery import Discovery
+from batcher.flow.server_limits import MAX_WAIT_S
 
 SUSPECTED_PAUSE_S = 1.0  # the longest everyone waits on a 429 when congestion is suspected
 _REFUSING_WINDOW = 20  # answers the "server refuses nearly everything" share is judged on
@@ -22,6 +24,7 @@ class PausePolicy:
         self._recent: deque[bool] = deque(maxlen=_REFUSING_WINDOW)
         self._last_progress = now
         self._limited_since_progress = 0
+        self._too_long: str | None = None  # the first wait asked that was a stall
 
     def answered(self, now: float) -> None:
         self._recent.append(False)
@@ -59,3 +62,24 @@ class PausePolicy:
         """Nothing but 429s for ``stall_timeout_s``."""
         quiet = now - self._last_progress
         return self._limited_since_progress > 0 and quiet >= self.stall_timeout_s
+
+    def asked(self, seconds: float, what: str) -> None:
+        """The server asked for a wait (``what`` says how): one longer than ``stall_timeout_s``
+        stalls the run now, rather than after sitting through it."""
+        if seconds > self.stall_timeout_s and self._too_long is None:
+            more = " or more" if seconds >= MAX_WAIT_S else ""
+            self._too_long = (
+                f"the server asked to wait {seconds:,.0f} s{more} ({what}), longer than "
+                f"limits.stall_timeout_s={self.stall_timeout_s:g} s"
+            )
+
+    def stall(self, now: float) -> str | None:
+        """Why the run has stalled, or None while it has not."""
+        if self._too_long is not None:
+            return self._too_long
+        if self.stalled(now):
+            return (
+                "the server answered nothing but 429 (rate limited) for "
+                f"limits.stall_timeout_s={self.stall_timeout_s:g} s"
+            )
+        return None

@@ -8,6 +8,8 @@ request, so the run can say which budget binds and how fast that is.
 
 from __future__ import annotations
 
+import math
+
 from batcher.config import LimitsConfig
 from batcher.flow.discovery import Discovery
 from batcher.flow.limiter import Cost, RateLimiter
@@ -89,6 +91,12 @@ class RatesInForce:
         """Where the tightest budget's rate comes from: job, headers or discovered."""
         per_request = self._per_request(known_cost=False)
         return min(per_request)[1] if per_request else None
+
+    def headers_interval_s(self) -> float | None:
+        """The longest wait between requests a rate stated in headers makes, with the mean
+        cost of a request; None when no stated rate is in force."""
+        rates = [rps for rps, source in self._per_request(known_cost=True) if source == "headers"]
+        return max((1 / rps if rps > 0 else math.inf for rps in rates), default=None)
 
     def _per_request(self, *, known_cost: bool) -> list[tuple[float, str]]:
         """Each budget's rate as requests per second; before any answer, a token budget

@@ -205,11 +205,6 @@ class Dispatch:
             await anyio.sleep(1.0)
             flow.tick()
             progress.tick()
-            if flow.stalled() and not self.stopping.stopping:
-                self.stopping.wind_down(
-                    RateLimitStallError(
-                        "the server answered nothing but 429 (rate limited) for "
-                        f"limits.stall_timeout_s={flow.stall_timeout_s:g} s"
-                    ),
-                    self.grace_s,
-                )
+            stall = flow.stall()
+            if stall is not None and not self.stopping.stopping:
+                self.stopping.wind_down(RateLimitStallError(stall), self.grace_s)

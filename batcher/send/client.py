@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import orjson
 
 from batcher.config import EndpointConfig
 from batcher.errors import AccountError, KeyRefusedError, shorten
-from batcher.flow.server_limits import ServerLimits, read_server_limits
+from batcher.flow.server_limits import ServerLimits, parse_retry_after, read_server_limits
 from batcher.send.attempt import AttemptError
 from batcher.send.redaction import redact
 
@@ -45,28 +44,6 @@ class Reply:
     @property
     def first(self) -> dict[str, Any]:
         return self.choices[0]
-
-
-def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return max(float(milliseconds) / 1000, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
 def _error_fields(content: bytes) -> tuple[str, set[str]]:

@@ -14,6 +14,7 @@ import anyio
 from batcher.config import JobConfig
 from batcher.flow.controller import FlowController, Halted
 from batcher.flow.limiter import Cost
+from batcher.flow.server_limits import ServerLimits
 from batcher.rows.images import ImageError, ImageLoader, inline_images
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
@@ -100,12 +101,21 @@ class Sender:
                     self.tally.rate_limited += 1
                     slot.rate_limited(exc.retry_after_s, exc.limits)
                 elif exc.status is not None:
-                    slot.failed(exc.limits)
+                    slot.failed(exc.limits, exc.retry_after_s)
+                if exc.limits is not None and exc.limits.ignored:
+                    self._count_ignored(exc.limits)
                 raise
+            if reply.limits is not None and reply.limits.ignored:
+                self._count_ignored(reply.limits)
             slot.answered(
                 Cost(reply.prompt_tokens or prompt, reply.completion_tokens or 0), reply.limits
             )
         return reply
+
+    def _count_ignored(self, limits: ServerLimits) -> None:
+        """Headers the reply sent that could not be read as limits: a warning each."""
+        for warning in limits.ignored:
+            self.tally.warnings[warning] += 1
 
     def _with_images(self, request: RowRequest) -> tuple[dict[str, Any], int]:
         """The body with each local image's data URL in place of its digest, and the bytes
