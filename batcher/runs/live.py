@@ -87,6 +87,7 @@ class Dispatch:
         self.clock = context.options.clock
         self.transport = context.options.transport
         self.offload = context.options.offload
+        self.first_rows = context.first_rows
         self.flow = flow
         self.grace_s = grace_s
 
@@ -149,6 +150,7 @@ class Dispatch:
                                 progress.advance()
                                 continue
                             if isinstance(item, RowRequest):  # always, by now
+                                await self.first_rows.admit()
                                 await send.send(item)
                 except BatcherError as exc:
                     self.stopping.stop_dispatch(exc)
@@ -185,6 +187,7 @@ class Dispatch:
                 except BatcherError as exc:
                     stopping.stop_work(exc)
                     return
+                self.first_rows.settled(outcome)
                 progress.advance()
 
     def _record_interrupted(self, outcome: Outcome) -> None:
