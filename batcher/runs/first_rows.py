@@ -69,7 +69,7 @@ class FirstRows:
             return
         kind = outcome.error_kind
         hint = None if outcome.ok or kind is None else mistake_hint(kind)
-        if hint is None or self._kind not in (None, kind):
+        if kind is None or hint is None or self._kind not in (None, kind):
             self._verdict.set()
             return
         if self._kind is None:
