@@ -168,18 +168,29 @@ def test_a_resumed_job_tests_its_own_first_rows_and_the_rerun_sends_them_again(
 def test_batch_mode_stops_submitting_once_its_first_results_fail(
     tmp_path: Path, sim_factory: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = sim_factory()
-    data = marked(reviews(60), "[[sim:400]]")
+    # 40 rows refused (400), 20 whose first submission fails with a 500: those would go in a
+    # new batch; once the first results failed the test, nothing more is submitted.
+    server = sim_factory(batch_fail_share=1.0)
+    data = reviews(60)
+    refused = pl.when(pl.int_range(pl.len()) < 40).then("[[sim:400]] " + pl.col("text"))
+    data = data.with_columns(refused.otherwise(pl.col("text")).alias("text"))
     job = write_job(
-        tmp_path,
-        server.url,
-        data=data,
-        endpoint={"mode": "batch"},
-        batch={"poll_s": 0.05, "max_lines": 20},
+        tmp_path, server.url, data=data, endpoint={"mode": "batch"}, batch={"poll_s": 0.05}
     )
     assert main(["run", str(job), "--quiet"]) == 3
     assert "stopped: the first 20 rows sent all failed with http_400" in capsys.readouterr().err
-    assert failed_rows(tmp_path).height >= 20
+    assert sum(server.simulator.batches.lines.line_attempts.values()) == 60  # one batch only
+    assert len(server.simulator.batches.batches) == 1
+    out = pl.read_parquet(tmp_path / "out/result.parquet")
+    assert out.height == 40  # the 20 rows to retry are pending for the next run
+    assert out["error"].str.starts_with("http_400: ").all()
+
+
+def test_a_negative_early_stop_rows_is_refused(tmp_path: Path, sim_factory: SimFactory) -> None:
+    server = sim_factory()
+    job = write_job(tmp_path, server.url, limits={"early_stop_rows": -1})
+    assert main(["run", str(job), "--quiet"]) == 2
+    assert server.simulator.requests == 0
 
 
 def _outcome(kind: str | None, key: int = 0) -> Outcome:

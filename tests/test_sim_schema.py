@@ -4,6 +4,7 @@ offline to typed columns."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,16 @@ def test_a_share_of_replies_that_break_the_schema_is_retried(
     assert ok["label"].is_in(["positive", "negative"]).all()
     failed = out.filter(pl.col("error").is_not_null())["error"]
     assert failed.str.starts_with("invalid_output").all()
+
+
+def test_the_sample_json_job_runs_offline(tmp_path: Path) -> None:
+    # As the README says: `batcher run configs/label_reviews_json.yaml --simulate`.
+    root = Path(__file__).parent.parent
+    for folder in ("configs", "sample_data"):
+        shutil.copytree(root / folder, tmp_path / folder)
+    job = tmp_path / "configs" / "label_reviews_json.yaml"
+    assert main(["run", str(job), "--simulate", "--quiet"]) == 0
+    out = pl.read_parquet(tmp_path / "out" / "label_reviews_json.parquet")
+    assert out.schema["stars_guess"] == pl.Int64
+    assert out["sentiment"].is_in(["positive", "negative", "neutral"]).all()
+    assert out["error"].null_count() == out.height
