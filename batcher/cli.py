@@ -199,6 +199,12 @@ def _sim_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--cached-share", type=float, default=0.0, help="share of prompt tokens reported cached"
     )
+    sim.add_argument(
+        "--schema-violation-share",
+        type=float,
+        default=0.0,
+        help="share of structured replies (tools, response_format) that break their schema",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
         "--limiter",
@@ -443,6 +449,7 @@ def _sim(arguments: argparse.Namespace) -> int:
         stall_s=arguments.stall_s,
         retry_after_s=arguments.retry_after_s,
         cached_share=arguments.cached_share,
+        schema_violation_share=arguments.schema_violation_share,
         seed=arguments.seed,
         limiter=arguments.limiter,
         window_s=arguments.window_s,

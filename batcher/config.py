@@ -120,6 +120,8 @@ class LimitsConfig(_Section):
     adaptive: bool = True
     stall_timeout_s: float = Field(default=900, gt=0)
     max_cost_usd: float | None = Field(default=None, ge=0)
+    # The run's first rows as a test of the job: these many all failing the same way stop it.
+    early_stop_rows: int = Field(default=20, ge=0)
 
     @field_validator("concurrency", mode="wrap")
     @classmethod

@@ -13,6 +13,7 @@ Row failures are data (an ``error`` string in the output); run failures are exce
         ├── InterruptedRunError      Ctrl-C / SIGTERM
         ├── BudgetReachedError       limits.max_cost_usd would be crossed
         ├── RateLimitStallError      nothing but 429s for limits.stall_timeout_s
+        ├── FirstRowsFailedError     the run's first rows all failed the same way (a mistake)
         ├── CheckpointError          the checkpoint could not be written or read mid-run
         ├── OutputError              the output could not be written; a rerun rebuilds it
         ├── InputError               the input could not be read past a row, mid-run
@@ -141,6 +142,16 @@ class BudgetReachedError(AbortError):
 class RateLimitStallError(AbortError):
     """The server answered nothing but 429 for ``limits.stall_timeout_s``, or asked to wait
     longer than that."""
+
+
+class FirstRowsFailedError(AbortError):
+    """The first ``limits.early_stop_rows`` rows this run sent all failed with the same
+    ``kind`` of error that retries do not cure: a mistake in the job, found only by sending."""
+
+    def __init__(self, message: str, *, kind: str, rows: int) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.rows = rows
 
 
 class CheckpointError(AbortError):

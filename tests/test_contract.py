@@ -238,3 +238,25 @@ def test_a_second_start_is_refused_and_an_interrupt_keeps_every_answer(
     counts = answered(server, mode)
     assert len(counts) == data.height
     assert set(counts.values()) == {1}  # no answered row was asked again
+
+
+def test_a_mistake_found_by_sending_stops_the_run_after_its_first_rows(
+    tmp_path: Path, sim_factory: SimFactory, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every row refused (400, not retried): the first 20 rows tell, in every mode.
+    server = sim_factory()
+    data = reviews(200).with_columns(("[[sim:400]] " + pl.col("text")).alias("text"))
+    job = write_job(tmp_path, server.url, data=data, **sections(mode))
+    assert main(command(job, mode)) == 3
+    stderr = capsys.readouterr().err
+    reasons = [line for line in stderr.splitlines() if line.startswith(("stopped:", "error:"))]
+    assert len(reasons) == 1, stderr
+    assert reasons[0].startswith("stopped: the first 20 rows sent all failed with http_400")
+    simulator = server.simulator
+    lines = simulator.batches.lines.line_attempts
+    sent = sum(lines.values()) if mode == "batch" else simulator.requests
+    # Live: only the first rows are sent. --ray: the shards running (2) each test theirs, and
+    # no shard starts after. Batch mode: the rows are in batches before any result comes.
+    assert sent == {"live": 20, "ray": 40, "batch": data.height}[mode]
+    failed = pl.read_parquet(tmp_path / "out" / "result.parquet")["error"]
+    assert failed.str.starts_with("http_400: ").all()

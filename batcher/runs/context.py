@@ -17,6 +17,7 @@ from batcher.config import LimitsConfig
 from batcher.errors import printable
 from batcher.flow.controller import FlowController, FlowReport
 from batcher.rows.plan import Plan
+from batcher.runs.first_rows import FirstRows
 from batcher.runs.stopping import Interrupt, Stopping
 from batcher.send.budget import Budget, CostBudget, own_budget
 from batcher.send.parse import OutputParser
@@ -71,6 +72,7 @@ class RunContext:
     parser: OutputParser
     prices: PriceTable  # list prices; batch mode asks for its own with ``for_batch``
     base_url: str
+    first_rows: FirstRows  # each settled row goes to it: the test of limits.early_stop_rows
 
 
 class Engine(Protocol):

@@ -87,6 +87,7 @@ class Dispatch:
         self.clock = context.options.clock
         self.transport = context.options.transport
         self.offload = context.options.offload
+        self.first_rows = context.first_rows
         self.flow = flow
         self.grace_s = grace_s
 
@@ -150,6 +151,7 @@ class Dispatch:
                                 progress.advance()
                                 continue
                             if isinstance(item, RowRequest):  # always, by now
+                                await self.first_rows.admit()
                                 await send.send(item)
                 except BatcherError as exc:
                     self.stopping.stop_dispatch(exc)
@@ -189,6 +191,7 @@ class Dispatch:
                     return
                 if stored is not outcome:  # a value did not fit the journal: the row failed
                     self.tally.recount(outcome, stored)
+                self.first_rows.settled(stored)
                 progress.advance()
 
     def _record_interrupted(self, outcome: Outcome) -> None:

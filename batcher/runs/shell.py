@@ -23,6 +23,7 @@ from batcher.rows.plan import Plan, plan_job
 from batcher.rows.request import REASONING_MODELS
 from batcher.runs.batch.mode import BatchEngine
 from batcher.runs.context import GRACE_S, Engine, RunContext, RunOptions
+from batcher.runs.first_rows import FirstRows
 from batcher.runs.live import LiveEngine
 from batcher.runs.stopping import Stopping
 from batcher.runs.summary import RunSummary
@@ -102,6 +103,7 @@ class Run:
                 parser=self.parser,
                 prices=self.prices,
                 base_url=base_url,
+                first_rows=FirstRows(self.job.config.limits.early_stop_rows, self.stopping),
             )
             # Signals are watched until the output is written: one arriving during the write
             # must neither kill the process nor raise a KeyboardInterrupt into it.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from batcher.sim.faults import violates_schema
 from batcher.sim.files import FileStore, error_body, error_response, json_response
 from batcher.sim.replies import build_reply, digest, user_text
 
@@ -209,7 +210,8 @@ class LineRunner:
             return 500, error_body("simulated 500")
         # The live endpoint's own token count, so batch and live usage agree.
         prompt_tokens = self.simulator.count_prompt(messages)
-        reply = build_reply(body, prompt, prompt_tokens, s.cached_share)
+        violate = violates_schema(s, messages, self.line_attempts[prompt])
+        reply = build_reply(body, prompt, prompt_tokens, s.cached_share, violate=violate)
         self.answered_by_prompt[prompt] += 1
         return 200, reply
 

@@ -45,6 +45,15 @@ def fault_for(s: SimSettings, raw: bytes, attempt: int) -> str | None:
     return s.faults[((h >> 24) + attempt) % len(s.faults)]
 
 
+def violates_schema(s: SimSettings, messages: object, attempt: int) -> bool:
+    """Whether this attempt's structured reply breaks the request's schema: each attempt
+    drawn apart (``schema_violation_share`` of them), so a retry may cure it as with a model."""
+    if s.schema_violation_share <= 0:
+        return False
+    h = digest(orjson.dumps(messages), s.seed, attempt, "schema")
+    return (h % 10_000) / 10_000 < s.schema_violation_share
+
+
 async def inject(request: web.Request, fault: str, s: SimSettings) -> web.StreamResponse:
     """The reply of a fault other than 429: an error status, a stall, a broken body, a drop."""
     if fault.isdigit():

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from batcher.sim.schema import value_for, violation_for
+
 _OPTIONS = re.compile(r"one word:\s*([\w\- ,]+?)\s+or\s+([\w\-]+)", re.IGNORECASE)
 
 
@@ -33,9 +35,16 @@ def user_text(messages: list[dict[str, Any]]) -> str:
 
 
 def build_reply(
-    body: dict[str, Any], prompt: str, prompt_tokens: int, cached_share: float = 0.0
+    body: dict[str, Any],
+    prompt: str,
+    prompt_tokens: int,
+    cached_share: float = 0.0,
+    *,
+    violate: bool = False,
 ) -> dict[str, Any]:
-    """The reply to a request: derived from it alone, so the same request gets the same reply."""
+    """The reply to a request: derived from it alone, so the same request gets the same reply.
+    Structured output (tools, ``response_format``) meets the request's schema, unless
+    ``violate`` or the prompt's ``[[sim:invalid]]`` asks for a value that breaks it."""
     n = 1 if "[[sim:n1]]" in prompt else int(body.get("n") or 1)
     max_tokens = int(body.get("max_tokens") or 1024)
     stops = body.get("stop") or []
@@ -49,7 +58,9 @@ def build_reply(
         finish = "stop"
         if tools:
             tool = _chosen_tool(tools, body.get("tool_choice"))
-            arguments = _arguments(tool["function"].get("parameters") or {}, h + index)
+            parameters = tool["function"].get("parameters") or {}
+            make = violation_for if violate else value_for
+            arguments = make(parameters, h + index)
             if "[[sim:invalid]]" in prompt:
                 arguments = {"unexpected": True}
             text = orjson.dumps(arguments).decode()
@@ -63,7 +74,7 @@ def build_reply(
             finish = "tool_calls"
             completion += count_tokens(text)
         else:
-            text = _content(prompt, h + index)
+            text = _content(prompt, h + index, body.get("response_format"), violate)
             for stop in stops:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
@@ -100,12 +111,27 @@ def usage(prompt_tokens: int, completion: int, cached_share: float = 0.0) -> dic
     return counts
 
 
-def _content(prompt: str, h: int) -> str:
+def structured_schema(response_format: Any) -> dict[str, Any] | None:
+    """The schema a ``response_format`` of type ``json_schema`` asks the reply to meet (as
+    OpenAI nests it, ``{"json_schema": {"schema": ...}}``, or flat); None for any other."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else response_format.get("schema")
+    return schema if isinstance(schema, dict) else {}
+
+
+def _content(prompt: str, h: int, response_format: Any = None, violate: bool = False) -> str:
+    schema = structured_schema(response_format)
+    if schema is not None:
+        wrong = violate or "[[sim:invalid]]" in prompt
+        return orjson.dumps(violation_for(schema, h) if wrong else value_for(schema, h)).decode()
+    json_object = isinstance(response_format, dict) and response_format.get("type") == "json_object"
     options = _OPTIONS.search(prompt)
-    if options:
+    if options and not json_object:
         words = [w.strip() for w in options.group(1).split(",") if w.strip()] + [options.group(2)]
         return words[h % len(words)]
-    if "json" in prompt.lower():
+    if json_object or "json" in prompt.lower():
         words = prompt.split()
         return orjson.dumps(
             {"answer": words[h % len(words)] if words else "", "length": len(prompt)}
@@ -121,26 +147,3 @@ def _chosen_tool(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
             if tool.get("function", {}).get("name") == name:
                 return tool
     return tools[0]
-
-
-def _arguments(schema: dict[str, Any], h: int) -> Any:
-    """A value valid against a (simple) JSON Schema, chosen by ``h``."""
-    if "enum" in schema:
-        return schema["enum"][h % len(schema["enum"])]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        return {
-            name: _arguments(sub, h // (i + 2)) for i, (name, sub) in enumerate(properties.items())
-        }
-    if kind == "array":
-        return [_arguments(schema.get("items") or {}, h)]
-    if kind == "number":
-        return round((h % 1000) / 1000, 3)
-    if kind == "integer":
-        return h % 100
-    if kind == "boolean":
-        return bool(h % 2)
-    return f"text-{h % 1000}"

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from batcher.sim.admin import make_app
 from batcher.sim.batches import BatchService
-from batcher.sim.faults import error_response, fault_for, inject
+from batcher.sim.faults import error_response, fault_for, inject, violates_schema
 from batcher.sim.limits import Limits
 from batcher.sim.replies import build_reply, user_text
 from batcher.sim.seen import count_prompt
@@ -38,6 +38,8 @@ class SimSettings:
     stall_s: float = 600.0
     retry_after_s: float = 0.1
     cached_share: float = 0.0  # share of prompt tokens reported as cached
+    # Share of structured replies (tools, response_format json_schema) that break the schema.
+    schema_violation_share: float = 0.0
     seed: int = 0
     limiter: str = "bucket"  # bucket, window (fixed) or sliding; see sim/limits.py
     window_s: float = 60.0  # the window of the window and sliding limiters
@@ -180,7 +182,7 @@ class Simulator:
             if fault == "429":
                 return self._error(429, "rate_limit_error", "simulated rate limit", s.retry_after_s)
             return await inject(request, fault, s)
-        reply = self.build_reply(body, prompt, prompt_tokens)
+        reply = self.build_reply(body, prompt, prompt_tokens, attempt)
         if body.get("stream"):
             response, broken = await stream_reply(
                 request,
@@ -224,9 +226,14 @@ class Simulator:
             return 0.0
         return s.latency_s + self._random.uniform(0, s.latency_jitter_s)
 
-    def build_reply(self, body: dict[str, Any], prompt: str, prompt_tokens: int) -> dict[str, Any]:
-        """The reply's JSON; the tokens that max_tokens reserved and it did not use go back."""
-        reply = build_reply(body, prompt, prompt_tokens, self.settings.cached_share)
+    def build_reply(
+        self, body: dict[str, Any], prompt: str, prompt_tokens: int, attempt: int = 1
+    ) -> dict[str, Any]:
+        """The reply's JSON (of the prompt's ``attempt``-th request); the tokens that
+        max_tokens reserved and it did not use go back."""
+        s = self.settings
+        violate = violates_schema(s, body.get("messages"), attempt)
+        reply = build_reply(body, prompt, prompt_tokens, s.cached_share, violate=violate)
         max_tokens = int(body.get("max_tokens") or 1024)
         self.limits.give_back_tokens(max(max_tokens - reply["usage"]["completion_tokens"], 0))
         return reply

@@ -78,6 +78,7 @@ class BatchEngine:
 
     async def send(self, context: RunContext) -> None:
         self.stopping = context.stopping
+        self.first_rows = context.first_rows
         self.plan = context.plan
         self.tally = context.tally
         prices = context.prices.for_batch()
@@ -159,7 +160,13 @@ class BatchEngine:
             )
             return
         collected = await collect_batch(
-            chunk, batch, self.api, self.book, self.collector, self.progress.advance
+            chunk,
+            batch,
+            self.api,
+            self.book,
+            self.collector,
+            self.progress.advance,
+            self.first_rows.settled,
         )
         if collected is not None:
             self.stopping.stop_dispatch(collected)

@@ -211,9 +211,11 @@ async def collect_batch(
     book: BatchBook,
     collector: Collector,
     advance: Callable[[int], None],
+    settled: Callable[[Outcome], None] = lambda _outcome: None,
 ) -> BatcherError | None:
-    """Collect a batch that ended: every line that completed is kept, whatever the end.
-    Returns a key or account refusal found among its lines (the run stops submitting)."""
+    """Collect a batch that ended: every line that completed is kept, whatever the end; each
+    outcome committed goes to ``settled``. Returns a key or account refusal found among its
+    lines (the run stops submitting)."""
     status = str(batch.get("status"))
     contents = []
     for field_name in ("output_file_id", "error_file_id"):
@@ -237,5 +239,7 @@ async def collect_batch(
             collected.updates,
         )
         advance(len(collected.outcomes))
+        for outcome in collected.outcomes:
+            settled(outcome)
         stop = stop or collected.stop
     return stop
