@@ -104,8 +104,10 @@ def serve_hostile(server: SimulatorThread, changes: dict[str, Change]) -> None:
     simulator = server.simulator
     build = simulator.build_reply
 
-    def hostile(body: dict[str, Any], prompt: str, prompt_tokens: int) -> dict[str, Any]:
-        reply = build(body, prompt, prompt_tokens)
+    def hostile(
+        body: dict[str, Any], prompt: str, prompt_tokens: int, attempt: int = 1
+    ) -> dict[str, Any]:
+        reply = build(body, prompt, prompt_tokens, attempt)
         for marker, change in changes.items():
             if marker in prompt:
                 change(reply)
