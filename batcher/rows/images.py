@@ -172,8 +172,7 @@ class ImageLoader:
         inside = os.path.realpath(full)
         if os.path.commonpath([root, inside]) != root:
             raise ImageError(
-                f"{reference}: outside input.image_root (images.allow_outside_root: true "
-                "allows it)"
+                f"{reference}: outside input.image_root (images.allow_outside_root: true allows it)"
             )
         return Path(inside)
 

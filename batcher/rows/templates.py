@@ -16,7 +16,8 @@ import jinja2
 import jinja2.meta
 from jinja2 import nodes
 from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace
 
 from batcher.errors import ConfigError
@@ -26,7 +27,7 @@ from batcher.errors import ConfigError
 # ``cycler`` and ``joiner`` (the usual way into Python objects, and `loop.cycle` does the work).
 GLOBALS: dict[str, Any] = {"range": safe_range, "dict": dict, "namespace": Namespace}
 # The longest text or list a ``*`` may build, and the largest number a ``**`` may: without a
-# bound ``{{ 'x' * 10**10 }}`` takes 10 GB and ``{{ 9**9**9 }}`` never ends.
+# bound ``{{ 'x' * 10**10 }}`` takes 10 GB and ``{{ 10**10**8 }}`` takes minutes.
 MAX_REPEAT = 10_000_000
 MAX_POWER_BITS = 4096
 # Tags that read other templates, which here would mean files: a job has none to offer.
