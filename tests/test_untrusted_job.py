@@ -73,7 +73,6 @@ def test_the_cycler_payload_runs_no_command(
         "{{ lipsum.__globals__['os'].environ }}",
         "{{ joiner | attr('__init__') }}",
         "{{ namespace.__init__.__globals__ }}",
-        "{{ self._TemplateReference__context }}",
         "{{ text.__class__.__mro__ }}",
         "{% include '/etc/passwd' %}",
         "{% import 'os' as os %}{{ os }}",
@@ -101,6 +100,14 @@ def test_only_the_rows_columns_and_three_globals_are_visible(name: str) -> None:
     assert kept.build(0, {"text": "t"}).body["messages"][-1]["content"] == "3 1 t"
 
 
+def test_a_struct_field_starting_with_an_underscore_is_a_value() -> None:
+    builder = RequestBuilder(
+        RequestConfig(model=MODEL, prompt="{{ meta._id }} {{ meta['_n'] }}"), "http://h"
+    )
+    body = builder.build(0, {"meta": {"_id": "x7", "_n": 3}}).body
+    assert body["messages"][-1]["content"] == "x7 3"
+
+
 def test_what_only_a_value_reveals_fails_that_row_alone(
     tmp_path: Path, sim: SimulatorThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,11 +127,18 @@ def test_what_only_a_value_reveals_fails_that_row_alone(
 
 
 @pytest.mark.parametrize(
-    "template", ["{{ 'x' * 10**10 }}", "{{ 10**100000 }}", "{{ [1] * 10**9 }}"]
+    "template",
+    [
+        "{{ 'x' * 10**10 }}",
+        "{{ 10**100000 }}",
+        "{{ [1] * 10**9 }}",
+        "{{ self._TemplateReference__context }}",
+        "{% set n = '__cla' ~ 'ss__' %}{{ meta[n] }}",
+    ],
 )
-def test_a_template_cannot_build_an_endless_value(template: str) -> None:
+def test_the_sandbox_refuses_what_shows_only_when_rendered(template: str) -> None:
     builder = RequestBuilder(RequestConfig(model=MODEL, prompt=template), "http://h")
-    failed = builder.render_error({})
+    failed = builder.render_error({"meta": "a string"})
     assert failed is not None
     assert type(failed[1]).__name__ == "SecurityError"
 

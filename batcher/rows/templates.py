@@ -89,7 +89,9 @@ def _refused(node: nodes.Node) -> str | None:
     elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
         first = node.args[0]
         name = first.value if isinstance(first, nodes.Const) else None
-    if isinstance(name, str) and name.startswith("_"):
+    # Dunders only: a struct column's ``_id`` field is a value, and any other ``_`` attribute
+    # is refused by the sandbox when rendered.
+    if isinstance(name, str) and name.startswith("__"):
         return f"{name!r} is Python's internals, not a value"
     return None
 
