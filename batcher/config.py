@@ -28,6 +28,24 @@ from batcher.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://gateway.theturbo.ai/v1"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# The keys whose ``${VAR}`` is replaced from the environment: where a job names a file, a
+# server, the variable holding its key or a model, which differ by machine. Nowhere else: a
+# ``request.prompt: "${AWS_SECRET_ACCESS_KEY}"`` would send the secret to the server and write
+# it into the output, and a prompt may well mean ``${x}`` as text (a shell or JS snippet).
+ENV_KEYS = frozenset(
+    {
+        "name",
+        "input.path",
+        "input.image_root",
+        "output.path",
+        "output.checkpoint_dir",
+        "endpoint.base_url",
+        "endpoint.api_key_env",
+        "request.model",  # and each model of a list
+        "ray.address",
+    }
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # A job name becomes a file name (out/<name>.parquet): no folders, no hidden files.
 _SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")
 # The types input.dtypes may declare; every other input column is read as it is stored
@@ -70,7 +88,24 @@ class EndpointConfig(_Section):
             parts.port  # noqa: B018 - raises on a port that is not a number in range
         except ValueError:
             raise ValueError("has an invalid port") from None
-        return value
+        return normalise_base_url(value)
+
+
+def normalise_base_url(url: str) -> str:
+    """One spelling per server (scheme and host in lower case, no default port, no trailing
+    ``/``): the base URL is part of every request's fingerprint, and ``HTTP://Host/v1/`` must
+    not send again what ``http://host/v1`` answered. An already-normal URL is returned as it
+    is, so the fingerprints of existing checkpoints do not change."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host = parts.hostname or ""
+    netloc = f"{userinfo}{at}{f'[{host}]' if ':' in host else host}"
+    if parts.port is not None and parts.port != _DEFAULT_PORTS.get(scheme):
+        netloc += f":{parts.port}"
+    rest = url[len(parts.scheme) + 3 + len(parts.netloc) :]  # path, query and fragment as given
+    path, mark, tail = rest.partition("?") if "?" in rest else rest.partition("#")
+    return f"{scheme}://{netloc}{path.rstrip('/')}{mark}{tail}"
 
 
 class RequestConfig(_Section):
@@ -344,6 +379,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def _substitute_env(value: Any, source: Path, where: tuple[str, ...]) -> Any:
     if isinstance(value, str):
+        if ".".join(where[:2]) not in ENV_KEYS:
+            return value  # left as written: see ENV_KEYS
 
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)

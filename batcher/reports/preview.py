@@ -96,7 +96,7 @@ def _placeholder(part: ImagePart, images: ImageLoader) -> str:
     if part.url is not None and not part.url.startswith("data:"):
         return part.url  # a URL goes as it is
     if part.url is not None:
-        header, _, payload = part.url.partition(",")
+        header, _, payload = images.encode(part).partition(",")  # re-encoded if over max_bytes
         try:
             data = base64.b64decode(payload)
         except (binascii.Error, ValueError):

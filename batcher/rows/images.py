@@ -28,6 +28,8 @@ ACCEPTED = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "im
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"})
 _HEIF_BRANDS = frozenset({b"mif1", b"msf1", b"heif"})
 _JPEG_QUALITIES = (90, 80, 70, 60, 50, 40)
+# Folders whose real path one loader remembers (images usually share a few folders).
+_FOLDERS_KEPT = 4096
 # Pillow names its buffer in some messages ("<_io.BytesIO object at 0x7f...>"): noise that
 # differs per run and says nothing to the reader.
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -89,6 +91,8 @@ class ImageLoader:
         self.config = config
         self._settings = f"edge={config.max_edge_px};bytes={config.max_bytes}"
         self.heif_available = _register_heif()
+        self._real_root = os.path.realpath(root)
+        self._folders: dict[str, str] = {}  # folder → its real path (``_real``)
 
     # -- preparing (fingerprint and token estimate) -----------------------------------------
 
@@ -155,6 +159,8 @@ class ImageLoader:
             raise ImageError(f"{url[:40]}…: data URL is not valid base64") from None
         width, height = self._dimensions(url[:40] + "…", data)
         digest = f"sha256:{hashlib.sha256(url.encode()).hexdigest()}"
+        if len(payload) > self.config.max_bytes:  # re-encoded to fit when sent, as a file is
+            digest += f";{self._settings}"
         return ImagePart(url=url, digest=digest, width=width, height=height)
 
     def resolve(self, reference: str) -> Path:
@@ -162,15 +168,29 @@ class ImageLoader:
         otherwise: an input from elsewhere must not send any file of this machine."""
         path = Path(reference).expanduser()
         full = path if path.is_absolute() else self.root / path
-        if not self.config.allow_outside_root:
-            root = os.path.normpath(self.root)
-            inside = os.path.normpath(full)
-            if os.path.commonpath([root, inside]) != root:
-                raise ImageError(
-                    f"{reference}: outside input.image_root (images.allow_outside_root: true "
-                    "allows it)"
-                )
-        return full
+        if self.config.allow_outside_root:
+            return full
+        # Links resolved first: a link inside the root may lead anywhere. The path returned,
+        # the one read, is the resolved one that was checked.
+        inside = self._real(full)
+        if os.path.commonpath([self._real_root, inside]) != self._real_root:
+            raise ImageError(
+                f"{reference}: outside input.image_root (images.allow_outside_root: true allows it)"
+            )
+        return Path(inside)
+
+    def _real(self, path: Path) -> str:
+        """``path`` with every link resolved. ``os.path.realpath`` takes 40 µs (an lstat per
+        folder level); a row's folder is resolved once per run, and the file itself is one
+        lstat, so a million rows' signatures cost seconds, not minutes."""
+        folder, name = os.path.split(os.path.normpath(path))
+        real = self._folders.get(folder)
+        if real is None:
+            if len(self._folders) >= _FOLDERS_KEPT:
+                self._folders.clear()
+            real = self._folders[folder] = os.path.realpath(folder)
+        candidate = os.path.join(real, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
 
     def _dimensions(self, name: str, data: bytes) -> tuple[int, int]:
         """Size after the configured downscale; checks the file is a readable image."""
@@ -191,7 +211,11 @@ class ImageLoader:
     def encode(self, part: ImagePart) -> str:
         """The URL to send for one image part (blocking: call from a worker thread)."""
         if part.url is not None:
-            return part.url
+            header, _, payload = part.url.partition(",")
+            if header[:5].lower() != "data:" or len(payload) <= self.config.max_bytes:
+                return part.url
+            mime, encoded = self.fit(part.url[:40] + "…", base64.b64decode(payload))
+            return f"data:{mime};base64,{base64.b64encode(encoded).decode('ascii')}"
         if part.path is None:  # pragma: no cover - describe always sets one of them
             raise ImageError("image part has neither a URL nor a path")
         try:
@@ -206,7 +230,7 @@ class ImageLoader:
         mime = sniff_mime(data[:16])
         max_edge = self.config.max_edge_px
         if mime in ("image/heic", "image/heif") and not self.heif_available:
-            if len(data) <= self.config.max_bytes:
+            if self._fits(data):
                 return mime, data
             raise ImageError(
                 f"{name}: this HEIC/HEIF image must be resized, which needs pillow-heif: "
@@ -215,7 +239,7 @@ class ImageLoader:
         try:
             image = _open(data)  # reads the header only
             too_big = max_edge is not None and max(image.size) > max_edge
-            if mime in ACCEPTED and not too_big and len(data) <= self.config.max_bytes:
+            if mime in ACCEPTED and not too_big and self._fits(data):
                 return mime or "image/png", data
             if max_edge is not None and image.format == "JPEG":
                 # Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 where the result still
@@ -225,6 +249,11 @@ class ImageLoader:
             return self._reencode(name, image, mime)
         except _UNREADABLE as exc:
             raise ImageError(f"{name}: not a readable image ({_reason(exc)})") from None
+
+    def _fits(self, data: bytes) -> bool:
+        """Whether ``data`` is within ``images.max_bytes`` as sent: as base64 (4 characters
+        per 3 bytes), which is what the provider measures (a 4.26 MB file is 5.67 MB sent)."""
+        return 4 * ((len(data) + 2) // 3) <= self.config.max_bytes
 
     def _reencode(self, name: str, image: Image.Image, mime: str | None) -> tuple[str, bytes]:
         image = ImageOps.exif_transpose(image)
@@ -243,7 +272,7 @@ class ImageLoader:
         while True:
             for quality in _JPEG_QUALITIES if target != "PNG" else (None,):
                 encoded = _save(image, target, quality)
-                if len(encoded) <= self.config.max_bytes:
+                if self._fits(encoded):
                     return f"image/{target.lower()}", encoded
             if min(image.size) <= 16:
                 raise ImageError(f"{name}: cannot fit in images.max_bytes={self.config.max_bytes}")

@@ -22,6 +22,7 @@ import polars as pl
 from batcher.config import Job, load_job
 from batcher.errors import ConfigError
 from batcher.rows.images import ImageLoader
+from batcher.rows.paths import check_paths
 from batcher.rows.request import ImagePart, RequestBuilder, RowRequest
 from batcher.rows.source import Source
 from batcher.store.columns import Outcome
@@ -308,7 +309,15 @@ def plan_job(
         endpoint = job.config.endpoint.model_copy(update={"base_url": SIMULATOR_URL})
         job = Job(job.config.model_copy(update={"endpoint": endpoint}), job.source)
     config = job.config
+    if keep_done and config.input.id_column is None:
+        # Rows keyed by position: a row inserted into the input would take the answer of the
+        # row that was there before it.
+        raise ConfigError(
+            f"{job.source}: --keep-done needs input.id_column: rows keyed by their position "
+            "would keep the answers of the rows that were there before"
+        )
     source = Source(job.input_path, config.input.id_column, config.input.dtypes)
+    check_paths(job, source.files, source.pattern)
     try:
         builder = RequestBuilder(config.request, config.endpoint.base_url)
     except ConfigError as exc:

@@ -39,12 +39,14 @@ __all__ = ["GRACE_S", "Run", "RunOptions", "arun", "checkpoint_identity", "endpo
 
 
 def checkpoint_identity(job: Job, key_column: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The checkpoint's identity, the same in every mode: its paths relative to the job file,
+    """The checkpoint's identity, the same in every mode: the job's name (two jobs on one
+    output path would pay for each other's rows in turn), its paths relative to the job file,
     so a moved project folder keeps its checkpoint; and the absolute spelling that older
     checkpoints (and batch mode before the one shell) stored."""
     folder = job.source.parent
     output = job.output_path
     identity = {
+        "name": job.config.name,
         "input": os.path.relpath(job.input_path, folder),
         "output": os.path.relpath(output, folder),
         "key_column": key_column,

@@ -321,6 +321,8 @@ def _check_identity(
             writer.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
         return
     for name, value in identity.items():
+        if name not in stored:
+            continue  # a checkpoint older than this part of the identity: claimed below
         if stored.get(name) != value and stored.get(name) != legacy.get(name):
             raise JournalMismatchError(
                 f"{path}: this checkpoint belongs to another job "
