@@ -20,10 +20,10 @@ from batcher.flow.controller import Halted
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget, CostBudget, own_budget
-from batcher.send.client import Reply
 from batcher.send.outcome import OutcomeBuilder, asked_model
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
+from batcher.send.reply import Reply
 from batcher.send.retry import Exhausted, RowPolicy, Sleep
 from batcher.send.sender import Sender
 from batcher.send.tally import Tally

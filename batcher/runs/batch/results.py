@@ -25,9 +25,10 @@ from batcher.rows.request import RowRequest
 from batcher.runs.batch.api import BatchApi
 from batcher.runs.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
 from batcher.send.attempt import AttemptError
-from batcher.send.client import Reply, classify_status, parse_reply
+from batcher.send.client import classify_status
 from batcher.send.outcome import OutcomeBuilder
 from batcher.send.parse import OutputParser
+from batcher.send.reply import Reply, parse_reply
 from batcher.store.columns import Outcome
 
 COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
