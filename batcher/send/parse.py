@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from typing import Any
 
+import anyio
 import jsonschema
 import orjson
 import polars as pl
@@ -14,6 +17,12 @@ from batcher.errors import ConfigError
 from batcher.send.attempt import AttemptError
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+# A real reply is checked in milliseconds; a check past this is a `pattern` backtracking
+# (`^(a+)+$` against "aaaa…ab" took 22 s) or a quadratic `uniqueItems`, and fails its attempt.
+CHECK_TIME_S = 5.0
+# A thread cannot be stopped: a check past its time runs on to its end. At most this many may;
+# beyond, checks fail at once instead of piling up threads that each hold a core.
+STUCK_CHECKS = 4
 
 
 def dtype_of(schema: dict[str, Any]) -> pl.DataType:
@@ -44,7 +53,18 @@ def dtype_of(schema: dict[str, Any]) -> pl.DataType:
 class OutputParser:
     """Checks a reply against the job's schema and yields its top-level properties."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        *,
+        check_time_s: float = CHECK_TIME_S,
+        stuck_checks: int = STUCK_CHECKS,
+    ) -> None:
+        self.check_time_s = check_time_s
+        self.stuck_checks = stuck_checks
+        self._checks: anyio.CapacityLimiter | None = None  # made on the run's loop
+        self._stuck = 0  # checks past their time, still running in their thread
+        self._stuck_lock = threading.Lock()
         self.mode = config.output.parse
         self.schema: dict[str, Any] = {}
         self.tool_name: str | None = None
@@ -79,8 +99,45 @@ class OutputParser:
     def enabled(self) -> bool:
         return self.mode != "none"
 
+    async def aparse(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``parse``, off the event loop (a schema check can take any time) and bounded by
+        ``check_time_s``; AttemptError ``invalid_output`` past it."""
+        if self._stuck >= self.stuck_checks:
+            raise _invalid(
+                f"not checked: {self._stuck} schema checks still run past {self.check_time_s:g} s"
+            )
+        if self._checks is None:
+            self._checks = anyio.CapacityLimiter(os.cpu_count() or 2)
+        check = _Check()
+        try:
+            with anyio.move_on_after(self.check_time_s):
+                return await anyio.to_thread.run_sync(
+                    self._parse_in_thread, message, check, limiter=self._checks,
+                    abandon_on_cancel=True,
+                )  # fmt: skip
+        finally:
+            with self._stuck_lock:
+                if not check.done:
+                    check.abandoned = True
+                    self._stuck += check.started
+        raise _invalid(f"the schema check took over {self.check_time_s:g} s")
+
+    def _parse_in_thread(self, message: dict[str, Any], check: _Check) -> dict[str, Any]:
+        with self._stuck_lock:
+            if check.abandoned:
+                return {}  # its attempt gave up before the check began: nobody reads this
+            check.started = True
+        try:
+            return self.parse(message)
+        finally:
+            with self._stuck_lock:
+                check.done = True
+                if check.abandoned:
+                    self._stuck -= 1
+
     def parse(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The validated object from a reply's first message; AttemptError if it is not one."""
+        """The validated object from a reply's first message; AttemptError if it is not one.
+        Blocking, for as long as the schema takes: the run calls ``aparse``."""
         if self.mode == "tool_arguments":
             calls = message.get("tool_calls") or []
             chosen = [
@@ -107,6 +164,17 @@ class OutputParser:
         if not isinstance(value, dict):
             raise _invalid("the value is not a JSON object")
         return value
+
+
+class _Check:
+    """One schema check's state, shared with its thread under the parser's lock."""
+
+    __slots__ = ("abandoned", "done", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+        self.abandoned = False
 
 
 def _invalid(why: str) -> AttemptError:

@@ -194,7 +194,7 @@ class RowWorker:
                 raise
             spent.attempts += 1
             try:
-                return reply, self._parse(reply), cost_usd
+                return reply, await self._parse(reply), cost_usd
             except AttemptError:
                 wasted.append(reply)
                 raise
@@ -235,7 +235,7 @@ class RowWorker:
     def _count_retry(self) -> None:
         self.budget.tally.retries += 1
 
-    def _parse(self, reply: Reply) -> dict[str, Any] | None:
+    async def _parse(self, reply: Reply) -> dict[str, Any] | None:
         if not self.parser.enabled:
             return None
-        return self.parser.parse(reply.first.get("message") or {})
+        return await self.parser.aparse(reply.first.get("message") or {})
