@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
-import threading
 from typing import Any
 
-import anyio
 import jsonschema
-import orjson
 import polars as pl
 
 from batcher.config import Job, JobConfig
 from batcher.errors import ConfigError
 from batcher.send.attempt import AttemptError
+from batcher.send.checks import SchemaChecks, validate
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
-# A real reply is checked in milliseconds; a check past this is a `pattern` backtracking
-# (`^(a+)+$` against "aaaa…ab" took 22 s) or a quadratic `uniqueItems`, and fails its attempt.
-CHECK_TIME_S = 5.0
-# A thread cannot be stopped: a check past its time runs on to its end. At most this many may;
-# beyond, checks fail at once instead of piling up threads that each hold a core.
-STUCK_CHECKS = 4
 
 
 def dtype_of(schema: dict[str, Any]) -> pl.DataType:
@@ -53,18 +44,7 @@ def dtype_of(schema: dict[str, Any]) -> pl.DataType:
 class OutputParser:
     """Checks a reply against the job's schema and yields its top-level properties."""
 
-    def __init__(
-        self,
-        config: JobConfig,
-        *,
-        check_time_s: float = CHECK_TIME_S,
-        stuck_checks: int = STUCK_CHECKS,
-    ) -> None:
-        self.check_time_s = check_time_s
-        self.stuck_checks = stuck_checks
-        self._checks: anyio.CapacityLimiter | None = None  # made on the run's loop
-        self._stuck = 0  # checks past their time, still running in their thread
-        self._stuck_lock = threading.Lock()
+    def __init__(self, config: JobConfig, *, check_time_s: float | None = None) -> None:
         self.mode = config.output.parse
         self.schema: dict[str, Any] = {}
         self.tool_name: str | None = None
@@ -87,7 +67,7 @@ class OutputParser:
                 raise ConfigError(
                     f"output schema is not a valid JSON Schema: {exc.message}"
                 ) from None
-            self._validator: Any = jsonschema.validators.validator_for(self.schema)(self.schema)
+        self.checks = SchemaChecks(self.schema, check_time_s=check_time_s)
         properties = self.schema.get("properties") if self.mode != "none" else None
         self.columns: dict[str, pl.DataType] = (
             {name: dtype_of(sub) for name, sub in properties.items()}
@@ -99,45 +79,16 @@ class OutputParser:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    async def aparse(self, message: dict[str, Any]) -> dict[str, Any]:
-        """``parse``, off the event loop (a schema check can take any time) and bounded by
-        ``check_time_s``; AttemptError ``invalid_output`` past it."""
-        if self._stuck >= self.stuck_checks:
-            raise _invalid(
-                f"not checked: {self._stuck} schema checks still run past {self.check_time_s:g} s"
-            )
-        if self._checks is None:
-            self._checks = anyio.CapacityLimiter(os.cpu_count() or 2)
-        check = _Check()
-        try:
-            with anyio.move_on_after(self.check_time_s):
-                return await anyio.to_thread.run_sync(
-                    self._parse_in_thread, message, check, limiter=self._checks,
-                    abandon_on_cancel=True,
-                )  # fmt: skip
-        finally:
-            with self._stuck_lock:
-                if not check.done:
-                    check.abandoned = True
-                    self._stuck += check.started
-        raise _invalid(f"the schema check took over {self.check_time_s:g} s")
-
-    def _parse_in_thread(self, message: dict[str, Any], check: _Check) -> dict[str, Any]:
-        with self._stuck_lock:
-            if check.abandoned:
-                return {}  # its attempt gave up before the check began: nobody reads this
-            check.started = True
-        try:
-            return self.parse(message)
-        finally:
-            with self._stuck_lock:
-                check.done = True
-                if check.abandoned:
-                    self._stuck -= 1
-
     def parse(self, message: dict[str, Any]) -> dict[str, Any]:
         """The validated object from a reply's first message; AttemptError if it is not one.
         Blocking, for as long as the schema takes: the run calls ``aparse``."""
+        return _fitted(*validate(self.checks.validator, self._text_of(message)))
+
+    async def aparse(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``parse`` off the event loop, within the checks' time (see ``SchemaChecks``)."""
+        return _fitted(*await self.checks.check(self._text_of(message)))
+
+    def _text_of(self, message: dict[str, Any]) -> str:
         if self.mode == "tool_arguments":
             calls = message.get("tool_calls") or []
             chosen = [
@@ -147,34 +98,16 @@ class OutputParser:
             ]
             if not chosen:
                 raise _invalid("the reply has no call of tool " + repr(self.tool_name))
-            text = str((chosen[0].get("function") or {}).get("arguments") or "")
-        else:
-            text = str(message.get("content") or "")
-            fenced = _FENCE.match(text)
-            if fenced:
-                text = fenced.group(1)
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise _invalid(f"not JSON ({exc})") from None
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            raise _invalid(f"{where}: {error.message}")
-        if not isinstance(value, dict):
-            raise _invalid("the value is not a JSON object")
-        return value
+            return str((chosen[0].get("function") or {}).get("arguments") or "")
+        text = str(message.get("content") or "")
+        fenced = _FENCE.match(text)
+        return fenced.group(1) if fenced else text
 
 
-class _Check:
-    """One schema check's state, shared with its thread under the parser's lock."""
-
-    __slots__ = ("abandoned", "done", "started")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.done = False
-        self.abandoned = False
+def _fitted(value: Any, why: str | None) -> dict[str, Any]:
+    if why is not None:
+        raise _invalid(why)
+    return dict(value)
 
 
 def _invalid(why: str) -> AttemptError:
