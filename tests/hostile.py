@@ -78,7 +78,11 @@ def completion(content: Any = "fine", **fields: Any) -> dict[str, Any]:
         "object": "chat.completion",
         "model": "claude-3-5-haiku-20241022",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
         ],
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
     }
@@ -125,7 +129,9 @@ def gzip_bomb(inflated_bytes: int = 512 << 20) -> web.Response:
     )
 
 
-async def events(request: web.Request, chunks: list[Any], *, done: bool = True) -> web.StreamResponse:
+async def events(
+    request: web.Request, chunks: list[Any], *, done: bool = True
+) -> web.StreamResponse:
     """A stream of ``chunks`` as server-sent events (bytes are sent as they are)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
