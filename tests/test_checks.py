@@ -48,6 +48,7 @@ def test_checks_past_their_time_fail_and_at_most_stuck_checks_run_on(
         async with anyio.create_task_group() as group:
             group.start_soon(busy)
             return await checks.check("{}")
+        raise AssertionError("unreachable: the group ends with the check")
 
     async def three() -> list[tuple[Any, str | None]]:
         return [await started_check(), await started_check(), await checks.check("{}")]

@@ -160,7 +160,7 @@ def test_a_backtracking_pattern_neither_blocks_the_loop_nor_runs_on() -> None:
             ticks += 1
 
     async def check() -> list[Any]:
-        results = []
+        results: list[Any] = []
         async with anyio.create_task_group() as group:
             group.start_soon(tick)
             results.append(await checks.check('{"a": "aaaa"}'))
