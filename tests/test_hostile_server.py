@@ -5,7 +5,9 @@ ones fail their rows as data, and each attempt ends within its deadline in bound
 from __future__ import annotations
 
 import resource
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +178,38 @@ def test_a_backtracking_pattern_neither_blocks_the_loop_nor_runs_on() -> None:
     assert stuck == (None, "the schema check took over 2 s")
     assert ticked > 20  # the loop went on (2 s at 10 ms a tick; blocked, it ticks once)
     assert mismatch == (None, "a: 'aab' does not match '^(a+)+$'")  # a new worker took over
+
+
+NOT_HTTP = {
+    "8 KB header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n{}",
+    "bad status line": b"HTTP/1.1 abc\r\n\r\n",
+    "not HTTP": b"\x00\x01\x02 hello\r\n\r\n",
+    "broken chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+}
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("case", NOT_HTTP)
+def test_a_reply_that_is_not_http_fails_its_attempt(transport: str, case: str) -> None:
+    """httpx-aiohttp let these through as aiohttp's ClientResponseError: a traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer_once() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(NOT_HTTP[case])
+
+        server = threading.Thread(target=answer_once, daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+        async def attempt() -> None:
+            endpoint = EndpointConfig(base_url=url, timeout_s=5, transport=transport)
+            async with ChatClient(endpoint, None, 1) as client:
+                await client.complete({"model": "m", "messages": []})
+
+        with pytest.raises(AttemptError) as caught:
+            anyio.run(attempt)
+        server.join(timeout=5)
+    assert (caught.value.kind, caught.value.retryable) == ("connection", True)

@@ -96,6 +96,7 @@ WRONG = [
     (("usage", "prompt_tokens"), 1e20),
     (("usage", "prompt_tokens"), -5),
     (("usage", "completion_tokens"), True),
+    (("usage", "completion_tokens"), 5.5),
     (("usage", "total_tokens"), "15"),
     (("usage", "prompt_tokens_details", "cached_tokens"), -1),
     (("usage", "cost"), -0.5),
@@ -117,7 +118,7 @@ def test_a_reply_of_the_wrong_shape_fails_its_attempt_as_bad_reply(
 
 
 def test_a_valid_reply_keeps_what_the_output_reads() -> None:
-    data = with_value(("usage", "completion_tokens"), 5.0)  # a whole float is the int
+    data = with_value(("usage", "completion_tokens"), 5)
     message = data["choices"][0]["message"]
     message["reasoning_content"] = "because"
     message["tool_calls"] = [{"id": "c1", "type": "function", "function": {"name": "f"}}]

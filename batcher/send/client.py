@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Self
 
+import aiohttp
 import anyio
 import httpx
 import orjson
@@ -206,6 +207,12 @@ class ChatClient:
             raise AttemptError(kind, _transport_message(exc), retryable=True) from None
         except httpx.TransportError as exc:
             raise AttemptError("connection", _transport_message(exc), retryable=True) from None
+        except aiohttp.ClientError as exc:
+            # What httpx-aiohttp leaves unmapped: a reply that is not HTTP (a bad status line,
+            # an 8 KB header, a broken chunk), which httpx's own transport calls a protocol
+            # error. Left alone, it ended the whole run with a traceback.
+            message = str(exc) or type(exc).__name__
+            raise AttemptError("connection", message, retryable=True) from None
         if response.status_code != 200:
             raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
         return parse_reply(payload, read_server_limits(response.headers))

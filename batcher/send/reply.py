@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batcher.flow.server_limits import ServerLimits
 from batcher.send.attempt import AttemptError
@@ -26,14 +26,7 @@ MAX_TOOL_CALLS = 1024  # far past any model's parallel calls; stream assembly st
 MAX_NAME = 1024  # ids, model names, finish reasons, roles: names, and tallied by name
 
 
-def _whole(value: Any) -> Any:
-    """A whole float (``10.0``) as the int it is; booleans are never counts."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-Tokens = Annotated[int, BeforeValidator(_whole), Field(ge=0, le=MAX_TOKENS)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]  # a JSON integer: not 1.5, true or "2"
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 ChoiceIndex = Annotated[int, Field(ge=0, lt=MAX_CHOICES)]
 CallIndex = Annotated[int, Field(ge=0, lt=MAX_TOOL_CALLS)]
