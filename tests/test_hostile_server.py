@@ -205,7 +205,9 @@ def test_a_reply_that_is_not_http_fails_its_attempt(transport: str, case: str) -
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
 
         async def attempt() -> None:
-            endpoint = EndpointConfig(base_url=url, timeout_s=5, transport=transport)
+            endpoint = EndpointConfig.model_validate(
+                {"base_url": url, "timeout_s": 5, "transport": transport}
+            )
             async with ChatClient(endpoint, None, 1) as client:
                 await client.complete({"model": "m", "messages": []})
 
