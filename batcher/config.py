@@ -71,6 +71,10 @@ class EndpointConfig(_Section):
     api_key_env: str = "BATCHER_API_KEY"
     timeout_s: float = Field(default=120, gt=0)
     stream_idle_timeout_s: float = Field(default=30, gt=0)
+    # Counted after decompression, streams too. The largest real replies (n=128 choices of a
+    # long answer, with logprobs) are a few MiB; 32 MiB only stops a broken or hostile server,
+    # and bounds what one attempt can hold in memory.
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     mode: Literal["live", "batch"] = "live"
 

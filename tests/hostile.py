@@ -1,117 +1,144 @@
-"""A hostile OpenAI-compatible server on a loopback port: it echoes the key it is sent back
-in every field of its replies, and puts escape sequences in its words.
-
-What a reply does is chosen by a marker in the prompt:
-
-- none: a 200 whose content, reasoning, tool-call arguments, id and model carry the key,
-  raw, in base64 (of ``Bearer <key>``, of ``<user>:<key>``, URL-safe unpadded) and
-  percent-encoded (streamed when the request asks for a stream);
-- ``[[echo401]]``: a 401 whose message quotes the key in those forms;
-- ``[[escape401]]``: a 401 whose message clears the screen, writes the clipboard (OSC 52)
-  and, after a carriage return, forges a line of the summary;
-- ``[[escape-model]]``: a 200 (without the key) from a model whose name has escapes.
-"""
+"""A loopback server that answers chat completions the way a test says: replies of the wrong
+shape, bodies that never end, gzip bombs, streams that misbehave. It runs on its own event
+loop in a thread, like the simulator, and knows nothing of batcher."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import threading
+import zlib
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
+from functools import cache
 from typing import Any
-from urllib.parse import quote
 
 import orjson
+from aiohttp import web
 
-ESCAPES = "\x1b[2J\x1b]52;c;cHduZWQ=\x07\x9b31m\rrows: 20 ok, 0 failed"
-
-
-def echoes(key: str) -> str:
-    """The key in the forms a server echoes it in, in one text."""
-    basic = base64.b64encode(f"user:{key}".encode()).decode()
-    bearer = base64.b64encode(f"Bearer {key}".encode()).decode()
-    bare = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-    return f"key {key} upper {key.upper()} Basic {basic} token {bearer} {bare} ?k={quote(key)}"
-
-
-def completion(key: str, model: str) -> dict[str, Any]:
-    call: dict[str, Any] = {"id": f"call-{key}", "type": "function"}
-    call["function"] = {"name": "f", "arguments": orjson.dumps({"k": echoes(key)}).decode()}
-    message = {
-        "role": "assistant",
-        "content": f"answer: {echoes(key)}",
-        "reasoning_content": f"thinking of {echoes(key)}",
-        "tool_calls": [call],
-    }
-    return {
-        "id": f"resp-{key}",
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-    }
-
-
-def chunks(reply: dict[str, Any]) -> bytes:
-    """``reply`` as a stream of server-sent events."""
-    message = reply["choices"][0]["message"]
-    calls = [{"index": 0, **call} for call in message["tool_calls"]]
-    deltas = [
-        {"role": "assistant", "content": message["content"]},
-        {"reasoning_content": message["reasoning_content"]},
-        {"tool_calls": calls},
-    ]
-    events = [
-        {**reply, "choices": [{"index": 0, "delta": delta}], "usage": None} for delta in deltas
-    ]
-    events.append({**reply, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    lines = [b"data: " + orjson.dumps(event) + b"\n\n" for event in events]
-    return b"".join(lines) + b"data: [DONE]\n\n"
+# Handler(prompt, attempt number of that prompt, request) -> the response, sent or to send.
+Handler = Callable[[str, int, web.Request], Awaitable[web.StreamResponse]]
+PIECE = b"x" * 65536
 
 
 class HostileServer:
-    """The server in a background thread; ``keys`` counts the Authorization headers seen."""
+    """``handler`` answers every POST to /v1/chat/completions; ``attempts`` counts prompts."""
 
-    def __init__(self) -> None:
-        self.keys: Counter[str] = Counter()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                auth = self.headers.get("Authorization", "")
-                owner.keys[auth] += 1
-                status, content, kind = owner.answer(body, auth.removeprefix("Bearer "))
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            def log_message(self, *_: object) -> None:
-                pass  # quiet: no request lines on stderr
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def answer(self, body: dict[str, Any], key: str) -> tuple[int, bytes, str]:
-        prompt = str(body["messages"][-1]["content"])
-        if "[[echo401]]" in prompt or "[[escape401]]" in prompt:
-            words = echoes(key) if "[[echo401]]" in prompt else ESCAPES
-            error = {"error": {"message": f"invalid key: {words}", "type": "auth"}}
-            return 401, orjson.dumps(error), "application/json"
-        if "[[escape-model]]" in prompt:
-            reply = completion("-", f"model{ESCAPES}")
-        else:
-            reply = completion(key, f"gpt-{key}")
-        if body.get("stream"):
-            return 200, chunks(reply), "text/event-stream"
-        return 200, orjson.dumps(reply), "application/json"
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.url = ""
+        self.attempts: Counter[str] = Counter()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="hostile", daemon=True)
 
     def __enter__(self) -> HostileServer:
-        self.thread.start()
+        self._thread.start()
+        assert self._ready.wait(timeout=30)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._answer)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/v1"
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        prompt = str(body["messages"][-1]["content"])
+        self.attempts[prompt] += 1
+        try:
+            return await self.handler(prompt, self.attempts[prompt], request)
+        except (ConnectionError, asyncio.CancelledError):
+            # The client hung up on a body it did not want: what these tests expect of it.
+            return web.Response(status=499)
+
+
+def completion(content: Any = "fine", **fields: Any) -> dict[str, Any]:
+    """A valid chat completion, or one with ``fields`` replacing its top-level fields."""
+    reply: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "claude-3-5-haiku-20241022",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+    reply.update(fields)
+    return reply
+
+
+def json_reply(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def endless(request: web.Request, *, encoding: str | None = None) -> web.StreamResponse:
+    """A 200 whose body never ends (64 KiB at a time, as fast as the client reads)."""
+    headers = {"Content-Type": "application/json"}
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    while True:
+        await response.write(PIECE)
+
+
+async def drip(request: web.Request, *, every_s: float = 0.05) -> web.StreamResponse:
+    """A 200 whose body comes a byte at a time and never ends: no read ever times out."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"choices": [')
+    while True:
+        await asyncio.sleep(every_s)
+        await response.write(b" ")
+
+
+@cache
+def bomb(inflated_bytes: int) -> bytes:
+    """A gzip body of ``inflated_bytes`` zeros (about a thousandth of that on the wire)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    zeros = bytes(1 << 20)
+    parts = [packer.compress(zeros) for _ in range(inflated_bytes >> 20)]
+    return b"".join([*parts, packer.flush()])
+
+
+def gzip_bomb(inflated_bytes: int = 512 << 20) -> web.Response:
+    return web.Response(
+        body=bomb(inflated_bytes),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+
+
+async def events(
+    request: web.Request, chunks: list[Any], *, done: bool = True
+) -> web.StreamResponse:
+    """A stream of ``chunks`` as server-sent events (bytes are sent as they are)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in chunks:
+        line = chunk if isinstance(chunk, bytes) else b"data: " + orjson.dumps(chunk) + b"\n\n"
+        await response.write(line)
+    if done:
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import polars as pl
 import pytest
 from PIL import Image
@@ -479,7 +480,7 @@ def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
     )
     rows = [row(k) for k in ("ok", "torn", "five", "bad", "poor", "e", "lost")]
     rows.append(row("last", attempts=3))
-    collected = collector.collect(rows, read_results(output, errors), "completed", False)
+    collected = anyio.run(collector.collect, rows, read_results(output, errors), "completed", False)
 
     states = {u.key: (u.state, u.attempts, u.error) for u in collected.updates}
     assert states["ok"] == ("done", 1, None)
@@ -498,9 +499,9 @@ def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
     assert tally.ok == 1
     assert tally.failed == 2
 
-    cancelled = collector.collect([row("c1", 2)], {}, "cancelled", True)
+    cancelled = anyio.run(collector.collect, [row("c1", 2)], {}, "cancelled", True)
     assert [(u.state, u.attempts) for u in cancelled.updates] == [("retry", 1)]
-    theirs = collector.collect([row("c2", 2)], {}, "cancelled", False)
+    theirs = anyio.run(collector.collect, [row("c2", 2)], {}, "cancelled", False)
     assert [(u.state, u.attempts) for u in theirs.updates] == [("retry", 2)]
 
 

@@ -28,7 +28,7 @@ from batcher.runs.summary import RunSummary
 from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
 from tests.conftest import MODEL, TEST_AWS_SECRET, reviews, write_job
-from tests.hostile import HostileServer
+from tests.echo_server import EchoServer
 from tests.leaks import leaks
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -499,7 +499,7 @@ def test_secrets_reach_the_workers_through_no_ray_log(
     monkeypatch.setenv("BATCHER_API_KEY", key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + uuid.uuid4().hex[:16].upper())
-    with HostileServer() as server:
+    with EchoServer() as server:
         job = write_job(tmp_path, server.url, data=reviews(30), ray={"shard_rows": 10})
         summary = run_on_ray(job)
     assert summary.rows_ok == 30

@@ -28,7 +28,7 @@ from batcher.send.redaction import REDACTED, redact, redactor_for
 from batcher.send.tally import Tally
 from batcher.store.columns import Outcome
 from tests.conftest import TEST_KEY, reviews, write_job
-from tests.hostile import ESCAPES, HostileServer, completion, echoes
+from tests.echo_server import ESCAPES, EchoServer, completion, echoes
 from tests.leaks import forms, leaks
 
 KEY_CHARS = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=16, max_size=60)
@@ -105,7 +105,7 @@ def test_redaction_keeps_what_holds_no_key() -> None:
 def test_key_echoed_in_answers_is_in_no_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], stream: bool
 ) -> None:
-    with HostileServer() as server:
+    with EchoServer() as server:
         job = write_job(tmp_path, server.url, data=reviews(6), request={"stream": stream})
         assert main(["run", str(job), "--quiet"]) == 0
         assert main(["status", str(job)]) == 0
@@ -124,7 +124,7 @@ def test_key_in_a_refusal_is_on_no_terminal_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = reviews(4).with_columns(("[[echo401]] " + reviews(4)["text"]).alias("text"))
-    with HostileServer() as server:
+    with EchoServer() as server:
         job = write_job(tmp_path, server.url, data=data, limits={"concurrency": 1})
         assert main(["run", str(job), "--quiet"]) == 3
     err = capsys.readouterr().err
@@ -139,7 +139,7 @@ def test_a_server_s_escape_sequences_reach_no_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], marker: str
 ) -> None:
     data = reviews(3).with_columns((marker + " " + reviews(3)["text"]).alias("text"))
-    with HostileServer() as server:
+    with EchoServer() as server:
         # A model without a price: the summary warns of the name the server answered with.
         request = {"model": "house-model"}
         job = write_job(tmp_path, server.url, data=data, limits={"concurrency": 1}, request=request)
@@ -172,7 +172,8 @@ def test_printable_blanks_each_sequence_whole() -> None:
     assert printable("a\x1b]0;title\x1b\\b\u202ec") == "a?b?c"
 
 
-def test_batch_results_keep_no_key(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_batch_results_keep_no_key(tmp_path: Path) -> None:
     job = load_job(write_job(tmp_path, "http://127.0.0.1:9/v1", retry={"max_attempts": 1}))
     tally = Tally()
     prices = PriceTable.load().for_batch()
@@ -188,7 +189,7 @@ def test_batch_results_keep_no_key(tmp_path: Path) -> None:
         {"custom_id": "id-b", "response": None, "error": refused},
     ]
     results = read_results(b"\n".join(json.dumps(line).encode() for line in lines))
-    collected = collector.collect(rows, results, "completed", cancelled_by_us=False)
+    collected = await collector.collect(rows, results, "completed", cancelled_by_us=False)
     texts = json.dumps([repr(o) for o in collected.outcomes] + [repr(u) for u in collected.updates])
     assert REDACTED in texts
     assert betrays(texts) == []

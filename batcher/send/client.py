@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+import aiohttp
 import anyio
 import httpx
 import orjson
 
 from batcher.config import EndpointConfig
 from batcher.errors import AccountError, KeyRefusedError, shorten
-from batcher.flow.server_limits import ServerLimits, parse_retry_after, read_server_limits
+from batcher.flow.server_limits import parse_retry_after, read_server_limits
 from batcher.send.attempt import AttemptError
+from batcher.send.body import read_body, read_lines
 from batcher.send.redaction import redact
+from batcher.send.reply import Reply, parse_reply
+from batcher.send.stream import MAX_LINE_BYTES, StreamAssembler
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 # Error `type` / `code` values that say the account cannot pay. Only these and HTTP 402 stop
@@ -25,25 +28,6 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 _ACCOUNT_CODES = frozenset({"insufficient_quota", "credit_balance_too_low", "payment_required"})
 _ACCOUNT_PREFIX = "billing"
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What one successful reply says, flattened for the output row."""
-
-    choices: list[dict[str, Any]]
-    model: str | None
-    response_id: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    cached_tokens: int | None
-    ttft_s: float | None = None
-    limits: ServerLimits | None = None  # what the reply's headers said of rate limits
-
-    @property
-    def first(self) -> dict[str, Any]:
-        return self.choices[0]
 
 
 def _error_fields(content: bytes) -> tuple[str, set[str]]:
@@ -100,52 +84,6 @@ def classify_status(
         retry_after_s=parse_retry_after(response.headers),
         limits=read_server_limits(response.headers),
     )
-
-
-def parse_reply(content: bytes, limits: ServerLimits | None = None) -> Reply:
-    """A 200's body as a Reply; a body that is not JSON or has no choices is retryable."""
-    try:
-        data = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        # The whole body, not a slice: the caller redacts it, then shortens it.
-        raise AttemptError(
-            "invalid_json",
-            f"reply is not JSON: {content.decode('utf-8', 'replace')}",
-            retryable=True,
-        ) from None
-    if not isinstance(data, dict):
-        raise AttemptError("invalid_json", "reply is not a JSON object", retryable=True)
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise AttemptError("no_choices", "reply has no choices", retryable=True)
-    return reply_from(data, choices, limits=limits)
-
-
-def reply_from(
-    data: dict[str, Any],
-    choices: list[dict[str, Any]],
-    ttft_s: float | None = None,
-    limits: ServerLimits | None = None,
-) -> Reply:
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-    usage = usage or {}
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Reply(
-        choices=choices,
-        model=data.get("model"),
-        response_id=data.get("id"),
-        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-        completion_tokens=_int_or_none(usage.get("completion_tokens")),
-        total_tokens=_int_or_none(usage.get("total_tokens")),
-        cached_tokens=_int_or_none(cached),
-        ttft_s=ttft_s,
-        limits=limits,
-    )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class ChatClient:
@@ -225,7 +163,7 @@ class ChatClient:
                 return await self._stream(content)
             response = await self._send(content)
             try:
-                payload = await response.aread()
+                payload = await read_body(response, self.endpoint.max_response_bytes)
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
@@ -234,6 +172,12 @@ class ChatClient:
             raise AttemptError(kind, _transport_message(exc), retryable=True) from None
         except httpx.TransportError as exc:
             raise AttemptError("connection", _transport_message(exc), retryable=True) from None
+        except aiohttp.ClientError as exc:
+            # What httpx-aiohttp leaves unmapped: a reply that is not HTTP (a bad status line,
+            # an 8 KB header, a broken chunk), which httpx's own transport calls a protocol
+            # error. Left alone, it ended the whole run with a traceback.
+            message = str(exc) or type(exc).__name__
+            raise AttemptError("connection", message, retryable=True) from None
         if response.status_code != 200:
             raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
         return parse_reply(payload, read_server_limits(response.headers))
@@ -241,15 +185,17 @@ class ChatClient:
     async def _stream(self, content: bytes) -> Reply:
         started = time.monotonic()
         response = await self._send(content)
+        max_bytes = self.endpoint.max_response_bytes
         try:
             if response.status_code != 200:
-                payload = await response.aread()
+                payload = await read_body(response, max_bytes)
                 raise classify_status(response, payload, self.endpoint.api_key_env, self._secret)
             if "text/event-stream" not in response.headers.get("content-type", ""):
                 # A proxy's page or a plain JSON reply: read it whole rather than as events.
-                return parse_reply(await response.aread(), read_server_limits(response.headers))
+                payload = await read_body(response, max_bytes)
+                return parse_reply(payload, read_server_limits(response.headers))
             assembler = StreamAssembler(started, read_server_limits(response.headers))
-            lines = response.aiter_lines()
+            lines = read_lines(response, max_bytes, min(MAX_LINE_BYTES, max_bytes))
             async for line in _with_idle_timeout(lines, self.endpoint.stream_idle_timeout_s):
                 if assembler.feed(line):
                     return assembler.reply()
@@ -258,7 +204,7 @@ class ChatClient:
         raise AttemptError("stream_broken", "the stream ended before [DONE]", retryable=True)
 
 
-async def _with_idle_timeout(lines: AsyncIterator[str], idle_s: float) -> AsyncIterator[str]:
+async def _with_idle_timeout(lines: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
     while True:
         try:
             with anyio.fail_after(idle_s):
@@ -270,80 +216,6 @@ async def _with_idle_timeout(lines: AsyncIterator[str], idle_s: float) -> AsyncI
                 "stream_idle", f"no data for {idle_s:g} s mid-stream", retryable=True
             ) from None
         yield line
-
-
-class StreamAssembler:
-    """Builds one Reply out of server-sent chat-completion chunks."""
-
-    def __init__(self, started: float, limits: ServerLimits | None = None) -> None:
-        self._started = started
-        self._limits = limits
-        self._ttft_s: float | None = None
-        self._choices: dict[int, dict[str, Any]] = {}
-        self._last: dict[str, Any] = {}
-
-    def feed(self, line: str) -> bool:
-        """Take one SSE line; True once the stream is complete."""
-        if not line.startswith("data:"):
-            return False
-        data = line[5:].strip()
-        if data == "[DONE]":
-            if not self._choices:
-                raise AttemptError("no_choices", "stream carried no choices", retryable=True)
-            return True
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise AttemptError(
-                "invalid_json", "a stream chunk is not JSON", retryable=True
-            ) from None
-        if not isinstance(chunk, dict):
-            raise AttemptError("invalid_json", "a stream chunk is not an object", retryable=True)
-        if "error" in chunk:
-            raise AttemptError("stream_error", _error_fields(data.encode())[0], retryable=True)
-        self._last = {**self._last, **{k: v for k, v in chunk.items() if v is not None}}
-        for delta_choice in chunk.get("choices") or []:
-            self._apply(delta_choice)
-        return False
-
-    def _apply(self, delta_choice: dict[str, Any]) -> None:
-        index = int(delta_choice.get("index", 0))
-        choice = self._choices.setdefault(
-            index, {"index": index, "message": {"role": "assistant", "content": None}}
-        )
-        message = choice["message"]
-        delta = delta_choice.get("delta") or {}
-        for field in ("content", "reasoning_content"):
-            piece = delta.get(field)
-            if piece:
-                if self._ttft_s is None:
-                    self._ttft_s = time.monotonic() - self._started
-                message[field] = (message.get(field) or "") + piece
-        for call in delta.get("tool_calls") or []:
-            if self._ttft_s is None:
-                self._ttft_s = time.monotonic() - self._started
-            calls = message.setdefault("tool_calls", [])
-            position = int(call.get("index", len(calls)))
-            while len(calls) <= position:
-                calls.append(
-                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-                )
-            target = calls[position]
-            if call.get("id"):
-                target["id"] = call["id"]
-            function = call.get("function") or {}
-            if function.get("name"):
-                target["function"]["name"] += function["name"]
-            if function.get("arguments"):
-                target["function"]["arguments"] += function["arguments"]
-        if delta_choice.get("finish_reason"):
-            choice["finish_reason"] = delta_choice["finish_reason"]
-
-    def reply(self) -> Reply:
-        if any("finish_reason" not in c for c in self._choices.values()):
-            raise AttemptError("stream_broken", "a choice never finished", retryable=True)
-        choices = [self._choices[i] for i in sorted(self._choices)]
-        return reply_from(self._last, choices, ttft_s=self._ttft_s, limits=self._limits)
 
 
 def _is_timeout(exc: httpx.TimeoutException) -> bool:

@@ -14,9 +14,9 @@ import orjson
 from batcher.config import JobConfig
 from batcher.rows.request import RowRequest
 from batcher.send.attempt import AttemptError
-from batcher.send.client import Reply
 from batcher.send.prices import Price, PriceTable
 from batcher.send.redaction import redactor_for
+from batcher.send.reply import Reply
 from batcher.send.tally import Tally
 from batcher.store.columns import INTERRUPTED, Outcome, Usage
 

@@ -6,12 +6,12 @@ import re
 from typing import Any
 
 import jsonschema
-import orjson
 import polars as pl
 
 from batcher.config import Job, JobConfig
 from batcher.errors import ConfigError
 from batcher.send.attempt import AttemptError
+from batcher.send.checks import SchemaChecks, validate
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
@@ -44,7 +44,7 @@ def dtype_of(schema: dict[str, Any]) -> pl.DataType:
 class OutputParser:
     """Checks a reply against the job's schema and yields its top-level properties."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig, *, check_time_s: float | None = None) -> None:
         self.mode = config.output.parse
         self.schema: dict[str, Any] = {}
         self.tool_name: str | None = None
@@ -67,7 +67,7 @@ class OutputParser:
                 raise ConfigError(
                     f"output schema is not a valid JSON Schema: {exc.message}"
                 ) from None
-            self._validator: Any = jsonschema.validators.validator_for(self.schema)(self.schema)
+        self.checks = SchemaChecks(self.schema, check_time_s=check_time_s)
         properties = self.schema.get("properties") if self.mode != "none" else None
         self.columns: dict[str, pl.DataType] = (
             {name: dtype_of(sub) for name, sub in properties.items()}
@@ -80,7 +80,15 @@ class OutputParser:
         return self.mode != "none"
 
     def parse(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The validated object from a reply's first message; AttemptError if it is not one."""
+        """The validated object from a reply's first message; AttemptError if it is not one.
+        Blocking, for as long as the schema takes: the run calls ``aparse``."""
+        return _fitted(*validate(self.checks.validator, self._text_of(message)))
+
+    async def aparse(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``parse`` off the event loop, within the checks' time (see ``SchemaChecks``)."""
+        return _fitted(*await self.checks.check(self._text_of(message)))
+
+    def _text_of(self, message: dict[str, Any]) -> str:
         if self.mode == "tool_arguments":
             calls = message.get("tool_calls") or []
             chosen = [
@@ -90,23 +98,16 @@ class OutputParser:
             ]
             if not chosen:
                 raise _invalid("the reply has no call of tool " + repr(self.tool_name))
-            text = str((chosen[0].get("function") or {}).get("arguments") or "")
-        else:
-            text = str(message.get("content") or "")
-            fenced = _FENCE.match(text)
-            if fenced:
-                text = fenced.group(1)
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise _invalid(f"not JSON ({exc})") from None
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            raise _invalid(f"{where}: {error.message}")
-        if not isinstance(value, dict):
-            raise _invalid("the value is not a JSON object")
-        return value
+            return str((chosen[0].get("function") or {}).get("arguments") or "")
+        text = str(message.get("content") or "")
+        fenced = _FENCE.match(text)
+        return fenced.group(1) if fenced else text
+
+
+def _fitted(value: Any, why: str | None) -> dict[str, Any]:
+    if why is not None:
+        raise _invalid(why)
+    return dict(value)
 
 
 def _invalid(why: str) -> AttemptError:

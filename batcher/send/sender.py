@@ -18,7 +18,8 @@ from batcher.flow.server_limits import ServerLimits
 from batcher.rows.images import ImageError, ImageLoader, inline_images
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
-from batcher.send.client import ChatClient, Reply
+from batcher.send.client import ChatClient
+from batcher.send.reply import Reply
 from batcher.send.tally import Tally
 
 

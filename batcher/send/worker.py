@@ -20,10 +20,10 @@ from batcher.flow.controller import Halted
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget, CostBudget, own_budget
-from batcher.send.client import Reply
 from batcher.send.outcome import OutcomeBuilder, asked_model
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
+from batcher.send.reply import Reply
 from batcher.send.retry import Exhausted, RowPolicy, Sleep
 from batcher.send.sender import Sender
 from batcher.send.tally import Tally
@@ -196,7 +196,7 @@ class RowWorker:
                 raise
             spent.attempts += 1
             try:
-                return reply, self._parse(reply), cost_usd
+                return reply, await self._parse(reply), cost_usd
             except AttemptError:
                 wasted.append(reply)
                 raise
@@ -237,7 +237,7 @@ class RowWorker:
     def _count_retry(self) -> None:
         self.budget.tally.retries += 1
 
-    def _parse(self, reply: Reply) -> dict[str, Any] | None:
+    async def _parse(self, reply: Reply) -> dict[str, Any] | None:
         if not self.parser.enabled:
             return None
-        return self.parser.parse(reply.first.get("message") or {})
+        return await self.parser.aparse(reply.first.get("message") or {})

@@ -25,10 +25,11 @@ from batcher.rows.request import RowRequest
 from batcher.runs.batch.api import BatchApi
 from batcher.runs.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
 from batcher.send.attempt import AttemptError
-from batcher.send.client import Reply, classify_status, parse_reply
+from batcher.send.client import classify_status
 from batcher.send.outcome import OutcomeBuilder
 from batcher.send.parse import OutputParser
 from batcher.send.redaction import redact
+from batcher.send.reply import Reply, parse_reply
 from batcher.store.columns import Outcome
 
 COLLECT_ROWS = 5_000  # rows of a finished batch collected per transaction
@@ -76,8 +77,9 @@ def read_results(*contents: bytes) -> dict[str, LineResult]:
                 continue
             response = line.get("response")
             error = line.get("error")
-            if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-                results[line["custom_id"]] = LineResult(response["status_code"], raw)
+            status = response.get("status_code") if isinstance(response, dict) else None
+            if type(status) is int and 100 <= status <= 599:  # a bool is no status
+                results[line["custom_id"]] = LineResult(status, raw)
             elif isinstance(error, dict):
                 results[line["custom_id"]] = LineResult(
                     None,
@@ -112,7 +114,7 @@ class Collector:
         self.parser = parser
         self.secret = secret
 
-    def collect(
+    async def collect(
         self,
         rows: list[BookRow],
         results: dict[str, LineResult],
@@ -131,7 +133,7 @@ class Collector:
                 except AttemptError as exc:
                     self._line_failed(collected, row, request, exc, latency_s)
                     continue
-                collected.outcomes.append(self._answered(request, reply, row, latency_s))
+                collected.outcomes.append(await self._answered(request, reply, row, latency_s))
                 collected.updates.append(RowUpdate(row.key, "done", row.attempts))
                 continue
             if result is not None and result.status is not None:
@@ -159,14 +161,14 @@ class Collector:
             self._line_failed(collected, row, request, error, latency_s)
         return collected
 
-    def _answered(
+    async def _answered(
         self, request: RowRequest, reply: Reply, row: BookRow, latency_s: float
     ) -> Outcome:
         parsed: dict[str, Any] | None = None
         invalid: AttemptError | None = None
         if self.parser.enabled:
             try:
-                parsed = self.parser.parse(reply.first.get("message") or {})
+                parsed = await self.parser.aparse(reply.first.get("message") or {})
             except AttemptError as exc:
                 invalid = exc
         if invalid is not None:
@@ -229,7 +231,7 @@ async def collect_batch(
     # never all in memory, and a run killed midway collects only the rest next time.
     for start in range(0, max(len(rows), 1), COLLECT_ROWS):
         part = rows[start : start + COLLECT_ROWS]
-        collected = collector.collect(part, results, status, chunk.cancel_requested)
+        collected = await collector.collect(part, results, status, chunk.cancel_requested)
         last = start + COLLECT_ROWS >= len(rows)
         await anyio.to_thread.run_sync(
             book.collect,
