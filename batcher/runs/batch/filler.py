@@ -14,8 +14,9 @@ from batcher.rows.request import RowRequest
 from batcher.runs.batch.book import BatchBook, BookRow
 from batcher.runs.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.progress import BatchProgress
+from batcher.send.bound import request_bound
 from batcher.send.budget import budget_reached, upper_cost
-from batcher.send.prices import PriceTable
+from batcher.send.prices import Price, PriceTable
 from batcher.store.columns import Outcome
 
 if TYPE_CHECKING:
@@ -44,8 +45,9 @@ class Filler:
         # Set in the worker thread that fills; the submitter hands it to ``stopping`` on the
         # event loop (a cancel scope is not cancelled from another thread).
         self.budget_reached: BudgetReachedError | None = None
-        self._price = prices.get(self.config.request.models[0])
-        self._max_completion = self.plan.builder.max_completion
+        self._prices = prices
+        # What the job spent before this run: the cap is the job's.
+        self._spent_before_usd = context.spent_before_usd
         self._started_wall = time.time()
         # Input positions: rows before ``_seen`` were counted (skipped, failed) by this run.
         self._position = 0
@@ -94,7 +96,7 @@ class Filler:
                 failures.append(self._failed_before(made))
                 continue
             line, line_row = made
-            if self._over_budget(line_row.upper_cost_usd):
+            if self._over_budget(item, line_row.upper_cost_usd):
                 break
             self._committed_usd += line_row.upper_cost_usd
             done = writer.add(line, line_row)
@@ -124,12 +126,17 @@ class Filler:
         fingerprint, digest = item.fingerprint, item.input_digest
         return line, LineRow(key, identifier, fingerprint, digest, attempt, submission, upper)
 
-    def _over_budget(self, upper_usd: float) -> bool:
+    def _over_budget(self, request: RowRequest, upper_usd: float) -> bool:
         """Would this line cross limits.max_cost_usd, with every batch at its upper bound?"""
         cap = self.config.limits.max_cost_usd
-        if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
+        spent = self._spent_before_usd + self.tally.cost_usd
+        if cap is None or spent + self._committed_usd + upper_usd <= cap:
             return False
-        self.budget_reached = budget_reached(cap, self.tally.cost_usd)
+        price = self._price(request)
+        limited = price is None or request_bound(request, price).output_limited
+        self.budget_reached = budget_reached(
+            cap, spent, request_usd=upper_usd, output_limited=limited
+        )
         return True
 
     def _settled_now(self, row: BookRow) -> bool:
@@ -141,13 +148,14 @@ class Filler:
         self.progress.advance()
         return outcome
 
+    def _price(self, request: RowRequest) -> Price | None:
+        return self._prices.get(str(request.body.get("model")))
+
     def _upper_cost(self, request: RowRequest) -> float:
-        """An upper bound of a line's cost: the prompt with the heuristic's margin, every
-        choice at max_tokens, at batch prices."""
-        if self._price is None:
-            return 0.0
-        choices = self.config.request.n or 1
-        return upper_cost(self._price, request, self._max_completion, choices, choices)
+        """An upper bound of a line's cost: its worst case (``send/bound.py``), at batch
+        prices."""
+        price = self._price(request)
+        return 0.0 if price is None else upper_cost(price, request)
 
 
 def _line_failure(request: RowRequest, kind: str, message: str) -> Outcome:

@@ -42,7 +42,7 @@ class CostLedger:
     """The job's cap and every dollar leased against it, by holder (a shard's run)."""
 
     max_cost_usd: float | None
-    committed_usd: float = 0.0  # spent, or leased and not given back
+    committed_usd: float = 0.0  # spent (by earlier runs too), or leased and not given back
     spent_usd: float = 0.0  # what holders that gave back said they spent
     leases: dict[str, float] = field(default_factory=dict)
 
@@ -103,6 +103,9 @@ class LeasedBudget:
         self.capped = local.max_cost_usd is not None
         if self.capped:
             local.max_cost_usd = 0.0  # nothing leased yet
+            # What the job spent before this run is the ledger's to count (its cap starts
+            # with it spent), not each shard's again from its own journal.
+            local.spent_before_usd = 0.0
         self._asking = anyio.Lock()
         self._refused = False  # the job's cap is spent: this run stops, as on one machine
 
@@ -117,6 +120,9 @@ class LeasedBudget:
 
     def settle(self, cost_usd: float | None) -> None:
         self.local.settle(cost_usd)
+
+    def worst_case_usd(self, request: RowRequest) -> float:
+        return self.local.worst_case_usd(request)
 
     def give_back(self) -> None:
         """The run is over: what it leased and did not spend goes back to the job's cap."""

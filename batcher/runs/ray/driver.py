@@ -33,7 +33,7 @@ from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job, read_api_key
 from batcher.runs.ray import storage
 from batcher.runs.ray.actors import LimitsActor, ShardWorker
-from batcher.runs.ray.assembly import merge_journals, part_locations, write_parts
+from batcher.runs.ray.assembly import merge_journals, part_locations, spent_before, write_parts
 from batcher.runs.ray.reaper import Reaper
 from batcher.runs.ray.shard import (
     PART,
@@ -129,7 +129,11 @@ def _run_locked(
             )
             for shard in sharded.shards
         ]
-        dispatch = _Dispatch(job, options, tasks, reaper, signals)
+        before = 0.0
+        if config.limits.max_cost_usd is not None:  # the cap is the job's, over its runs
+            own = Path(where.checkpoint) if identity is not None else None
+            before = spent_before(own, where.store, [task.shard.name for task in tasks])
+        dispatch = _Dispatch(job, options, tasks, reaper, signals, before)
         results, flow = dispatch.run()
     signals.writing = True  # from now on a signal only takes note, as on one machine
     names = [task.shard.name for task in tasks]
@@ -141,7 +145,8 @@ def _run_locked(
         with reading(merged) as connection:
             spent = totals(connection).spent
     stop = dispatch.stop or signals.interrupt()
-    return _summary(job, options, where.output, sharded.rows, results, stop, spent), flow
+    summary = _summary(job, options, where.output, sharded.rows, results, stop, spent, before)
+    return summary, flow
 
 
 def _check(
@@ -249,8 +254,10 @@ class _Dispatch:
         tasks: list[ShardTask],
         reaper: Reaper | None,
         signals: DriverSignals,
+        spent_usd: float = 0.0,
     ) -> None:
         self.job, self.options, self.tasks, self.reaper = job, options, tasks, reaper
+        self.spent_usd = spent_usd  # what the job spent before this run
         self.signals = signals
         self.interrupted = False
         self.results: dict[int, ShardResult] = {}
@@ -279,7 +286,7 @@ class _Dispatch:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
         self.budget = LimitsActor.options(**self._options()).remote(  # type: ignore[attr-defined]
-            self.job.config.limits, state, uuid.uuid4().hex
+            self.job.config.limits, state, uuid.uuid4().hex, self.spent_usd
         )
         try:
             return self._dispatch()
@@ -394,20 +401,26 @@ def _summary(
     results: dict[int, ShardResult],
     stop: BatcherError | None,
     spent: Spend | None = None,
+    spent_before_usd: float = 0.0,
 ) -> RunSummary:
     """The shards' runs added up, as the job's one run: every row of the input (shards that
     never ran are pending), the reason it stopped, ``stop`` (the first the driver saw), and
-    what the job spent over all its runs, ``spent`` (from its journal, when it is here)."""
+    what the job spent over all its runs, ``spent`` (from its journal, when it is here; it
+    had spent ``spent_before_usd`` before this run)."""
     parts = [r.summary for _, r in sorted(results.items()) if r.summary is not None]
     total = sum(parts, RunSummary(Path(output)))
     error = stop or total.error
     cap = job.config.limits.max_cost_usd
-    if isinstance(error, BudgetReachedError) and cap is not None:
-        error = budget_reached(cap, total.cost_usd)  # the job's spending, not one shard's
     rows_total = input_rows * len(job.config.request.models)
     resume = options.resume_command or f"batcher run {job.source} --ray"
     if spent is None:  # the shards' own, unless the job's journal is here
         spent = Spend(total.job_cost_usd or 0.0, total.job_unpriced_rows)
+    if isinstance(error, BudgetReachedError) and cap is not None:
+        # The job's spending over its runs, not one shard's.
+        job_usd = max(spent.cost_usd, spent_before_usd + total.cost_usd)
+        error = budget_reached(
+            cap, job_usd, request_usd=error.request_usd, output_limited=error.output_limited
+        )
     return dataclasses.replace(
         total,
         output_path=Path(output),
@@ -415,7 +428,9 @@ def _summary(
         rows_pending=rows_total - total.rows_ok - total.rows_failed,
         error=error,
         aborted=str(error) if error is not None else None,
-        resume_command=resume if error is not None else None,
+        resume_command=resume
+        if error is not None and not isinstance(error, BudgetReachedError)
+        else None,
         job_cost_usd=spent.cost_usd,
         job_unpriced_rows=spent.unpriced_rows,
     )
