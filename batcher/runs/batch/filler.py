@@ -45,6 +45,8 @@ class Filler:
         # Set in the worker thread that fills; the submitter hands it to ``stopping`` on the
         # event loop (a cancel scope is not cancelled from another thread).
         self.budget_reached: BudgetReachedError | None = None
+        # A line did not fit beside the batches in flight: filling waits for them to end.
+        self.waiting = False
         self._prices = prices
         # What the job spent before this run: the cap is the job's.
         self._spent_before_usd = context.spent_before_usd
@@ -59,12 +61,15 @@ class Filler:
         """Start again from the input's first row, batches in flight holding ``committed_usd``."""
         self._committed_usd = committed_usd
         self._position = 0
+        self.waiting = False
 
     def fill(self, batches: Iterator[Any], writer: ChunkWriter) -> tuple[list[Chunk], bool]:
         """Write the lines of one input batch; the chunks they closed, and whether there is
         more input (blocking: runs in a worker thread)."""
         batch = next(batches, None)
         if batch is None or self.stopping.stopping or self.budget_reached is not None:
+            return [], False
+        if self.waiting:
             return [], False
         decided = self.plan.decide(batch, self.journal.done, skip_failed=self.options.skip_failed)
         booked = self.book.rows([key for key, _ in decided])
@@ -104,7 +109,8 @@ class Filler:
                 closed.append(done)
         if failures:
             self.book.record_failures(failures)
-        return closed, not self.stopping.stopping and self.budget_reached is None
+        more = not (self.stopping.stopping or self.budget_reached is not None or self.waiting)
+        return closed, more
 
     def _line(
         self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
@@ -132,6 +138,10 @@ class Filler:
         spent = self._spent_before_usd + self.tally.cost_usd
         if cap is None or spent + self._committed_usd + upper_usd <= cap:
             return False
+        if self._committed_usd > 0:
+            # What lines in flight hold comes back, but for what they cost, when they end.
+            self.waiting = True
+            return True
         price = self._price(request)
         limited = price is None or request_bound(request, price).output_limited
         self.budget_reached = budget_reached(
