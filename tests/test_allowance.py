@@ -189,3 +189,16 @@ def test_the_cap_holds_for_any_costs_and_shards(
     anyio.run(main)
     assert sum(b.tally.cost_usd for b in budgets) <= cap + 1e-9
     assert ledger.committed_usd <= cap + 1e-9
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+async def test_a_shard_refused_with_attempts_in_flight_waits_for_them(workers: int) -> None:
+    """Replies cost a third of what their attempts held: a shard refused while attempts of
+    its own are in flight waits for them to settle and asks again, so it stops only once
+    the job's cap has no room for one more request's worst case."""
+    ledger = CostLedger(100.0)
+    budget = shard_budget(LedgerSource(ledger), "s", cap=100.0)
+    sent = await spend_until_refused(budget, [UPPER_USD / 3], ledger, workers)
+    spent = budget.tally.cost_usd
+    assert sent == 21  # 20 at $4.33 leave $13.33: room for one more at its worst case
+    assert 100.0 - UPPER_USD < spent <= 100.0

@@ -128,8 +128,13 @@ def test_the_budget_is_the_jobs_across_runs_and_a_raised_cap_finishes_it(
 ) -> None:
     """Capped at a third of what the job costs: exit 3, the job's spend within the cap, in
     one line that says what the job spent of it; two reruns at the same cap send nothing and
-    say the same; raised, the cap lets a rerun finish without asking any row twice."""
-    data = reviews(150)
+    say the same; raised, the cap lets a rerun finish without asking any row twice. Every
+    row's prompt is as long as the others: no row fits what another left."""
+    data = reviews(150).with_columns(
+        pl.format(
+            "review number {} says fine things", pl.int_range(150).cast(pl.String).str.zfill(3)
+        ).alias("text")
+    )
     expected = live_output(tmp_path / "live", data)
     cost = float(expected["cost_usd"].sum()) * share(mode)
     cap = round(cost / 3, 6)

@@ -160,10 +160,19 @@ class Budget:
         while not self.fits(held):
             if not self._holding:
                 raise self.stop(request, held)
-            if self._released is None:
-                self._released = anyio.Event()
-            await self._released.wait()
+            await self.released()
         return self._held(held)
+
+    @property
+    def holding(self) -> int:
+        """Attempts in flight with a hold."""
+        return self._holding
+
+    async def released(self) -> None:
+        """Wait until an attempt in flight gives its hold back."""
+        if self._released is None:
+            self._released = anyio.Event()
+        await self._released.wait()
 
     @contextmanager
     def _held(self, held: float) -> Iterator[None]:

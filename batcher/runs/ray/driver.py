@@ -272,6 +272,10 @@ class _Dispatch:
         self.idle: list[Any] = []
         self.budget: Any = None
         self.stop: BatcherError | None = None
+        # Shards the cap refused while other shards ran (``overlapped``): run again alone.
+        self.overlapped: set[int] = set()
+        self.deferred: deque[ShardTask] = deque()
+        self.budget_bound = False  # start no shard beside another until they have run
         self.cpus_each = 1.0
         self.last_status = time.monotonic()
 
@@ -301,14 +305,17 @@ class _Dispatch:
         # to the end would hold its shard forever.
         self.cpus_each = min(1.0, cpus / count)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
-        while self.pending or self.running:
+        while self.pending or self.running or self.deferred:
             self._interrupt()
-            while self.idle and self.pending and self.stop is None:
-                task = self.pending.popleft()
-                worker = self.idle.pop()
-                self.attempts[task.shard.index] = self.attempts.get(task.shard.index, 0) + 1
-                attempt = self.attempts[task.shard.index]
-                self.running[worker.run.remote(task)] = (worker, task, attempt)
+            if self.budget_bound and not self.running and self.stop is None:
+                # The cap refused shards while others held leases: they run again one at a
+                # time, alone, so a refusal then is the job's cap, not another's lease.
+                if self.deferred:
+                    self._start(self.deferred.popleft())
+                else:
+                    self.budget_bound = False
+            while self.idle and self.pending and self.stop is None and not self.budget_bound:
+                self._start(self.pending.popleft())
             if not self.running:
                 break
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
@@ -321,6 +328,14 @@ class _Dispatch:
         if self.stop is not None and not isinstance(self.stop, AbortError):
             raise self.stop
         return self.results, flow
+
+    def _start(self, task: ShardTask) -> None:
+        worker = self.idle.pop()
+        index = task.shard.index
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        if self.running:  # it runs beside others: a budget stop may be their leases'
+            self.overlapped |= {t.shard.index for _, t, _ in self.running.values()} | {index}
+        self.running[worker.run.remote(task)] = (worker, task, self.attempts[index])
 
     def _interrupt(self) -> None:
         """A first signal: start no shard more, and wind down the ones running."""
@@ -360,7 +375,17 @@ class _Dispatch:
         if summary is None:
             self.stop = self.stop or result.failure
             return
-        self.results[task.shard.index] = result
+        index = task.shard.index
+        earlier = self.results.get(index)
+        if earlier is not None and earlier.summary is not None:  # a shard run again
+            result = dataclasses.replace(result, summary=_again(earlier.summary, summary))
+        self.results[index] = result
+        if isinstance(summary.error, BudgetReachedError) and index in self.overlapped:
+            self.overlapped.discard(index)
+            if self.stop is None:
+                self.deferred.append(dataclasses.replace(task, fresh=False))
+                self.budget_bound = True
+                return
         # The first reason wins, as on one machine; the shards running go on to their end.
         self.stop = self.stop or summary.error
         self._notify(
@@ -433,6 +458,27 @@ def _summary(
         else None,
         job_cost_usd=spent.cost_usd,
         job_unpriced_rows=spent.unpriced_rows,
+    )
+
+
+def _again(first: RunSummary, then: RunSummary) -> RunSummary:
+    """A shard's two runs within one job run: what both sent and spent, the rows as the
+    second left them (it counts the first one's rows as done before it)."""
+    both = first + then
+    return dataclasses.replace(
+        both,
+        rows_total=then.rows_total,
+        rows_ok=then.rows_ok,
+        rows_failed=then.rows_failed,
+        rows_pending=then.rows_pending,
+        rows_skipped=first.rows_skipped,
+        output_cost_usd=then.output_cost_usd,
+        output_unpriced_rows=then.output_unpriced_rows,
+        job_cost_usd=then.job_cost_usd,
+        job_unpriced_rows=then.job_unpriced_rows,
+        error=then.error,
+        aborted=then.aborted,
+        resume_command=then.resume_command,
     )
 
 
