@@ -233,7 +233,7 @@ def test_budget_holds_each_line_at_its_worst_case_and_waits_for_batches_in_fligh
     assert [prompt_of(r["id"], r["text"]) for r in rows[:sent]] == list(service.uploaded_prompts)
     output = pl.read_parquet(tmp_path / "out/result.parquet")
     assert output.height == sent
-    spent = output.get_column("cost_usd").sum()
+    spent = float(output.get_column("cost_usd").sum())
     assert spent <= cap
     price = PriceTable.load().get(MODEL)
     assert price is not None

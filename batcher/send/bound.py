@@ -24,7 +24,7 @@ from batcher.send.prices import Price
 MESSAGE_TOKENS = 8
 # What it adds once per request (the assistant turn's opening, a default system line).
 REQUEST_TOKENS = 32
-# Anthropic bills an image at width × height / 750 tokens, downsized to a long edge of
+# Anthropic bills an image at width x height / 750 tokens, downsized to a long edge of
 # 1568 px first (gateway-api.md); an image of unknown size is billed as the largest.
 IMAGE_EDGE_PX = 1568
 IMAGE_PIXELS_PER_TOKEN = 750

@@ -18,7 +18,6 @@ from batcher.send.prices import Price, PriceTable
 from batcher.send.tally import Tally
 from batcher.store.columns import INTERRUPTED, Outcome, Usage
 
-
 # The summary's line for replies that came without usage, counted once per reply.
 UNMETERED = (
     "a reply came without usage: charged its request's worst case (its row's cost_usd "
@@ -50,9 +49,7 @@ class OutcomeBuilder:
                 self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
         return price
 
-    def cost_of(
-        self, replies: list[Reply], asked: str, unmetered_usd: float = 0.0
-    ) -> float | None:
+    def cost_of(self, replies: list[Reply], asked: str, unmetered_usd: float = 0.0) -> float | None:
         """What ``replies`` cost; one without usage costs ``unmetered_usd``, its request's
         worst case, as the budget held it (a server that does not say is not free)."""
         total = 0.0
@@ -161,9 +158,7 @@ class OutcomeBuilder:
                 request.fingerprint,
                 response=message.get("content"),
                 finish_reason=choices[0].get("finish_reason"),
-                usage=self.usage_of(
-                    paid, asked_model(request), first.model, costs, unmetered_usd
-                ),
+                usage=self.usage_of(paid, asked_model(request), first.model, costs, unmetered_usd),
                 latency_s=latency_s,
                 attempts=attempts,
                 response_id=first.response_id,

@@ -92,14 +92,14 @@ class PriceTable:
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
         models = dict(parsed.models)
-        for name, override in (overrides or {}).items():
+        for name, given in (overrides or {}).items():
             known = models.get(name)
-            if override.max_output_tokens is None and known is not None:
+            if given.max_output_tokens is None and known is not None:
                 # A job's new price keeps the table's output limit unless it sets its own.
-                override = override.model_copy(
-                    update={"max_output_tokens": known.max_output_tokens}
-                )
-            models[name] = override
+                limit = {"max_output_tokens": known.max_output_tokens}
+                models[name] = given.model_copy(update=limit)
+            else:
+                models[name] = given
         prices = {
             name: Price(
                 p.input, p.output, p.cache_read, p.batch_input, p.batch_output, p.max_output_tokens
