@@ -25,7 +25,7 @@ from batcher.runs.batch.book import BatchBook, BookRow
 from batcher.runs.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.results import Collector, read_results
 from batcher.send.budget import upper_cost
-from batcher.send.outcome import OutcomeBuilder
+from batcher.send.outcome import UNMETERED, OutcomeBuilder
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
 from batcher.send.tally import Tally
@@ -504,6 +504,24 @@ def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
     assert [(u.state, u.attempts) for u in cancelled.updates] == [("retry", 1)]
     theirs = collector.collect([row("c2", 2)], {}, "cancelled", False)
     assert [(u.state, u.attempts) for u in theirs.updates] == [("retry", 2)]
+
+
+def test_a_line_without_usage_is_charged_what_it_held(tmp_path: Path) -> None:
+    """A batch result without usage costs what its line held against the cap, not $0: the
+    journal's spend counts it, and the summary says how many such replies came."""
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/v1"))
+    tally = Tally()
+    builder = OutcomeBuilder(job.config, PriceTable.load().for_batch(), tally)
+    collector = Collector(job.config, builder, OutputParser(job.config), secret=None)
+    row = BookRow("k", "id-k", "c", "submitted", b"f", None, 1, 1, None, 0.0, None, 0.25)
+    reply = {"id": "r", "model": MODEL, "choices": [{"message": {"content": "ok"}}]}
+    response = {"status_code": 200, "body": reply}
+    line = json.dumps({"custom_id": "id-k", "response": response, "error": None}).encode()
+    collected = collector.collect([row], read_results(line), "completed", False)
+    (outcome,) = collected.outcomes
+    assert outcome.cost_usd == 0.25
+    assert tally.cost_usd == 0.25
+    assert tally.warnings[UNMETERED] == 1
 
 
 def test_a_collect_cut_short_is_finished_by_the_rerun(
