@@ -236,6 +236,8 @@ class PriceConfig(_Section):
     cache_read: float | None = Field(default=None, ge=0)
     batch_input: float | None = Field(default=None, ge=0)  # default: half of input
     batch_output: float | None = Field(default=None, ge=0)  # default: half of output
+    # The most output tokens one choice may take, reserved when request.max_tokens is unset.
+    max_output_tokens: int | None = Field(default=None, ge=1)
 
 
 class RayConfig(_Section):

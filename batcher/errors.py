@@ -136,7 +136,16 @@ class InterruptedRunError(AbortError):
 
 
 class BudgetReachedError(AbortError):
-    """Dispatching stopped because ``limits.max_cost_usd`` would be crossed."""
+    """Dispatching stopped because ``limits.max_cost_usd`` would be crossed: the job had
+    spent too much of it for the next request's worst case, ``request_usd`` (None: the cap
+    was spent), which ``output_limited`` says whether ``request.max_tokens`` bounded."""
+
+    def __init__(
+        self, message: str, *, request_usd: float | None = None, output_limited: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.request_usd = request_usd
+        self.output_limited = output_limited
 
 
 class RateLimitStallError(AbortError):

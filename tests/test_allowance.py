@@ -16,7 +16,9 @@ from batcher.send.prices import Price, PriceTable
 from batcher.send.tally import Tally
 
 pytestmark = pytest.mark.anyio
-UPPER_USD = 13.0  # request(10): 6 prompt tokens with the 1.5 margin (9) and 4 completion, $1 each
+# request()'s worst case: 61 prompt tokens (its body's 29 bytes and a request's 32) and 43
+# completion (its max_tokens), at $0.125 a token.
+UPPER_USD = 13.0
 
 
 class LedgerSource:
@@ -37,13 +39,13 @@ class LedgerSource:
 
 
 def shard_budget(source: LedgerSource, holder: str, cap: float | None = 1.0) -> LeasedBudget:
-    prices = PriceTable({"m": Price(input=1_000_000, output=1_000_000)})  # $1 a token
-    local = Budget(cap, prices, Tally(), max_completion=4, copies=1, choices=1)
+    prices = PriceTable({"m": Price(input=125_000, output=125_000)})  # $0.125 a token
+    local = Budget(cap, prices, Tally())
     return LeasedBudget(local, source, holder)
 
 
 def request() -> RowRequest:
-    return RowRequest("k", {"model": "m"}, b"f", 10)
+    return RowRequest("k", {"model": "m", "max_tokens": 43}, b"f", 10)
 
 
 async def spend_until_refused(
@@ -187,3 +189,16 @@ def test_the_cap_holds_for_any_costs_and_shards(
     anyio.run(main)
     assert sum(b.tally.cost_usd for b in budgets) <= cap + 1e-9
     assert ledger.committed_usd <= cap + 1e-9
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+async def test_a_shard_refused_with_attempts_in_flight_waits_for_them(workers: int) -> None:
+    """Replies cost a third of what their attempts held: a shard refused while attempts of
+    its own are in flight waits for them to settle and asks again, so it stops only once
+    the job's cap has no room for one more request's worst case."""
+    ledger = CostLedger(100.0)
+    budget = shard_budget(LedgerSource(ledger), "s", cap=100.0)
+    sent = await spend_until_refused(budget, [UPPER_USD / 3], ledger, workers)
+    spent = budget.tally.cost_usd
+    assert sent == 21  # 20 at $4.33 leave $13.33: room for one more at its worst case
+    assert 100.0 - UPPER_USD < spent <= 100.0

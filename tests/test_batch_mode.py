@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import signal
 import subprocess
@@ -21,11 +20,13 @@ from PIL import Image
 from batcher.cli import main
 from batcher.config import load_job
 from batcher.errors import AccountError
+from batcher.rows.plan import plan_job
 from batcher.runs.batch import results
 from batcher.runs.batch.book import BatchBook, BookRow
 from batcher.runs.batch.lines import ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.results import Collector, read_results
-from batcher.send.outcome import OutcomeBuilder
+from batcher.send.budget import upper_cost
+from batcher.send.outcome import UNMETERED, OutcomeBuilder
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
 from batcher.send.tally import Tally
@@ -213,7 +214,13 @@ def test_an_endpoint_without_batch_api_is_exit_2_before_any_row(
     assert not server.simulator.batches.uploaded
 
 
-def test_budget_counts_each_batch_at_its_upper_bound(tmp_path: Path, sim_factory: Any) -> None:
+def test_budget_holds_each_line_at_its_worst_case_and_waits_for_batches_in_flight(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """Lines are submitted while their worst cases fit beside the batches in flight; when the
+    next does not, filling waits for those batches to end (their real cost is far below
+    what they held) and goes on; the run stops only when a line does not fit with none in
+    flight."""
     data = reviews(300)
     server = sim_factory()
     cap = 0.004
@@ -222,23 +229,18 @@ def test_budget_counts_each_batch_at_its_upper_bound(tmp_path: Path, sim_factory
     service = server.simulator.batches
     sent = len(service.uploaded)
     assert 0 < sent < 300
-    # Each line counted at its upper bound: the prompt estimate (characters / 4) with its 1.5
-    # margin, max_tokens=32 of completion, at batch price; the first line left out would have
-    # crossed the cap.
-    price = PriceTable.load().get(MODEL)
-    assert price is not None
-
-    def upper(row: dict[str, Any]) -> float:
-        tokens = (len(prompt_of(row["id"], row["text"])) + 3) // 4
-        return price.for_batch().cost(math.ceil(tokens * 1.5), 32)
-
+    assert len(service.batches) >= 2  # more rounds than what fitted at first
     rows = list(data.iter_rows(named=True))
     assert [prompt_of(r["id"], r["text"]) for r in rows[:sent]] == list(service.uploaded_prompts)
-    bound = sum(upper(row) for row in rows[:sent])
-    assert bound <= cap < bound + upper(rows[sent])
     output = pl.read_parquet(tmp_path / "out/result.parquet")
     assert output.height == sent
-    assert output.get_column("cost_usd").sum() <= cap
+    spent = float(output.get_column("cost_usd").sum())
+    assert spent <= cap
+    price = PriceTable.load().get(MODEL)
+    assert price is not None
+    plan = plan_job(job)
+    after = plan.builder.build(rows[sent]["id"], rows[sent])
+    assert cap - spent < upper_cost(price.for_batch(), after)  # the next could not fit
 
 
 def test_interrupt_leaves_batches_running_and_cancel_stops_them(
@@ -503,6 +505,24 @@ def test_collector_sorts_each_line_by_what_came_back(tmp_path: Path) -> None:
     assert [(u.state, u.attempts) for u in cancelled.updates] == [("retry", 1)]
     theirs = anyio.run(collector.collect, [row("c2", 2)], {}, "cancelled", False)
     assert [(u.state, u.attempts) for u in theirs.updates] == [("retry", 2)]
+
+
+def test_a_line_without_usage_is_charged_what_it_held(tmp_path: Path) -> None:
+    """A batch result without usage costs what its line held against the cap, not $0: the
+    journal's spend counts it, and the summary says how many such replies came."""
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/v1"))
+    tally = Tally()
+    builder = OutcomeBuilder(job.config, PriceTable.load().for_batch(), tally)
+    collector = Collector(job.config, builder, OutputParser(job.config), secret=None)
+    row = BookRow("k", "id-k", "c", "submitted", b"f", None, 1, 1, None, 0.0, None, 0.25)
+    reply = {"id": "r", "model": MODEL, "choices": [{"message": {"content": "ok"}}]}
+    response = {"status_code": 200, "body": reply}
+    line = json.dumps({"custom_id": "id-k", "response": response, "error": None}).encode()
+    collected = anyio.run(collector.collect, [row], read_results(line), "completed", False)
+    (outcome,) = collected.outcomes
+    assert outcome.cost_usd == 0.25
+    assert tally.cost_usd == 0.25
+    assert tally.warnings[UNMETERED] == 1
 
 
 def test_a_collect_cut_short_is_finished_by_the_rerun(

@@ -4,7 +4,6 @@ interrupt). Each test runs once per mode; the ``--ray`` cases are ``ray`` and ``
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -20,11 +19,9 @@ import pytest
 from batcher.cli import main
 from batcher.config import load_job
 from batcher.reports.status import job_status
-from batcher.rows.request import PROMPT_MARGIN
-from batcher.send.prices import PriceTable
 from batcher.sim import SimulatorThread
 from batcher.store.journal import journal_path
-from tests.conftest import MODEL, SimFactory, reviews, wait_for, write_job
+from tests.conftest import SimFactory, reviews, wait_for, write_job
 
 MODES = [
     pytest.param("live", id="live"),
@@ -90,19 +87,6 @@ def share(mode: str) -> float:
     return 0.5 if mode == "batch" else 1.0
 
 
-def in_flight_usd(job: Path, output: pl.DataFrame, mode: str) -> float:
-    """One run's in-flight bound, as ``send.budget.upper_cost`` computes a request's: every
-    place taken by a request with the longest prompt and the estimate's margin, its
-    completion at ``max_tokens``, at the mode's prices. Batch mode holds every line it
-    submitted against the cap, so its runs have nothing in flight beyond it."""
-    if mode == "batch":
-        return 0.0
-    price = PriceTable.for_job(load_job(job)).get(MODEL)
-    assert price is not None
-    prompt = max(output["prompt_tokens"].drop_nulls().to_list())
-    return CONCURRENCY * price.cost(math.ceil(prompt * PROMPT_MARGIN), MAX_TOKENS)
-
-
 def subprocess_run(job: Path, mode: str) -> subprocess.Popen[str]:
     """`batcher run` in a real subprocess (a signal needs one), ``--ray`` on a cluster of its
     own, its errors captured."""
@@ -130,13 +114,27 @@ def test_a_job_runs_to_the_end_with_the_live_output(
     assert set(counts.values()) == {1}
 
 
-def test_the_budget_stops_the_run_and_a_rerun_finishes_it(
+def stopped_line(err: str) -> str:
+    """The one line that says why the run stopped (and no command to resume)."""
+    assert "Traceback" not in err
+    assert "resume with:" not in err  # a rerun at the same cap sends nothing
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, err
+    return stopped[0]
+
+
+def test_the_budget_is_the_jobs_across_runs_and_a_raised_cap_finishes_it(
     tmp_path: Path, sim_factory: SimFactory, mode: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Capped at a third of what the job costs: exit 3 naming the cap, the job's spend
-    within the cap and one run's in-flight bound; raised, the cap lets a rerun finish
-    without asking any row twice."""
-    data = reviews(150)
+    """Capped at a third of what the job costs: exit 3, the job's spend within the cap, in
+    one line that says what the job spent of it; two reruns at the same cap send nothing and
+    say the same; raised, the cap lets a rerun finish without asking any row twice. Every
+    row's prompt is as long as the others: no row fits what another left."""
+    data = reviews(150).with_columns(
+        pl.format(
+            "review number {} says fine things", pl.int_range(150).cast(pl.String).str.zfill(3)
+        ).alias("text")
+    )
     expected = live_output(tmp_path / "live", data)
     cost = float(expected["cost_usd"].sum()) * share(mode)
     cap = round(cost / 3, 6)
@@ -144,21 +142,27 @@ def test_the_budget_stops_the_run_and_a_rerun_finishes_it(
     job = write_job(tmp_path, server.url, data=data, **sections(mode, limits={"max_cost_usd": cap}))
     capsys.readouterr()
     assert main(command(job, mode)) == 3
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
-    assert len(stopped) == 1, err
-    assert stopped[0].startswith(f"stopped: the budget limits.max_cost_usd={cap:g} would be")
-    said = re.search(r"\(spent \$([0-9.]+)", stopped[0])
-    assert said is not None, stopped[0]
+    line = stopped_line(capsys.readouterr().err)
+    said = re.match(r"stopped: the job has spent \$([0-9.]+) of its limits\.max_cost_usd=", line)
+    assert said is not None, line
+    assert f"limits.max_cost_usd={cap:g}" in line
+    assert "raise limits.max_cost_usd to go on" in line
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     status = job_status(load_job(job))
     spent = status.spent.cost_usd
     assert spent == pytest.approx(float(output["cost_usd"].sum()))
     assert float(said.group(1)) == pytest.approx(spent, abs=5e-5)  # printed to 4 places
-    assert spent <= cap + in_flight_usd(job, expected, mode)
+    assert spent <= cap  # worst cases held in flight: no run crosses it
     assert 0 < status.rows_ok < data.height
-    assert sum(answered(server, mode).values()) == status.rows_ok
+    asked = sum(answered(server, mode).values())
+    assert asked == status.rows_ok
+
+    for _ in range(2):  # the cap is the job's: the reruns find it spent
+        assert main(command(job, mode)) == 3
+        again = stopped_line(capsys.readouterr().err)
+        assert again.startswith(f"stopped: the job has spent ${spent:.4f} of its "), again
+        assert sum(answered(server, mode).values()) == asked  # nothing sent
+        assert job_status(load_job(job)).spent.cost_usd == pytest.approx(spent)
 
     assert main(command(job, mode, "--set", "limits.max_cost_usd=100")) == 0
     same_rows(pl.read_parquet(tmp_path / "out" / "result.parquet"), expected)

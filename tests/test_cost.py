@@ -131,8 +131,9 @@ def test_budget_cap_stops_then_resumes(
     )
     assert main(["run", str(job), "--quiet"]) == 3
     err = capsys.readouterr().err
-    assert "max_cost_usd=0.01 would be crossed" in err
-    assert "resume with:" in err
+    assert "of its limits.max_cost_usd=0.01" in err
+    assert "raise limits.max_cost_usd to go on" in err
+    assert "resume with:" not in err  # a rerun at this cap would send nothing
     partial = pl.read_parquet(tmp_path / "out/result.parquet")
     assert 0 < partial.height < 300
     assert partial["cost_usd"].sum() <= 0.01

@@ -149,12 +149,14 @@ async def test_other_retry_after_is_a_floor_under_the_backoff() -> None:
 
 
 def budget(tally: Tally, cap: float | None) -> Budget:
-    prices = PriceTable({"m": Price(input=1_000_000, output=1_000_000)})  # $1 a token
-    return Budget(cap, prices, tally, max_completion=4, copies=1, choices=1)
+    prices = PriceTable({"m": Price(input=125_000, output=125_000)})  # $0.125 a token
+    return Budget(cap, prices, tally)
 
 
 def request(estimated_tokens: int) -> RowRequest:
-    return RowRequest("k", {"model": "m"}, b"f", estimated_tokens)
+    """Its worst case: 61 prompt tokens (its body's 29 bytes and a request's 32) and 43
+    completion (its max_tokens), $13."""
+    return RowRequest("k", {"model": "m", "max_tokens": 43}, b"f", estimated_tokens)
 
 
 def hold_and_fail(spend: Budget, tally: Tally) -> None:
@@ -167,7 +169,6 @@ def test_budget_holds_the_upper_bound_while_in_flight_and_releases_it() -> None:
     tally = Tally()
     spend = budget(tally, cap=100.0)
     with spend.reserve(request(10)):
-        # 6 prompt tokens with the 1.5 margin (9) and 4 completion tokens: $13.
         assert tally.inflight_cost_usd == 13.0
         with pytest.raises(RuntimeError):
             hold_and_fail(spend, tally)

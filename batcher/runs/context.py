@@ -73,6 +73,9 @@ class RunContext:
     prices: PriceTable  # list prices; batch mode asks for its own with ``for_batch``
     base_url: str
     first_rows: FirstRows  # each settled row goes to it: the test of limits.early_stop_rows
+    # What the job spent before this run, as its checkpoint says: limits.max_cost_usd is the
+    # job's, so a run may spend only what is left of it.
+    spent_before_usd: float = 0.0
 
 
 class Engine(Protocol):

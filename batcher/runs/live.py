@@ -21,7 +21,7 @@ from batcher.rows.request import RowRequest
 from batcher.runs.context import RunContext
 from batcher.runs.progress import Progress
 from batcher.runs.stopping import Interrupt
-from batcher.send.budget import BudgetStop, budget_reached
+from batcher.send.budget import BudgetStop
 from batcher.send.client import ChatClient
 from batcher.send.sender import Sender
 from batcher.send.tally import Tally
@@ -83,6 +83,7 @@ class Dispatch:
         self.positions = context.options.positions
         self.skip_failed = context.options.skip_failed
         self.budget_factory = context.options.budget_factory
+        self.spent_before_usd = context.spent_before_usd
         self.base_url = context.base_url
         self.clock = context.options.clock
         self.transport = context.options.transport
@@ -109,6 +110,7 @@ class Dispatch:
                 self.prices,
                 self.tally,
                 budget_factory=self.budget_factory,
+                spent_before_usd=self.spent_before_usd,
                 clock=now,
                 secret=plan.api_key,
             )
@@ -176,9 +178,8 @@ class Dispatch:
                     outcome = await worker.process(request)
                 except Halted:
                     continue  # stopped before it was sent: pending for the next run
-                except BudgetStop:
-                    cap = self.plan.job.config.limits.max_cost_usd or 0.0
-                    stopping.stop_dispatch(budget_reached(cap, self.tally.cost_usd))
+                except BudgetStop as stop:
+                    stopping.stop_dispatch(stop.error)
                     continue
                 except (KeyRefusedError, AccountError) as exc:
                     # As for a signal: the answers the server is giving are paid for, kept.

@@ -31,7 +31,7 @@ from batcher.send.budget import budget_reached
 from batcher.send.parse import parser_for
 from batcher.send.prices import PriceTable
 from batcher.send.tally import Tally
-from batcher.store.journal import Journal, journal_path
+from batcher.store.journal import Journal, connect, journal_path, spent
 from batcher.store.lock import RunLock
 from batcher.store.output import Written, check_output_target, layout_for, write_output
 
@@ -71,6 +71,7 @@ class Run:
         )
         self.prices = PriceTable.for_job(job, options.prices_path)
         self.tally = Tally()
+        self.spent_before_usd = 0.0  # the job's spend before this run, once the journal is open
         request = config.request
         for model in request.models if request.reasoning_effort not in (None, "none") else ():
             if model not in REASONING_MODELS:
@@ -96,6 +97,7 @@ class Run:
         try:
             journal = await anyio.to_thread.run_sync(self._open_journal)
             self.stopping.watch(journal)
+            self.spent_before_usd = await anyio.to_thread.run_sync(self._spent_before, journal)
             context = RunContext(
                 plan=self.plan,
                 options=self.options,
@@ -106,6 +108,7 @@ class Run:
                 prices=self.prices,
                 base_url=base_url,
                 first_rows=FirstRows(self.job.config.limits.early_stop_rows, self.stopping),
+                spent_before_usd=self.spent_before_usd,
             )
             # Signals are watched until the output is written: one arriving during the write
             # must neither kill the process nor raise a KeyboardInterrupt into it.
@@ -132,6 +135,18 @@ class Run:
         if self.options.fresh and path.exists():
             self.options.notify(f"--fresh: replacing the checkpoint {path}")
         return Journal(path, identity, fresh=self.options.fresh, legacy=legacy)
+
+    def _spent_before(self, journal: Journal) -> float:
+        """What the job spent before this run (a fresh checkpoint: nothing), when a cap
+        needs it; paid replies of rows stopped mid-way, answers asked again and replies
+        whose output did not parse all count (blocking: run in a thread)."""
+        if self.job.config.limits.max_cost_usd is None:
+            return 0.0
+        connection = connect(journal.path, readonly=True)
+        try:
+            return spent(connection).cost_usd
+        finally:
+            connection.close()
 
     async def _send_and_write(self, context: RunContext) -> Written:
         stopping = self.stopping
@@ -168,9 +183,14 @@ class Run:
         aborted = self.stopping.abort
         cap = self.job.config.limits.max_cost_usd
         if isinstance(aborted, BudgetReachedError) and cap is not None:
-            # What the run spent in the end, its requests in flight settled, in every mode
+            # What the job spent in the end, its requests in flight settled, in every mode
             # (an engine's reason says what was spent when it stopped dispatching).
-            aborted = budget_reached(cap, self.tally.cost_usd)
+            aborted = budget_reached(
+                cap,
+                max(written.spent.cost_usd, self.spent_before_usd + self.tally.cost_usd),
+                request_usd=aborted.request_usd,
+                output_limited=aborted.output_limited,
+            )
         return RunSummary.of_run(
             self.tally,
             output_path=self.plan.output_path,

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batcher.errors import BatcherError, exit_code, printable
+from batcher.errors import BatcherError, BudgetReachedError, exit_code, printable
 from batcher.flow.controller import FlowReport
 from batcher.send.tally import Tally
 from batcher.store.output import Written
@@ -85,7 +85,10 @@ class RunSummary:
             errors=dict(tally.errors),
             warnings=dict(tally.warnings),
             aborted=str(aborted) if aborted is not None else None,
-            resume_command=resume_command if aborted is not None else None,
+            # Stopped by the cap, a rerun sends nothing until the cap is raised: no command.
+            resume_command=resume_command
+            if aborted is not None and not isinstance(aborted, BudgetReachedError)
+            else None,
             flow=flow,
             error=aborted,
             unpriced_rows=tally.unpriced_rows,

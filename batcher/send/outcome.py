@@ -20,6 +20,17 @@ from batcher.send.reply import Reply
 from batcher.send.tally import Tally
 from batcher.store.columns import INTERRUPTED, Outcome, Usage
 
+# The summary's line for replies that came without usage, counted once per reply.
+UNMETERED = (
+    "a reply came without usage: charged its request's worst case (its row's cost_usd "
+    "counts it, its token columns are null)"
+)
+
+
+def unmetered(reply: Reply) -> bool:
+    """Whether ``reply`` says too little of its usage to be priced."""
+    return reply.prompt_tokens is None or reply.completion_tokens is None
+
 
 class OutcomeBuilder:
     """Turns replies into Outcomes for one run, counting them in its tally."""
@@ -44,12 +55,17 @@ class OutcomeBuilder:
                 self.tally.warnings[f"no price for model {name}: cost_usd is null"] += 1
         return price
 
-    def cost_of(self, replies: list[Reply], asked: str) -> float | None:
+    def cost_of(self, replies: list[Reply], asked: str, unmetered_usd: float = 0.0) -> float | None:
+        """What ``replies`` cost; one without usage costs ``unmetered_usd``, its request's
+        worst case, as the budget held it (a server that does not say is not free)."""
         total = 0.0
         for reply in replies:
             price = self.price_for(reply.model, asked)
             if price is None:
                 return None
+            if unmetered(reply):
+                total += unmetered_usd
+                continue
             total += price.cost(
                 reply.prompt_tokens or 0, reply.completion_tokens or 0, reply.cached_tokens or 0
             )
@@ -61,10 +77,12 @@ class OutcomeBuilder:
         asked: str,
         model: str | None,
         costs: list[float | None] | None = None,
+        unmetered_usd: float = 0.0,
     ) -> Usage:
         """Tokens and cost summed over every paid reply; ``model`` is the one answering.
-        ``costs``: each paid reply's cost in the same order, when the caller priced them."""
-        cost_usd = self.cost_of(paid, asked) if costs is None else _total(costs)
+        ``costs``: each paid reply's cost in the same order, when the caller priced them;
+        ``unmetered_usd``: what one without usage costs (``cost_of``)."""
+        cost_usd = self.cost_of(paid, asked, unmetered_usd) if costs is None else _total(costs)
         if len(paid) == 1:
             # Nearly every row has one paid reply: its figures as they are, without the sums'
             # generators (a sum of one is the value itself; absent stays None).
@@ -96,8 +114,10 @@ class OutcomeBuilder:
         latency_s: float,
         *,
         costs: list[float | None] | None = None,
+        unmetered_usd: float = 0.0,
     ) -> Outcome:
-        """``costs``: what each of ``replies + wasted`` cost, when the caller priced them."""
+        """``costs``: what each of ``replies + wasted`` cost, when the caller priced them;
+        ``unmetered_usd``: what one of them without usage costs."""
         first = replies[0]
         paid = replies + wasted
         choices = [choice for reply in replies for choice in reply.choices]
@@ -106,7 +126,15 @@ class OutcomeBuilder:
             # Not retried: the same request ends the same way. The text stays in `response`.
             error = AttemptError("finish_reason", failing, retryable=False)
             content = (choices[0].get("message") or {}).get("content")
-            return self.failed(request, error, attempts, latency_s, paid, response=content)
+            return self.failed(
+                request,
+                error,
+                attempts,
+                latency_s,
+                paid,
+                response=content,
+                unmetered_usd=unmetered_usd,
+            )
         wanted = self.config.request.n or 1
         if len(choices) < wanted:
             self.tally.warnings[f"asked for n={wanted} choices, a reply carried fewer"] += 1
@@ -136,7 +164,7 @@ class OutcomeBuilder:
                 request.fingerprint,
                 response=message.get("content"),
                 finish_reason=choices[0].get("finish_reason"),
-                usage=self.usage_of(paid, asked_model(request), first.model, costs),
+                usage=self.usage_of(paid, asked_model(request), first.model, costs, unmetered_usd),
                 latency_s=latency_s,
                 attempts=attempts,
                 response_id=first.response_id,
@@ -170,6 +198,7 @@ class OutcomeBuilder:
         paid: list[Reply],
         *,
         response: str | None = None,
+        unmetered_usd: float = 0.0,
     ) -> Outcome:
         self.tally.failed += 1
         self.tally.errors[f"final:{error.kind}"] += 1
@@ -189,14 +218,24 @@ class OutcomeBuilder:
                 input_digest=request.input_digest,
                 attempts=attempts,
                 latency_s=latency_s,
-                usage=self.usage_of(paid, asked_model(request), paid[-1].model) if paid else None,
+                usage=self.usage_of(
+                    paid, asked_model(request), paid[-1].model, unmetered_usd=unmetered_usd
+                )
+                if paid
+                else None,
                 response=raw,
                 finish_reason=error.message if error.kind == "finish_reason" else None,
             )
         )
 
     def interrupted(
-        self, request: RowRequest, attempts: int, latency_s: float, paid: list[Reply]
+        self,
+        request: RowRequest,
+        attempts: int,
+        latency_s: float,
+        paid: list[Reply],
+        *,
+        unmetered_usd: float = 0.0,
     ) -> Outcome:
         """A row the run stopped before it was done, after it paid for ``paid``: recorded, so
         the journal counts that spend and keeps the last reply's text, and failed with kind
@@ -214,7 +253,9 @@ class OutcomeBuilder:
                 input_digest=request.input_digest,
                 attempts=attempts,
                 latency_s=latency_s,
-                usage=self.usage_of(paid, asked_model(request), paid[-1].model),
+                usage=self.usage_of(
+                    paid, asked_model(request), paid[-1].model, unmetered_usd=unmetered_usd
+                ),
                 response=message.get("content"),
             )
         )

@@ -20,7 +20,7 @@ from batcher.flow.controller import Halted
 from batcher.rows.request import RequestBuilder, RowRequest
 from batcher.send.attempt import AttemptError
 from batcher.send.budget import Budget, CostBudget, own_budget
-from batcher.send.outcome import OutcomeBuilder, asked_model
+from batcher.send.outcome import UNMETERED, OutcomeBuilder, asked_model, unmetered
 from batcher.send.parse import OutputParser
 from batcher.send.prices import PriceTable
 from batcher.send.reply import Reply
@@ -106,17 +106,14 @@ class RowWorker:
         clock: Callable[[], float] = time.monotonic,
         budget_factory: Callable[[Budget], CostBudget] = own_budget,
         secret: str | None = None,
+        spent_before_usd: float = 0.0,
     ) -> RowWorker:
         """The parts of a row's life for one job's run; ``budget_factory`` makes the run's
         dollar budget of its own one (``RunOptions.budget_factory``); ``secret``, the API
-        key, is kept out of every Outcome."""
+        key, is kept out of every Outcome; the job had spent ``spent_before_usd`` of its cap
+        before this run."""
         budget = Budget(
-            config.limits.max_cost_usd,
-            prices,
-            tally,
-            max_completion=builder.max_completion,
-            copies=builder.copies,
-            choices=builder.choices_per_request,
+            config.limits.max_cost_usd, prices, tally, spent_before_usd=spent_before_usd
         )
         return cls(
             sender,
@@ -147,7 +144,14 @@ class RowWorker:
             paid += failure.wasted
             attempts = sum(a.attempts for a in answers) + failure.attempts
             latency_s = self._clock() - started
-            return self.outcomes.failed(request, failure.error, attempts, latency_s, paid)
+            return self.outcomes.failed(
+                request,
+                failure.error,
+                attempts,
+                latency_s,
+                paid,
+                unmetered_usd=self._unmetered_usd(request, paid),
+            )
         except BaseException:
             # Halted, BudgetStop, a refused key or the grace's cancellation mid-row: the
             # replies already paid for are recorded, then the row's ending goes on.
@@ -156,7 +160,14 @@ class RowWorker:
             if paid:
                 attempts = sum(a.attempts for a in answers) + spent.attempts
                 latency_s = self._clock() - started
-                self.interrupted(self.outcomes.interrupted(request, attempts, latency_s, paid))
+                outcome = self.outcomes.interrupted(
+                    request,
+                    attempts,
+                    latency_s,
+                    paid,
+                    unmetered_usd=self._unmetered_usd(request, paid),
+                )
+                self.interrupted(outcome)
             raise
         latency_s = self._clock() - started
         if len(answers) == 1 and not answers[0].wasted:
@@ -173,13 +184,16 @@ class RowWorker:
                 costs=[answer.cost_usd],
             )
         parsed = next((a.parsed for a in answers if a.parsed is not None), None)
+        replies = [a.reply for a in answers]
+        wasted = [reply for a in answers for reply in a.wasted]
         return self.outcomes.answered(
             request,
-            [a.reply for a in answers],
-            [reply for a in answers for reply in a.wasted],
+            replies,
+            wasted,
             parsed,
             sum(a.attempts for a in answers),
             latency_s,
+            unmetered_usd=self._unmetered_usd(request, replies + wasted),
         )
 
     async def _request(
@@ -224,11 +238,21 @@ class RowWorker:
         async with self.budget.hold(request):
             reply = await self.sender.send(request, deadline)
         tally = self.budget.tally
-        tally.prompt_tokens += reply.prompt_tokens or 0
-        tally.completion_tokens += reply.completion_tokens or 0
-        cost_usd = self.outcomes.cost_of([reply], asked_model(request))
+        tally.prompt_tokens += max(reply.prompt_tokens or 0, 0)
+        tally.completion_tokens += max(reply.completion_tokens or 0, 0)
+        unmetered_usd = self._unmetered_usd(request, [reply])
+        if unmetered(reply):
+            tally.warnings[UNMETERED] += 1
+        cost_usd = self.outcomes.cost_of([reply], asked_model(request), unmetered_usd)
         self.budget.settle(cost_usd)
         return reply, cost_usd
+
+    def _unmetered_usd(self, request: RowRequest, replies: list[Reply]) -> float:
+        """What a reply of ``request`` without usage costs: its worst case (computed only
+        when one of ``replies`` needs it)."""
+        if not any(unmetered(reply) for reply in replies):
+            return 0.0
+        return self.budget.worst_case_usd(request)
 
     async def _backoff(self, seconds: float) -> None:
         """The wait before a retry, cut short when the run stops (the retry is not sent)."""

@@ -64,11 +64,12 @@ class BookRow:
     error: str | None
     first_submitted_at: float
     settled_at: float | None  # wall time it became done: a run settles a row only once
+    upper_cost_usd: float = 0.0  # what its line held against the cap when submitted
 
 
 _ROW_COLUMNS = (
     "key, custom_id, chunk, state, fingerprint, input_digest, attempts, submissions, error, "
-    "first_submitted_at, settled_at"
+    "first_submitted_at, settled_at, upper_cost_usd"
 )
 
 

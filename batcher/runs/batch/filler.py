@@ -14,8 +14,9 @@ from batcher.rows.request import RowRequest
 from batcher.runs.batch.book import BatchBook, BookRow
 from batcher.runs.batch.lines import Chunk, ChunkWriter, LineRow, custom_id, encode_line
 from batcher.runs.batch.progress import BatchProgress
+from batcher.send.bound import request_bound
 from batcher.send.budget import budget_reached, upper_cost
-from batcher.send.prices import PriceTable
+from batcher.send.prices import Price, PriceTable
 from batcher.store.columns import Outcome
 
 if TYPE_CHECKING:
@@ -44,8 +45,11 @@ class Filler:
         # Set in the worker thread that fills; the submitter hands it to ``stopping`` on the
         # event loop (a cancel scope is not cancelled from another thread).
         self.budget_reached: BudgetReachedError | None = None
-        self._price = prices.get(self.config.request.models[0])
-        self._max_completion = self.plan.builder.max_completion
+        # A line did not fit beside the batches in flight: filling waits for them to end.
+        self.waiting = False
+        self._prices = prices
+        # What the job spent before this run: the cap is the job's.
+        self._spent_before_usd = context.spent_before_usd
         self._started_wall = time.time()
         # Input positions: rows before ``_seen`` were counted (skipped, failed) by this run.
         self._position = 0
@@ -57,12 +61,15 @@ class Filler:
         """Start again from the input's first row, batches in flight holding ``committed_usd``."""
         self._committed_usd = committed_usd
         self._position = 0
+        self.waiting = False
 
     def fill(self, batches: Iterator[Any], writer: ChunkWriter) -> tuple[list[Chunk], bool]:
         """Write the lines of one input batch; the chunks they closed, and whether there is
         more input (blocking: runs in a worker thread)."""
         batch = next(batches, None)
         if batch is None or self.stopping.stopping or self.budget_reached is not None:
+            return [], False
+        if self.waiting:
             return [], False
         decided = self.plan.decide(batch, self.journal.done, skip_failed=self.options.skip_failed)
         booked = self.book.rows([key for key, _ in decided])
@@ -94,7 +101,7 @@ class Filler:
                 failures.append(self._failed_before(made))
                 continue
             line, line_row = made
-            if self._over_budget(line_row.upper_cost_usd):
+            if self._over_budget(item, line_row.upper_cost_usd):
                 break
             self._committed_usd += line_row.upper_cost_usd
             done = writer.add(line, line_row)
@@ -102,7 +109,8 @@ class Filler:
                 closed.append(done)
         if failures:
             self.book.record_failures(failures)
-        return closed, not self.stopping.stopping and self.budget_reached is None
+        more = not (self.stopping.stopping or self.budget_reached is not None or self.waiting)
+        return closed, more
 
     def _line(
         self, key: Any, item: RowRequest, row: BookRow | None, writer: ChunkWriter
@@ -124,12 +132,21 @@ class Filler:
         fingerprint, digest = item.fingerprint, item.input_digest
         return line, LineRow(key, identifier, fingerprint, digest, attempt, submission, upper)
 
-    def _over_budget(self, upper_usd: float) -> bool:
+    def _over_budget(self, request: RowRequest, upper_usd: float) -> bool:
         """Would this line cross limits.max_cost_usd, with every batch at its upper bound?"""
         cap = self.config.limits.max_cost_usd
-        if cap is None or self.tally.cost_usd + self._committed_usd + upper_usd <= cap:
+        spent = self._spent_before_usd + self.tally.cost_usd
+        if cap is None or spent + self._committed_usd + upper_usd <= cap:
             return False
-        self.budget_reached = budget_reached(cap, self.tally.cost_usd)
+        if self._committed_usd > 0:
+            # What lines in flight hold comes back, but for what they cost, when they end.
+            self.waiting = True
+            return True
+        price = self._price(request)
+        limited = price is None or request_bound(request, price).output_limited
+        self.budget_reached = budget_reached(
+            cap, spent, request_usd=upper_usd, output_limited=limited
+        )
         return True
 
     def _settled_now(self, row: BookRow) -> bool:
@@ -141,13 +158,14 @@ class Filler:
         self.progress.advance()
         return outcome
 
+    def _price(self, request: RowRequest) -> Price | None:
+        return self._prices.get(str(request.body.get("model")))
+
     def _upper_cost(self, request: RowRequest) -> float:
-        """An upper bound of a line's cost: the prompt with the heuristic's margin, every
-        choice at max_tokens, at batch prices."""
-        if self._price is None:
-            return 0.0
-        choices = self.config.request.n or 1
-        return upper_cost(self._price, request, self._max_completion, choices, choices)
+        """An upper bound of a line's cost: its worst case (``send/bound.py``), at batch
+        prices."""
+        price = self._price(request)
+        return 0.0 if price is None else upper_cost(price, request)
 
 
 def _line_failure(request: RowRequest, kind: str, message: str) -> Outcome:

@@ -139,7 +139,8 @@ class BatchEngine:
                     finished += 1
             if finished and not self.stopping.stopping:
                 rows = await anyio.to_thread.run_sync(self.book.rows_by_state)
-                if rows.get("retry"):
+                # Rows to retry, or rows that waited for the cap held by the batches ended.
+                if rows.get("retry") or self.submitter.filler.waiting:
                     await self.submitter.submit_pending()
 
     async def _show(self, active: list[ChunkState]) -> None:

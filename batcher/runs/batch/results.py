@@ -26,7 +26,7 @@ from batcher.runs.batch.api import BatchApi
 from batcher.runs.batch.book import BatchBook, BookRow, ChunkState, RowUpdate
 from batcher.send.attempt import AttemptError
 from batcher.send.client import classify_status
-from batcher.send.outcome import OutcomeBuilder
+from batcher.send.outcome import UNMETERED, OutcomeBuilder, unmetered
 from batcher.send.parse import OutputParser
 from batcher.send.redaction import redact
 from batcher.send.reply import Reply, parse_reply
@@ -171,15 +171,23 @@ class Collector:
                 parsed = await self.parser.aparse(reply.first.get("message") or {})
             except AttemptError as exc:
                 invalid = exc
+        # A line without usage is charged what its submission held against the cap.
+        charge = row.upper_cost_usd
         if invalid is not None:
             # Resubmitting would cost another day for the same reply: the row fails now.
-            outcome = self.builder.failed(request, invalid, row.attempts, latency_s, [reply])
+            outcome = self.builder.failed(
+                request, invalid, row.attempts, latency_s, [reply], unmetered_usd=charge
+            )
         else:
-            outcome = self.builder.answered(request, [reply], [], parsed, row.attempts, latency_s)
+            outcome = self.builder.answered(
+                request, [reply], [], parsed, row.attempts, latency_s, unmetered_usd=charge
+            )
         tally = self.builder.tally
-        tally.prompt_tokens += reply.prompt_tokens or 0
-        tally.completion_tokens += reply.completion_tokens or 0
-        tally.cost_usd += outcome.cost_usd or 0.0
+        if unmetered(reply):
+            tally.warnings[UNMETERED] += 1
+        tally.prompt_tokens += max(reply.prompt_tokens or 0, 0)
+        tally.completion_tokens += max(reply.completion_tokens or 0, 0)
+        tally.cost_usd += max(outcome.cost_usd or 0.0, 0.0)
         return outcome
 
     def _line_failed(

@@ -29,17 +29,23 @@ class LimitsActor:
     ``secrets``: the credentials of the object store its state may be in."""
 
     def __init__(
-        self, limits: LimitsConfig, state_location: str, run_id: str, secrets: WorkerSecrets
+        self,
+        limits: LimitsConfig,
+        state_location: str,
+        run_id: str,
+        secrets: WorkerSecrets,
+        spent_usd: float = 0.0,
     ) -> None:
         secrets.install()
         self.budget = SharedPace(limits)
-        self.ledger = CostLedger(limits.max_cost_usd)
+        # The cap is the job's: what its earlier runs spent (``spent_usd``) is spent already.
+        self.ledger = CostLedger(limits.max_cost_usd, committed_usd=spent_usd)
         self.state_location = state_location
         self.run_id = run_id
         saved = storage.read_bytes(state_location)
         data = orjson.loads(saved) if saved is not None else {}
         # Only a restart within the same run takes up the state: a new run learns afresh
-        # (the cap, as on one machine, is for what this run spends).
+        # (its dollars start from what the job's checkpoint says was spent).
         if data.get("run") == run_id:
             self.budget.restore(PaceState.of_json(data))
             if "dollars" in data:

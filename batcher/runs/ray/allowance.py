@@ -6,8 +6,11 @@ held, and never leases past the cap. A shard's run (``LeasedBudget``) is a one-m
 ``Budget`` whose cap is what it has leased so far: each attempt still holds its upper-bound
 cost while in flight, and only when that would cross the allowance does the shard ask for more
 (what it is short of, and enough for ``LEASE_AHEAD`` requests like it, while that is a small
-share of what is left), so the hot path makes one call per lease, not per request. A refusal
-is the one-machine ``BudgetStop``. At its end a shard gives back what it did not spend.
+share of what is left), so the hot path makes one call per lease, not per request. Refused
+while attempts of its own are in flight, a shard waits for one to settle and asks again;
+refused with none, it stops with the one-machine ``BudgetStop`` (and the driver runs it again
+once the other shards, which may hold leases they will not spend, have ended). At its end a
+shard gives back what it did not spend. The ledger starts with what the job spent before.
 
 Spent plus held never exceeds the cap; what can go past it is only what the replies in flight
 cost beyond their upper bounds (a prompt longer than its estimate), a run's in-flight worth at
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 import anyio
 
 from batcher.rows.request import RowRequest
-from batcher.send.budget import Budget
+from batcher.send.budget import Budget, BudgetStop
 from batcher.send.tally import Tally
 
 # A lease covers the request that asked and this many more like it: more is fewer calls to
@@ -42,7 +45,7 @@ class CostLedger:
     """The job's cap and every dollar leased against it, by holder (a shard's run)."""
 
     max_cost_usd: float | None
-    committed_usd: float = 0.0  # spent, or leased and not given back
+    committed_usd: float = 0.0  # spent (by earlier runs too), or leased and not given back
     spent_usd: float = 0.0  # what holders that gave back said they spent
     leases: dict[str, float] = field(default_factory=dict)
 
@@ -103,8 +106,12 @@ class LeasedBudget:
         self.capped = local.max_cost_usd is not None
         if self.capped:
             local.max_cost_usd = 0.0  # nothing leased yet
+            # What the job spent before this run is the ledger's to count (its cap starts
+            # with it spent), not each shard's again from its own journal.
+            local.spent_before_usd = 0.0
         self._asking = anyio.Lock()
-        self._refused = False  # the job's cap is spent: this run stops, as on one machine
+        self.refused = False  # the job's cap is spent: this run stops, as on one machine
+        self.refused_short_usd = 0.0  # what it was short of when last refused
 
     @property
     def allowance_usd(self) -> float:
@@ -117,6 +124,9 @@ class LeasedBudget:
 
     def settle(self, cost_usd: float | None) -> None:
         self.local.settle(cost_usd)
+
+    def worst_case_usd(self, request: RowRequest) -> float:
+        return self.local.worst_case_usd(request)
 
     def give_back(self) -> None:
         """The run is over: what it leased and did not spend goes back to the job's cap."""
@@ -131,15 +141,22 @@ class LeasedBudget:
         """Lease what holding ``request`` needs beyond the allowance, if anything; one
         request asks at a time, and those behind it find it covered or ask for themselves."""
         held = self.local.estimate(request)
-        if self._refused or self._short_usd(held) <= 0:
+        if self.refused or self._short_usd(held) <= 0:
             return
         async with self._asking:
             short = self._short_usd(held)
-            if short > 0 and not self._refused:
+            if short > 0 and not self.refused:
                 granted = await self.source.lease(self.holder, short, short + held * self.ahead)
                 self.local.max_cost_usd = self.allowance_usd + granted
                 # Those queued behind ask no more: the refusal stops this run's dispatch.
-                self._refused = not granted
+                self.refused = not granted
+                self.refused_short_usd = short
+
+    def may_ask_again(self, request: RowRequest) -> bool:
+        """After a refusal: whether attempts of this run settled since (while it asked, or
+        in flight now, to be waited for), so it may be short of less than it was refused."""
+        short = self._short_usd(self.local.estimate(request))
+        return bool(self.local.holding) or short < self.refused_short_usd
 
 
 class _LeasedHold:
@@ -153,10 +170,23 @@ class _LeasedHold:
         self.held: AbstractContextManager[None] | None = None
 
     async def __aenter__(self) -> None:
-        await self.budget.cover(self.request)
-        held = self.budget.local.reserve(self.request)
-        held.__enter__()
-        self.held = held
+        budget, local = self.budget, self.budget.local
+        while True:
+            await budget.cover(self.request)
+            try:
+                held = local.reserve(self.request)
+            except BudgetStop:
+                if not budget.may_ask_again(self.request):
+                    raise
+                # This run's attempts in flight hold worst cases they will not all spend:
+                # once one settles, ask again; refused with none in flight, the run stops.
+                budget.refused = False
+                if local.holding:
+                    await local.released()
+                continue
+            held.__enter__()
+            self.held = held
+            return
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

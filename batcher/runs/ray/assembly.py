@@ -21,7 +21,7 @@ from batcher.errors import OutputError
 from batcher.runs.ray import storage
 from batcher.runs.ray.shard import JOURNAL, PART
 from batcher.store.files import temporary_for
-from batcher.store.journal import Journal, connect, copy_superseded, journal_path
+from batcher.store.journal import Journal, connect, copy_superseded, journal_path, reading, spent
 
 
 def write_parts(parts: Sequence[str], target: str) -> int:
@@ -92,3 +92,22 @@ def merge_journals(
     finally:
         connection.close()
     return path
+
+
+def spent_before(checkpoint_dir: Path | None, store: str, names: Sequence[str]) -> float:
+    """What the job spent before this run: its shards' journals (each holds every run of its
+    rows, asked again included) or, when larger, the job's own (``checkpoint_dir``; None:
+    not on local disk), which holds what they held when last merged and any run on one
+    machine since. A cap counts from it."""
+    shards = 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            copy = Path(folder) / f"{name}.sqlite"
+            if storage.download(storage.join(store, name, JOURNAL), copy):
+                with reading(copy) as connection:
+                    shards += spent(connection).cost_usd
+    own = 0.0
+    if checkpoint_dir is not None and journal_path(checkpoint_dir).exists():
+        with reading(journal_path(checkpoint_dir)) as connection:
+            own = spent(connection).cost_usd
+    return max(shards, own)

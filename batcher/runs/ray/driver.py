@@ -33,7 +33,7 @@ from batcher.flow.controller import FlowReport
 from batcher.rows.plan import Plan, plan_job
 from batcher.runs.ray import storage
 from batcher.runs.ray.actors import LimitsActor, ShardWorker
-from batcher.runs.ray.assembly import merge_journals, part_locations, write_parts
+from batcher.runs.ray.assembly import merge_journals, part_locations, spent_before, write_parts
 from batcher.runs.ray.reaper import Reaper
 from batcher.runs.ray.secrets import WorkerSecrets
 from batcher.runs.ray.shard import (
@@ -130,7 +130,11 @@ def _run_locked(
             )
             for shard in sharded.shards
         ]
-        dispatch = _Dispatch(job, options, tasks, reaper, signals)
+        before = 0.0
+        if config.limits.max_cost_usd is not None:  # the cap is the job's, over its runs
+            own = Path(where.checkpoint) if identity is not None else None
+            before = spent_before(own, where.store, [task.shard.name for task in tasks])
+        dispatch = _Dispatch(job, options, tasks, reaper, signals, before)
         results, flow = dispatch.run()
     signals.writing = True  # from now on a signal only takes note, as on one machine
     names = [task.shard.name for task in tasks]
@@ -142,7 +146,8 @@ def _run_locked(
         with reading(merged) as connection:
             spent = totals(connection).spent
     stop = dispatch.stop or signals.interrupt()
-    return _summary(job, options, where.output, sharded.rows, results, stop, spent), flow
+    summary = _summary(job, options, where.output, sharded.rows, results, stop, spent, before)
+    return summary, flow
 
 
 def _check(
@@ -250,8 +255,10 @@ class _Dispatch:
         tasks: list[ShardTask],
         reaper: Reaper | None,
         signals: DriverSignals,
+        spent_usd: float = 0.0,
     ) -> None:
         self.job, self.options, self.tasks, self.reaper = job, options, tasks, reaper
+        self.spent_usd = spent_usd  # what the job spent before this run
         self.signals = signals
         self.interrupted = False
         self.results: dict[int, ShardResult] = {}
@@ -264,6 +271,10 @@ class _Dispatch:
         self.idle: list[Any] = []
         self.budget: Any = None
         self.stop: BatcherError | None = None
+        # Shards the cap refused while other shards ran (``overlapped``): run again alone.
+        self.overlapped: set[int] = set()
+        self.deferred: deque[ShardTask] = deque()
+        self.budget_bound = False  # start no shard beside another until they have run
         self.cpus_each = 1.0
         self.last_status = time.monotonic()
 
@@ -278,7 +289,7 @@ class _Dispatch:
             return self.results, None
         state = storage.join(self.tasks[0].store, "budget.json")
         self.budget = LimitsActor.remote(  # type: ignore[attr-defined]
-            self.job.config.limits, state, uuid.uuid4().hex, self.secrets
+            self.job.config.limits, state, uuid.uuid4().hex, self.secrets, self.spent_usd
         )
         try:
             return self._dispatch()
@@ -293,14 +304,17 @@ class _Dispatch:
         # to the end would hold its shard forever.
         self.cpus_each = min(1.0, cpus / count)
         self.idle = [self._worker() for _ in range(min(count, len(self.pending)))]
-        while self.pending or self.running:
+        while self.pending or self.running or self.deferred:
             self._interrupt()
-            while self.idle and self.pending and self.stop is None:
-                task = self.pending.popleft()
-                worker = self.idle.pop()
-                self.attempts[task.shard.index] = self.attempts.get(task.shard.index, 0) + 1
-                attempt = self.attempts[task.shard.index]
-                self.running[worker.run.remote(task)] = (worker, task, attempt)
+            if self.budget_bound and not self.running and self.stop is None:
+                # The cap refused shards while others held leases: they run again one at a
+                # time, alone, so a refusal then is the job's cap, not another's lease.
+                if self.deferred:
+                    self._start(self.deferred.popleft())
+                else:
+                    self.budget_bound = False
+            while self.idle and self.pending and self.stop is None and not self.budget_bound:
+                self._start(self.pending.popleft())
             if not self.running:
                 break
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
@@ -313,6 +327,14 @@ class _Dispatch:
         if self.stop is not None and not isinstance(self.stop, AbortError):
             raise self.stop
         return self.results, flow
+
+    def _start(self, task: ShardTask) -> None:
+        worker = self.idle.pop()
+        index = task.shard.index
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        if self.running:  # it runs beside others: a budget stop may be their leases'
+            self.overlapped |= {t.shard.index for _, t, _ in self.running.values()} | {index}
+        self.running[worker.run.remote(task)] = (worker, task, self.attempts[index])
 
     def _interrupt(self) -> None:
         """A first signal: start no shard more, and wind down the ones running."""
@@ -352,7 +374,17 @@ class _Dispatch:
         if summary is None:
             self.stop = self.stop or result.failure
             return
-        self.results[task.shard.index] = result
+        index = task.shard.index
+        earlier = self.results.get(index)
+        if earlier is not None and earlier.summary is not None:  # a shard run again
+            result = dataclasses.replace(result, summary=_again(earlier.summary, summary))
+        self.results[index] = result
+        if isinstance(summary.error, BudgetReachedError) and index in self.overlapped:
+            self.overlapped.discard(index)
+            if self.stop is None:
+                self.deferred.append(dataclasses.replace(task, fresh=False))
+                self.budget_bound = True
+                return
         # The first reason wins, as on one machine; the shards running go on to their end.
         self.stop = self.stop or summary.error
         self._notify(
@@ -390,20 +422,26 @@ def _summary(
     results: dict[int, ShardResult],
     stop: BatcherError | None,
     spent: Spend | None = None,
+    spent_before_usd: float = 0.0,
 ) -> RunSummary:
     """The shards' runs added up, as the job's one run: every row of the input (shards that
     never ran are pending), the reason it stopped, ``stop`` (the first the driver saw), and
-    what the job spent over all its runs, ``spent`` (from its journal, when it is here)."""
+    what the job spent over all its runs, ``spent`` (from its journal, when it is here; it
+    had spent ``spent_before_usd`` before this run)."""
     parts = [r.summary for _, r in sorted(results.items()) if r.summary is not None]
     total = sum(parts, RunSummary(Path(output)))
     error = stop or total.error
     cap = job.config.limits.max_cost_usd
-    if isinstance(error, BudgetReachedError) and cap is not None:
-        error = budget_reached(cap, total.cost_usd)  # the job's spending, not one shard's
     rows_total = input_rows * len(job.config.request.models)
     resume = options.resume_command or f"batcher run {job.source} --ray"
     if spent is None:  # the shards' own, unless the job's journal is here
         spent = Spend(total.job_cost_usd or 0.0, total.job_unpriced_rows)
+    if isinstance(error, BudgetReachedError) and cap is not None:
+        # The job's spending over its runs, not one shard's.
+        job_usd = max(spent.cost_usd, spent_before_usd + total.cost_usd)
+        error = budget_reached(
+            cap, job_usd, request_usd=error.request_usd, output_limited=error.output_limited
+        )
     return dataclasses.replace(
         total,
         output_path=Path(output),
@@ -411,9 +449,32 @@ def _summary(
         rows_pending=rows_total - total.rows_ok - total.rows_failed,
         error=error,
         aborted=str(error) if error is not None else None,
-        resume_command=resume if error is not None else None,
+        resume_command=resume
+        if error is not None and not isinstance(error, BudgetReachedError)
+        else None,
         job_cost_usd=spent.cost_usd,
         job_unpriced_rows=spent.unpriced_rows,
+    )
+
+
+def _again(first: RunSummary, then: RunSummary) -> RunSummary:
+    """A shard's two runs within one job run: what both sent and spent, the rows as the
+    second left them (it counts the first one's rows as done before it)."""
+    both = first + then
+    return dataclasses.replace(
+        both,
+        rows_total=then.rows_total,
+        rows_ok=then.rows_ok,
+        rows_failed=then.rows_failed,
+        rows_pending=then.rows_pending,
+        rows_skipped=first.rows_skipped,
+        output_cost_usd=then.output_cost_usd,
+        output_unpriced_rows=then.output_unpriced_rows,
+        job_cost_usd=then.job_cost_usd,
+        job_unpriced_rows=then.job_unpriced_rows,
+        error=then.error,
+        aborted=then.aborted,
+        resume_command=then.resume_command,
     )
 
 
