@@ -5,7 +5,6 @@ loop in a thread, like the simulator, and knows nothing of batcher."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -15,50 +14,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batcher.sim.hosting import AppThread
+
 # Handler(prompt, attempt number of that prompt, request) -> the response, sent or to send.
 Handler = Callable[[str, int, web.Request], Awaitable[web.StreamResponse]]
 PIECE = b"x" * 65536
 
 
-class HostileServer:
+class HostileServer(AppThread):
     """``handler`` answers every POST to /v1/chat/completions; ``attempts`` counts prompts."""
 
     def __init__(self, handler: Handler) -> None:
+        super().__init__(self.application, name="hostile", shutdown_timeout_s=0.1)
         self.handler = handler
-        self.url = ""
         self.attempts: Counter[str] = Counter()
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="hostile", daemon=True)
 
-    def __enter__(self) -> HostileServer:
-        self._thread.start()
-        assert self._ready.wait(timeout=30)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    def application(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._answer)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}/v1"
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
+        return app
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
