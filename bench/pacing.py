@@ -104,6 +104,8 @@ def follow_time(points: list[tuple[float, float]], after_s: float, test: Any) ->
 
 
 CHANGE_AT_S, RESTORE_AT_S = 30.0, 60.0
+STATED_RPM = 900
+STATED_ROWS = 1000
 
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # today's cases: the job states the limit, or three times it
@@ -141,6 +143,22 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"requests_per_minute": 900, "latency_s": 0.2, "ratelimit_headers": "anthropic"},
         {},
     ),
+    # the server states 900/min in headers and enforces it by a bucket, fixed or sliding 10 s
+    # windows; the job states no rate (issue 22, item 1: a stated limit is the target)
+    **{
+        f"stated {style}, {name}": (
+            {
+                "requests_per_minute": STATED_RPM,
+                "latency_s": 0.05,
+                "ratelimit_headers": style,
+                "limiter": limiter,
+                "window_s": 10,
+            },
+            {},
+        )
+        for style in ("openai", "anthropic")
+        for name, limiter in (("bucket", "bucket"), ("fixed", "window"), ("sliding", "sliding"))
+    },
     # 429s the pace does not cause
     "random 8% 429s": (
         {"random_429_share": 0.08, "retry_after_s": 1.0, "latency_s": 0.2},
@@ -183,6 +201,8 @@ def main() -> None:
         rows = arguments.rows
         if name == "limit halved":
             rows = max(rows, int(SERVER_RPM / 60 * (RESTORE_AT_S + 40)))
+        if name.startswith("stated "):
+            rows = STATED_ROWS
         with tempfile.TemporaryDirectory() as folder:
             result = pacing_case(rows, server, limits, Path(folder))
         notes = ""
