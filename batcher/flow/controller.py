@@ -32,6 +32,7 @@ from batcher.flow.discovery import Discovery
 from batcher.flow.limiter import Clock, Cost, RateLimiter, Sleep
 from batcher.flow.pauses import PausePolicy
 from batcher.flow.rates import HEADER_SHARE, RatesInForce
+from batcher.flow.room import StatedRoom
 from batcher.flow.server_limits import ServerLimits
 
 
@@ -159,6 +160,8 @@ class Place:
             gate.release_on_behalf_of(self)
             raise Halted
         flow.in_flight += 1
+        if flow.room.remaining is not None:
+            flow._sent()
         return Slot(flow, self.cost, flow.discovery.epoch, flow._clock())
 
     async def __aexit__(
@@ -196,6 +199,7 @@ class FlowController:
         self.sizer = ConcurrencySizer(cap=cap, auto=auto)
         self._gate = anyio.CapacityLimiter(self.sizer.limit)
         self.rates = RatesInForce(limits, self.pacer, self.discovery)
+        self.room = StatedRoom()
         self.in_flight = 0
         self.halted = False  # the run stopped dispatching: no place is granted any more
         self._backoffs: set[anyio.CancelScope] = set()
@@ -231,7 +235,9 @@ class FlowController:
         self.pacer.settle(slot.cost, usage)
         self.sizer.observe(now - slot.sent_at, slot.body_bytes)
         self.rates.learn_cost(usage)
-        if self.adaptive and self.discovery.record(
+        if self.stated:
+            self.room.answered(now, limited=False)
+        elif self.adaptive and self.discovery.record(
             now, slot.epoch, limited=False, pacing=self.rates.equivalent_rps
         ):
             self.rates.apply()
@@ -243,13 +249,19 @@ class FlowController:
         self.pauses.refused()
         if limits is not None:
             self._read_headers(limits)
-        if self.adaptive and self.discovery.record(
+        if self.stated:
+            # The limit is known: its edge was met, a small cut for a moment answers it.
+            self.room.answered(now, limited=True)
+            self._follow_room(now)
+        elif self.adaptive and self.discovery.record(
             now, slot.epoch, limited=True, pacing=self.rates.equivalent_rps
         ):
             self.rates.apply()
         if retry_after_s:
             self.pauses.asked(retry_after_s, "Retry-After")
             pause = self.pauses.everyone_waits(now, retry_after_s)
+            if self.stated and self.room.full(limits):
+                pause = retry_after_s  # none remain: its wait for room is everyone's
             if pause:
                 self.pacer.pause_until(now + pause)
 
@@ -260,6 +272,25 @@ class FlowController:
         if limits is not None:
             self._read_headers(limits)
 
+    def _sent(self) -> None:
+        """A request went under a stated limit: hold everyone when it took the last room."""
+        now, rps = self._clock(), self.rates.requests_per_s
+        hold = self.room.sent(now, 1 / rps if rps else 0.0)
+        if hold:
+            self.pacer.pause_until(now + hold)
+
+    def _follow_room(self, now: float) -> None:
+        share = 1.0 if self.room.doubted else self.room.share(now)
+        if share != self.rates.stated_cut:
+            self.rates.stated_cut = share
+            self.rates.apply()
+
+    @property
+    def stated(self) -> bool:
+        """The server states its request limit: that is the target, not discovery's (unless
+        429s kept coming under it: then discovery finds what is enforced)."""
+        return "requests" in self.rates.headers and not self.room.doubted
+
     def _read_headers(self, limits: ServerLimits) -> None:
         if not self.adaptive:
             return  # adaptive: false paces at the job's limits exactly
@@ -267,6 +298,8 @@ class FlowController:
             # 429s to requests sent before the server's limit was known say nothing of it.
             self.discovery.forget_recent()
         requests = limits.budgets.get("requests")
+        if requests is not None:
+            self.room.read(requests, self._clock())
         if requests is not None and requests.remaining is not None and requests.remaining < 1:
             wait = 60 / requests.per_minute
             if requests.reset_s is not None:
@@ -307,6 +340,8 @@ class FlowController:
         saturated = self._gate_waits > self._last_gate_waits
         self._last_pacer_waits, self._last_gate_waits = self.pacer.waits, self._gate_waits
         if self.adaptive:
+            if "requests" in self.rates.headers:
+                self._follow_room(now)
             self.discovery.grow(now, elapsed, pace_binds=pace_binds)
             ceiling = self.rates.stated_requests_per_s()
             found = self.discovery.rate_rps

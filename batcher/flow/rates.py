@@ -32,6 +32,7 @@ class RatesInForce:
         if limits.tokens_per_minute:
             self.job["tokens"] = limits.tokens_per_minute / 60
         self.headers: dict[str, float] = {}
+        self.stated_cut = 1.0  # the stated request rate is paced at this share of it (room.py)
         self.header_style: str | None = None
         self._header_key: tuple[tuple[str, float], ...] = ()
         self._in_force: dict[str, tuple[float, str]] = {}  # budget: (per second, source)
@@ -42,7 +43,9 @@ class RatesInForce:
         """Pace every budget at the lowest rate known for it."""
         in_force: dict[str, tuple[float, str]] = {}
         for source, rates in (("job", self.job), ("headers", self.headers)):
-            for budget, rate in rates.items():
+            for budget, stated in rates.items():
+                cut = self.stated_cut if source == "headers" and budget == "requests" else 1.0
+                rate = stated * cut
                 if budget not in in_force or rate < in_force[budget][0]:
                     in_force[budget] = (rate, source)
         found = self.discovery.rate_rps if self.adaptive else None

@@ -177,9 +177,14 @@ def advertise(style: str, meters: dict[str, Meter], now: float) -> dict[str, str
         if style == "openai":
             headers[f"x-ratelimit-limit-{budget}"] = f"{found.per_minute:.0f}"
             headers[f"x-ratelimit-remaining-{budget}"] = f"{math.floor(remaining)}"
-            headers[f"x-ratelimit-reset-{budget}"] = f"{reset_s:.3f}s"
+            # Milliseconds, rounded up: a reset rounded down says the limit is whole before it is.
+            headers[f"x-ratelimit-reset-{budget}"] = f"{math.ceil(reset_s * 1000) / 1000:.3f}s"
         else:
+            # Whole seconds, as Anthropic states it, rounded up: a time cut down to its second
+            # says the limit is whole up to a second before it is.
             when = datetime.now(UTC) + timedelta(seconds=reset_s)
+            if when.microsecond:
+                when = when.replace(microsecond=0) + timedelta(seconds=1)
             headers[f"anthropic-ratelimit-{budget}-limit"] = f"{found.per_minute:.0f}"
             headers[f"anthropic-ratelimit-{budget}-remaining"] = f"{math.floor(remaining)}"
             headers[f"anthropic-ratelimit-{budget}-reset"] = when.isoformat(timespec="seconds")
