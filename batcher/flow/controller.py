@@ -5,12 +5,14 @@ lowest of what is known about it (``rates.py``), from three sources: the job's `
 ceiling the user sets), the server's rate-limit headers (the limit it states), and discovery
 (the rate it was seen to serve when congested; see ``discovery.py``). With none known, requests
 go unpaced. A 429 always delays its own retry (the retry policy waits at least its Retry-After)
-and is evidence about the shared rate only through discovery's trials. Everyone waits a 429's
-Retry-After only when it speaks for everyone (``pauses.py``): more than half of the recent
-answers are 429s, or the headers say no requests remain; when congestion is only suspected (and
-no trial is already answering it, unless that trial's cut is plainly too shallow), a second at
-most. In flight: a fixed number, or ``auto`` (``concurrency.py``). ``tick`` runs once a second:
-growth, sizing, and what bounds the run.
+and is evidence about the shared rate only through discovery's trials; under a request limit
+the server states, requests stay within what its replies say remains and a 429 makes only a
+small cut for a moment (``room.py``). Everyone waits a 429's Retry-After only when it speaks
+for everyone (``pauses.py``): more than half of the recent answers are 429s, or the headers say
+no requests remain; when congestion is only suspected (and no trial is already answering it,
+unless that trial's cut is plainly too shallow), a second at most. In flight: a fixed number,
+or ``auto`` (``concurrency.py``). ``tick`` runs once a second: growth, sizing, and what bounds
+the run.
 A server that answers nothing but 429 for ``stall_timeout_s``, or asks for a longer wait (a
 Retry-After, a pause until its limit resets, a stated rate slower than one request in that
 time), is reported ``stalled``: no wait the server asks for outlasts the stall timeout.
