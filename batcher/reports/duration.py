@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from batcher.config import LimitsConfig
 from batcher.flow.rates import HEADER_SHARE
 
-CONCURRENCY = "latency × concurrency"
 _UNITS = {
     "requests": "requests",
     "tokens": "tokens",
@@ -84,15 +83,16 @@ class Duration:
     """A predicted duration and what decided it."""
 
     seconds: float
-    source: str  # "limits.requests_per_minute", "stated by the server"... or CONCURRENCY
-    rate: str  # the pace that gives it: "600 requests/min", or latency and places in flight
+    # What decided it: limits.requests_per_minute, limits.tokens_per_minute, server (a limit
+    # its headers stated), sample (the rate a sample met with 429s) or concurrency.
+    bound: str
+    pace: str  # "at 600 requests/min (limits.requests_per_minute)", or latency x places
     rate_known: bool  # False: no rate limit is known and ``seconds`` is a lower bound
 
     def describe(self) -> str:
         if not self.rate_known:
-            return f"at least {format_seconds(self.seconds)} ({self.rate}), no rate limit known"
-        pace = f"({self.rate})" if self.source == CONCURRENCY else f"at {self.rate} ({self.source})"
-        return f"~{format_seconds(self.seconds)} {pace}"
+            return f"at least {format_seconds(self.seconds)} {self.pace}, no rate limit known"
+        return f"~{format_seconds(self.seconds)} {self.pace}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -115,8 +115,8 @@ def predict_duration(
     bounds = [
         Duration(
             work.requests * work.latency_s / limits.connections,
-            CONCURRENCY,
-            f"{limits.connections} in flight × {latency}: {CONCURRENCY}",
+            "concurrency",
+            f"({limits.connections} in flight × {latency}: latency × concurrency)",
             rate_known=False,
         )
     ]
@@ -125,25 +125,27 @@ def predict_duration(
         ("tokens", limits.tokens_per_minute),
     ):
         if per_minute:
-            bounds.append(_at_rate(work, budget, per_minute, f"limits.{budget}_per_minute"))
+            name = f"limits.{budget}_per_minute"
+            bounds.append(_at_rate(work, budget, per_minute, name, name))
     if sample is not None:
         for budget, per_minute in sample.stated_per_minute.items():
             # The run paces a stated limit a little under it (flow/rates.py).
             paced = per_minute * HEADER_SHARE
-            bounds.append(_at_rate(work, budget, paced, "stated by the server"))
+            said = f"{HEADER_SHARE:.0%} of the {per_minute:,.0f} stated by the server"
+            bounds.append(_at_rate(work, budget, paced, "server", said))
         if sample.rate_limited and sample.served_per_s:
             refused = f"{sample.rate_limited} 429{'s' if sample.rate_limited > 1 else ''}"
             met = f"the rate the sample met, with {refused}"
-            bounds.append(_at_rate(work, "requests", sample.served_per_s * 60, met))
+            bounds.append(_at_rate(work, "requests", sample.served_per_s * 60, "sample", met))
     slowest = max(bounds, key=lambda bound: bound.seconds)
     known = any(bound.rate_known for bound in bounds)
-    return Duration(slowest.seconds, slowest.source, slowest.rate, known)
+    return Duration(slowest.seconds, slowest.bound, slowest.pace, known)
 
 
-def _at_rate(work: Workload, budget: str, per_minute: float, source: str) -> Duration:
+def _at_rate(work: Workload, budget: str, per_minute: float, bound: str, source: str) -> Duration:
     return Duration(
         work.of(budget) / (per_minute / 60),
-        source,
-        f"{per_minute:,.0f} {_UNITS[budget]}/min",
+        bound,
+        f"at {per_minute:,.0f} {_UNITS[budget]}/min ({source})",
         rate_known=True,
     )

@@ -5,7 +5,8 @@ width x height / 750 after resizing) and completion tokens are bounded by ``max_
 low assumes no completion at all, expected half of ``max_tokens``, high all of it plus
 ``PROMPT_MARGIN`` on prompt tokens (the heuristic undercounts some text). With a sample, K
 random rows are really run (and checkpointed, so the job does not pay for them again) and
-the total is extrapolated from their real cost with a 95 % interval.
+the total is extrapolated from their real cost with a 95 % interval. The duration is the
+slowest bound the limits put on the run (``duration.py``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Estimate:
             "batch_expected_usd": self.batch_expected_usd,
             "batch_high_usd": self.batch_high_usd,
             "duration_s": self.duration.seconds,
-            "duration_bound": self.duration.source,
+            "duration_bound": self.duration.bound,
             "duration_at_least": not self.duration.rate_known,
             **split,
         }
