@@ -5,7 +5,8 @@ width x height / 750 after resizing) and completion tokens are bounded by ``max_
 low assumes no completion at all, expected half of ``max_tokens``, high all of it plus
 ``PROMPT_MARGIN`` on prompt tokens (the heuristic undercounts some text). With a sample, K
 random rows are really run (and checkpointed, so the job does not pay for them again) and
-the total is extrapolated from their real cost with a 95 % interval.
+the total is extrapolated from their real cost with a 95 % interval. The duration is the
+slowest bound the limits put on the run (``duration.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batcher.config import Job
+from batcher.reports.duration import Duration, Workload, predict_duration
 from batcher.rows.plan import Plan, plan_job
 from batcher.rows.request import PROMPT_MARGIN, RowRequest
 from batcher.send.prices import PriceTable
@@ -31,7 +33,7 @@ class Estimate:
     low_usd: float | None
     expected_usd: float | None
     high_usd: float | None
-    duration_s: float
+    duration: Duration
     sampled_rows: int = 0
     note: str | None = None
     # With a model list: the heuristic's figures for each model, split by request_model.
@@ -54,7 +56,9 @@ class Estimate:
             "batch_low_usd": self.batch_low_usd,
             "batch_expected_usd": self.batch_expected_usd,
             "batch_high_usd": self.batch_high_usd,
-            "duration_s": self.duration_s,
+            "duration_s": self.duration.seconds,
+            "duration_bound": self.duration.bound,
+            "duration_at_least": not self.duration.rate_known,
             **split,
         }
 
@@ -71,8 +75,8 @@ class Estimate:
             f"cost, batch: low {usd(self.batch_low_usd)}, expected "
             f"{usd(self.batch_expected_usd)}, high {usd(self.batch_high_usd)} "
             f"(endpoint.mode: batch)",
-            f"duration: about {_duration(self.duration_s)} live at the job's limits; "
-            f"batch: up to the {self.completion_window} completion window per batch",
+            f"duration, live: {self.duration.describe()}",
+            f"duration, batch: up to the {self.completion_window} completion window per batch",
         ]
         for group in self.by_model:
             lines.append(
@@ -85,14 +89,6 @@ class Estimate:
         if self.note:
             lines.append(f"note: {self.note}")
         return lines
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def count_tokens(plan: Plan) -> tuple[int, int]:
@@ -115,19 +111,6 @@ def count_tokens_by_model(plan: Plan) -> dict[str, tuple[int, int]]:
                 prompt += item.estimated_tokens - completion_per_row
             counts[model] = (prompt, rows + 1)
     return counts
-
-
-def duration_s(
-    job: Job, rows: int, tokens_per_row: float, latency_s: float, requests_per_row: int
-) -> float:
-    limits = job.config.limits
-    requests = rows * requests_per_row
-    bounds = [requests * latency_s / limits.connections]
-    if limits.requests_per_minute:
-        bounds.append(requests / (limits.requests_per_minute / 60))
-    if limits.tokens_per_minute:
-        bounds.append(rows * tokens_per_row / (limits.tokens_per_minute / 60))
-    return max(bounds)
 
 
 def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = None) -> Estimate:
@@ -171,8 +154,10 @@ def estimate(job: Job, *, limit: int | None = None, prices_path: str | None = No
     else:
         low, expected, high = (sum(g[f] for g in groups) for f in _DOLLARS)
         batch_usd = [sum(g["batch_" + f] for g in groups) for f in _DOLLARS]
-    per_row = (prompt + completion_high) / rows if rows else 0.0
-    duration = duration_s(job, rows, per_row, ASSUMED_LATENCY_S, plan.builder.requests_per_row)
+    # Tokens as the limiter reserves them: the prompt estimate and all of max_tokens.
+    per_row = (prompt / rows, completion_high / rows) if rows else (0.0, 0.0)
+    work = Workload.of_rows(rows, per_row, plan.builder.requests_per_row, ASSUMED_LATENCY_S)
+    duration = predict_duration(job.config.limits, work)
     by_model = groups if plan.multiple_models else []
     return Estimate(
         rows,

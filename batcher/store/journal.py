@@ -499,14 +499,15 @@ def copy_superseded(connection: sqlite3.Connection, schema: str) -> None:
         )
 
 
-def answered_samples(path: Path) -> list[tuple[float, float, int]]:
-    """``(cost_usd, latency_s, total_tokens)`` of every priced answered row (estimate --sample)."""
+def answered_samples(path: Path) -> list[tuple[float, float, int, int]]:
+    """``(cost_usd, latency_s, prompt_tokens, completion_tokens)`` of every priced answered
+    row (estimate --sample)."""
     connection = connect(path, readonly=True)
     try:
         rows = connection.execute(
-            "SELECT cost_usd, latency_s, total_tokens FROM outcomes "
+            "SELECT cost_usd, latency_s, prompt_tokens, completion_tokens FROM outcomes "
             "WHERE ok = 1 AND cost_usd IS NOT NULL"
         ).fetchall()
     finally:
         connection.close()
-    return [(cost, latency or 0.0, tokens or 0) for cost, latency, tokens in rows]
+    return [(cost, latency or 0.0, prompt or 0, out or 0) for cost, latency, prompt, out in rows]
