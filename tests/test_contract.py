@@ -173,10 +173,11 @@ def test_the_budget_is_the_jobs_across_runs_and_a_raised_cap_finishes_it(
 
 def slow_server(sim_factory: SimFactory, mode: str) -> SimulatorThread:
     """A server slow enough to catch a run mid-way: live replies take a while; batches take
-    seconds, and a share of lines fails its first submission, so the run submits a second
-    round of batches once the first is collected."""
+    seconds (the second round's two are the time the test has to act in), and a share of
+    lines fails its first submission, so the run submits a second round of batches once the
+    first is collected."""
     if mode == "batch":
-        return sim_factory(batch_delay_s=5.0, batch_fail_share=0.3)
+        return sim_factory(batch_delay_s=2.0, batch_fail_share=0.3)
     return sim_factory(latency_s=0.2)
 
 

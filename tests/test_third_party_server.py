@@ -82,17 +82,18 @@ def _spend_all_but(server: LLMockServer, left: int) -> None:
 
 @pytest.mark.slow
 def test_rate_stated_in_headers_is_found_and_kept(tmp_path: Path) -> None:
-    """llmock enforces 600 requests/min and says so in OpenAI-style headers; the job states no
+    """llmock enforces 1,200 requests/min and says so in OpenAI-style headers; the job states no
     rate, and the key's bucket is nearly spent when the run starts (another job on the same
     key, or a rerun right after a run), so the first requests sent before any reply are partly
     refused (8 pass, the rest get 429 with the limit in their headers). Every row is answered,
     the stated limit is read from the headers, few requests are refused, and the pace after
-    the start (answers from 5 s after the first request on, past the requests sent unpaced
-    before the first reply came back) is the stated limit from both sides: at least 85 % of
-    it, not below it, and at most 110 %, as the controller paces at the stated limit and never
-    rides a burst (README, "How it behaves"). The pacing cases themselves run on virtual time
-    in test_pacing.py; this one checks a server batcher was not written against."""
-    rows, rpm = 150, 600
+    the start (answers from 3 s after the first request on, 60 requests' worth of the limit,
+    past the requests sent unpaced before the first reply came back) is the stated limit from
+    both sides: at least 85 % of it, not below it, and at most 110 %, as the controller paces
+    at the stated limit and never rides a burst (README, "How it behaves"). The pacing cases
+    themselves run on virtual time in test_pacing.py; this one checks a server batcher was
+    not written against."""
+    rows, rpm = 150, 1200  # 7.5 s at the limit
     with LLMockServer(chaos=ChaosSettings(latency_ms=LATENCY_MS)) as server:
         server.state.limiter.configure(LimitSettings(rpm=rpm))
         _spend_all_but(server, 8)
@@ -116,7 +117,7 @@ def test_rate_stated_in_headers_is_found_and_kept(tmp_path: Path) -> None:
     assert share <= 0.08, f"{len(limited)} 429s of {len(records)} requests; {flow}"
 
     first = min(r.started_at for r in records)
-    steady_from = first + 5.0
+    steady_from = first + 3.0
     steady = [when for when in answered if when >= steady_from]
     achieved = _per_minute(len(steady), answered[-1] - steady_from)
     assert 0.85 * rpm <= achieved <= 1.10 * rpm, f"{achieved:.0f}/min after the start; {flow}"
