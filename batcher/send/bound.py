@@ -17,17 +17,16 @@ from typing import Any
 
 import orjson
 
-from batcher.rows.request import ImagePart, RowRequest
+from batcher.rows.request import ImagePart, RowRequest, estimate_image_tokens
 from batcher.send.prices import Price
 
 # What a chat template wraps each message in (role markers, separators): a few tokens.
 MESSAGE_TOKENS = 8
 # What it adds once per request (the assistant turn's opening, a default system line).
 REQUEST_TOKENS = 32
-# Anthropic bills an image at width x height / 750 tokens, downsized to a long edge of
-# 1568 px first (gateway-api.md); an image of unknown size is billed as the largest.
+# An image is downsized to a long edge of 1568 px before it is billed (gateway-api.md); one
+# of unknown size is billed as the largest.
 IMAGE_EDGE_PX = 1568
-IMAGE_PIXELS_PER_TOKEN = 750
 # Reserved for each choice when neither the body nor the price table bounds the output: as
 # much as the models with the longest output write.
 DEFAULT_MAX_OUTPUT_TOKENS = 128_000
@@ -68,7 +67,7 @@ def image_tokens(width: int, height: int) -> int:
     if width <= 0 or height <= 0:
         width = height = IMAGE_EDGE_PX
     scale = min(1.0, IMAGE_EDGE_PX / max(width, height))
-    return math.ceil(math.ceil(width * scale) * math.ceil(height * scale) / IMAGE_PIXELS_PER_TOKEN)
+    return estimate_image_tokens(math.ceil(width * scale), math.ceil(height * scale))
 
 
 def _message_tokens(message: Any, images: Any) -> int:
